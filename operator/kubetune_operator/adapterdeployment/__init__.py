@@ -1,0 +1,1 @@
+"""AdapterDeployment: builders (spec -> Deployment, Service, HPA) and the reconcile."""

@@ -1,0 +1,392 @@
+"""AdapterDeployment spec + resolved adapters -> Deployment, Service, ConfigMap, HPA. Pure functions.
+
+Two runtimes speak the same OpenAI API and the same adapter load/unload endpoints:
+- builtin: the trainer image runs `kubetune serve`, which fetches adapters itself at start.
+- vllm: vLLM's OpenAI server with --enable-lora; an init container (`kubetune fetch`) downloads
+  the adapters into a shared emptyDir first.
+
+The adapter set always lives in a ConfigMap (adapters.json) mounted into the pods, so a pod
+that restarts or a replica that scales out gets the full, current set. Rolling mode (default)
+also stamps a hash of the set on the pod template, so a change rolls the pods; hot-reload mode
+does not, and a sidecar (`kubetune adapter-sync`) loads and unloads adapters in the running
+server through its /v1/load_lora_adapter and /v1/unload_lora_adapter endpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .. import meta
+from ..convert import resolve_uri
+from ..finetunejob.builders import TRAINER_UID
+from ..settings import Settings
+
+Body = dict[str, Any]
+
+SERVER_PORT = 8000
+ADAPTERS_DIR = "/adapters"
+MODELS_DIR = "/models"
+ADAPTER_SET_MOUNT = "/etc/kubetune"
+ADAPTER_SET_FILE = "adapters.json"
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    name: str
+    uri: str
+    rank: int | None = None
+
+
+def names(adep: Body) -> dict[str, str]:
+    name = adep["metadata"]["name"]
+    return {
+        "deployment": meta.dns_name(name),
+        "service": meta.dns_name(name),
+        "config_map": meta.dns_name(name, "adapters"),
+        "hpa": meta.dns_name(name),
+    }
+
+
+def _base(adep: Body, api_version: str, kind: str, name: str) -> Body:
+    return {
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": {
+            "name": name,
+            "namespace": adep["metadata"]["namespace"],
+            "labels": meta.child_labels(meta.LABEL_ADAPTERDEPLOYMENT, adep["metadata"]["name"], "server"),
+            "ownerReferences": [meta.owner_reference(adep)],
+        },
+    }
+
+
+def adapter_set(adapters: list[ResolvedAdapter]) -> str:
+    """The adapter set as the server and the sync sidecar read it (stable order)."""
+    return json.dumps(
+        {"adapters": [{"name": a.name, "uri": a.uri} for a in sorted(adapters, key=lambda a: a.name)]},
+        indent=2,
+        sort_keys=True,
+    )
+
+
+def adapter_set_hash(adapters: list[ResolvedAdapter]) -> str:
+    return hashlib.sha256(adapter_set(adapters).encode()).hexdigest()[:16]
+
+
+def config_map(adep: Body, adapters: list[ResolvedAdapter]) -> Body:
+    cm = _base(adep, "v1", "ConfigMap", names(adep)["config_map"])
+    cm["data"] = {ADAPTER_SET_FILE: adapter_set(adapters)}
+    return cm
+
+
+def service(adep: Body) -> Body:
+    svc_spec = adep["spec"].get("service") or {}
+    svc = _base(adep, "v1", "Service", names(adep)["service"])
+    svc["spec"] = {
+        "type": svc_spec.get("type", "ClusterIP"),
+        "selector": {meta.LABEL_ADAPTERDEPLOYMENT: adep["metadata"]["name"], meta.LABEL_COMPONENT: "server"},
+        "ports": [{"name": "http", "port": int(svc_spec.get("port", SERVER_PORT)), "targetPort": "http"}],
+    }
+    return svc
+
+
+def endpoint(adep: Body) -> str:
+    port = int((adep["spec"].get("service") or {}).get("port", SERVER_PORT))
+    return f"http://{names(adep)['service']}.{adep['metadata']['namespace']}.svc:{port}/v1"
+
+
+def hpa(adep: Body) -> Body | None:
+    auto = adep["spec"].get("autoscaling")
+    if not auto:
+        return None
+    h = _base(adep, "autoscaling/v2", "HorizontalPodAutoscaler", names(adep)["hpa"])
+    h["spec"] = {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": names(adep)["deployment"]},
+        "minReplicas": int(auto.get("minReplicas", 1)),
+        "maxReplicas": int(auto.get("maxReplicas", 2)),
+        "metrics": [
+            {
+                "type": "Resource",
+                "resource": {
+                    "name": "cpu",
+                    "target": {
+                        "type": "Utilization",
+                        "averageUtilization": int(auto.get("targetCPUUtilizationPercentage", 80)),
+                    },
+                },
+            }
+        ],
+    }
+    return h
+
+
+def _storage_env(adep: Body, settings: Settings) -> list[Body]:
+    storage = adep["spec"].get("storage") or {}
+    env: list[Body] = []
+    endpoint_url = storage.get("endpoint") or settings.default_s3_endpoint
+    if endpoint_url:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": endpoint_url})
+    region = storage.get("region") or settings.default_s3_region
+    env += [{"name": "AWS_REGION", "value": region}, {"name": "AWS_DEFAULT_REGION", "value": region}]
+    secret = storage.get("secretRef") or {}
+    secret_name = secret.get("name") or settings.default_s3_secret
+    if secret_name:
+        for var, key in (
+            ("AWS_ACCESS_KEY_ID", secret.get("accessKeyIdKey") or "AWS_ACCESS_KEY_ID"),
+            ("AWS_SECRET_ACCESS_KEY", secret.get("secretAccessKeyKey") or "AWS_SECRET_ACCESS_KEY"),
+        ):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": key}}})
+    return env
+
+
+def _resources(res: Body) -> Body:
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.get("cpu"):
+        requests["cpu"] = str(res["cpu"])
+    if res.get("memory"):
+        requests["memory"] = limits["memory"] = str(res["memory"])
+    gpus = int(res.get("gpus", 0))
+    if gpus:
+        gname = res.get("gpuResourceName") or "nvidia.com/gpu"
+        requests[gname] = limits[gname] = str(gpus)
+    out: Body = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _container_security() -> Body:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def vllm_max_lora_rank(adapters: list[ResolvedAdapter], override: int | None = None) -> int:
+    """vLLM needs the largest adapter rank up front, rounded up to a size it supports."""
+    if override:
+        return override
+    rank = max((a.rank or 0 for a in adapters), default=0) or 64
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
+
+
+def deployment(adep: Body, adapters: list[ResolvedAdapter], settings: Settings) -> Body:
+    spec = adep["spec"]
+    n = names(adep)
+    runtime = spec.get("runtime", "builtin")
+    hot = bool(spec.get("hotReload", False))
+    res = spec.get("resources") or {}
+    base_uri = (spec.get("baseModel") or {}).get("uri", "")
+    served_name = (spec.get("baseModel") or {}).get("servedName") or adep["metadata"]["name"]
+    env = [
+        *_storage_env(adep, settings),
+        {"name": "HOME", "value": "/workspace"},
+        *[dict(e) for e in spec.get("env") or []],
+    ]
+    mounts: list[Body] = [
+        {"name": "adapter-set", "mountPath": ADAPTER_SET_MOUNT, "readOnly": True},
+        {"name": "adapters", "mountPath": ADAPTERS_DIR},
+        {"name": "workspace", "mountPath": "/workspace"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    trainer_image = spec.get("image") or settings.trainer_image
+    init_containers: list[Body] = []
+    sidecars: list[Body] = []
+    probes = {
+        "readinessProbe": {
+            "httpGet": {"path": "/ready" if runtime == "builtin" else "/health", "port": "http"},
+            "periodSeconds": 5,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 20,
+            "failureThreshold": 6,
+        },
+        "startupProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 180,
+        },
+    }
+    if runtime == "vllm":
+        model = resolve_uri(base_uri, in_pod=True)
+        if base_uri.startswith("s3://"):
+            init_containers.append(
+                _fetch_container(
+                    "fetch-base-model", trainer_image, settings, env, [f"base={base_uri}"], MODELS_DIR, mounts
+                )
+            )
+            model = f"{MODELS_DIR}/base"
+            mounts = [*mounts, {"name": "models", "mountPath": MODELS_DIR}]
+        if adapters:
+            init_containers.append(
+                _fetch_container(
+                    "fetch-adapters",
+                    trainer_image,
+                    settings,
+                    env,
+                    [f"{a.name}={a.uri}" for a in adapters],
+                    ADAPTERS_DIR,
+                    mounts,
+                )
+            )
+        vllm = spec.get("vllm") or {}
+        args = [
+            "--model",
+            model,
+            "--served-model-name",
+            served_name,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(SERVER_PORT),
+            "--enable-lora",
+            "--max-loras",
+            str(max(1, int(vllm.get("maxLoras") or len(adapters) or 1))),
+            "--max-lora-rank",
+            str(vllm_max_lora_rank(adapters, vllm.get("maxLoraRank"))),
+        ]
+        if adapters:
+            args += ["--lora-modules", *[f"{a.name}={ADAPTERS_DIR}/{a.name}" for a in adapters]]
+        args += [str(a) for a in vllm.get("extraArgs") or []]
+        main = {
+            "name": "server",
+            "image": vllm.get("image") or settings.vllm_image,
+            "imagePullPolicy": settings.image_pull_policy,
+            "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
+            "args": args,
+            # Runtime load/unload (hot reload) is off in vLLM unless this is set.
+            "env": [*env, {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}],
+        }
+    else:
+        args = [
+            "serve",
+            "--base-model",
+            resolve_uri(base_uri, in_pod=True),
+            "--served-name",
+            served_name,
+            "--adapter-set",
+            f"{ADAPTER_SET_MOUNT}/{ADAPTER_SET_FILE}",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(SERVER_PORT),
+        ]
+        main = {
+            "name": "server",
+            "image": trainer_image,
+            "imagePullPolicy": spec.get("imagePullPolicy") or settings.image_pull_policy,
+            "command": ["kubetune"],
+            "args": args,
+            "env": env,
+        }
+    main.update(
+        ports=[{"name": "http", "containerPort": SERVER_PORT}],
+        resources=_resources(res),
+        volumeMounts=mounts,
+        securityContext=_container_security(),
+        **probes,
+    )
+    if hot:
+        sidecars.append(
+            {
+                "name": "adapter-sync",
+                "image": trainer_image,
+                "imagePullPolicy": settings.image_pull_policy,
+                "command": ["kubetune"],
+                "args": [
+                    "adapter-sync",
+                    "--adapter-set",
+                    f"{ADAPTER_SET_MOUNT}/{ADAPTER_SET_FILE}",
+                    "--server",
+                    f"http://127.0.0.1:{SERVER_PORT}",
+                    "--dest",
+                    ADAPTERS_DIR,
+                ],
+                "env": env,
+                "volumeMounts": mounts,
+                "securityContext": _container_security(),
+                "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},
+            }
+        )
+    template_annotations: Body = {}
+    if not hot:
+        # Rolling mode: a new adapter set is a new pod template, so the Deployment rolls.
+        template_annotations["kubetune.io/adapter-set"] = adapter_set_hash(adapters)
+    volumes = [
+        {"name": "adapter-set", "configMap": {"name": n["config_map"]}},
+        {"name": "adapters", "emptyDir": {}},
+        {"name": "workspace", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    if any(m["name"] == "models" for m in mounts):
+        volumes.append({"name": "models", "emptyDir": {}})
+    pod_spec: Body = {
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "initContainers": init_containers,
+        "containers": [main, *sidecars],
+        "volumes": volumes,
+    }
+    if not init_containers:
+        del pod_spec["initContainers"]
+    for field in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "schedulerName"):
+        if spec.get(field):
+            pod_spec[field] = spec[field]
+    if spec.get("imagePullSecrets"):
+        pod_spec["imagePullSecrets"] = spec["imagePullSecrets"]
+    labels = meta.child_labels(meta.LABEL_ADAPTERDEPLOYMENT, adep["metadata"]["name"], "server")
+    d = _base(adep, "apps/v1", "Deployment", n["deployment"])
+    d["spec"] = {
+        "selector": {
+            "matchLabels": {
+                meta.LABEL_ADAPTERDEPLOYMENT: adep["metadata"]["name"],
+                meta.LABEL_COMPONENT: "server",
+            }
+        },
+        # No downtime on changes: a new pod must be ready before an old one goes.
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "template": {"metadata": {"labels": labels, "annotations": template_annotations}, "spec": pod_spec},
+    }
+    if not spec.get("autoscaling"):
+        # With autoscaling the HPA owns .spec.replicas: server-side apply leaves it alone.
+        d["spec"]["replicas"] = int(spec.get("replicas", 1))
+    return d
+
+
+def _fetch_container(
+    name: str,
+    image: str,
+    settings: Settings,
+    env: list[Body],
+    pairs: list[str],
+    dest: str,
+    mounts: list[Body],
+) -> Body:
+    return {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["kubetune"],
+        "args": ["fetch", "--dest", dest, *pairs],
+        "env": env,
+        "volumeMounts": mounts
+        if any(m["mountPath"] == dest for m in mounts)
+        else [*mounts, {"name": "models", "mountPath": dest}],
+        "securityContext": _container_security(),
+    }

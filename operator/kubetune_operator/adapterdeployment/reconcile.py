@@ -1,0 +1,182 @@
+"""Reconcile one AdapterDeployment: resolve its adapters, converge Deployment/Service/HPA, report.
+
+Adapters with a fineTuneJobRef resolve to that job's status.output.adapterUri once it has
+Succeeded. Until then the server runs with the adapters that are resolved (the others are
+listed in status with why they are not ready); a referenced job that failed makes the
+AdapterDeployment Degraded with the job's reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import meta, metrics
+from ..conditions import now_iso, set_condition
+from ..controller import Key, Result, Store
+from ..kube import Kube
+from ..settings import Settings, load
+from . import builders
+
+Body = dict[str, Any]
+KIND = "AdapterDeployment"
+
+_settings: Settings | None = None
+
+
+def settings() -> Settings:
+    global _settings
+    if _settings is None:
+        _settings = load()
+    return _settings
+
+
+def resolve(kube: Kube, adep: Body) -> tuple[list[builders.ResolvedAdapter], list[Body], list[str]]:
+    """-> (resolved adapters, per-adapter status, failed-job messages)."""
+    ns = adep["metadata"]["namespace"]
+    resolved: list[builders.ResolvedAdapter] = []
+    statuses: list[Body] = []
+    failures: list[str] = []
+    for a in adep["spec"].get("adapters") or []:
+        name = a["name"]
+        if a.get("source"):
+            resolved.append(builders.ResolvedAdapter(name, a["source"], a.get("rank")))
+            statuses.append(
+                {"name": name, "uri": a["source"], "ready": False, "message": "waiting for the server"}
+            )
+            continue
+        ref = (a.get("fineTuneJobRef") or {}).get("name", "")
+        job = kube.get(meta.API_VERSION, "FineTuneJob", ns, ref)
+        if job is None:
+            statuses.append(
+                {"name": name, "ready": False, "message": f"FineTuneJob {ref} not found in namespace {ns}"}
+            )
+            continue
+        st = job.get("status") or {}
+        phase = st.get("phase") or "Pending"
+        uri = (st.get("output") or {}).get("adapterUri")
+        if phase == "Succeeded" and uri:
+            rank = ((job.get("spec") or {}).get("method") or {}).get("lora", {}) or {}
+            resolved.append(
+                builders.ResolvedAdapter(name, uri, rank.get("r") if isinstance(rank, dict) else None)
+            )
+            statuses.append({"name": name, "uri": uri, "ready": False, "message": "waiting for the server"})
+        elif phase == "Failed":
+            reason = next(
+                (c.get("message") for c in st.get("conditions") or [] if c.get("type") == "Failed"), phase
+            )
+            msg = f"FineTuneJob {ref} failed: {reason}"
+            failures.append(msg)
+            statuses.append({"name": name, "ready": False, "message": msg})
+        else:
+            pct = (st.get("progress") or {}).get("percent")
+            progress = f", {pct:.0f}% done" if isinstance(pct, int | float) else ""
+            statuses.append(
+                {
+                    "name": name,
+                    "ready": False,
+                    "message": f"waiting for FineTuneJob {ref} to succeed (now {phase}{progress})",
+                }
+            )
+    return resolved, statuses, failures
+
+
+def reconcile(kube: Kube, store: Store, key: Key) -> Result:
+    adep = store.parents[key]
+    status: Body = dict(adep.get("status") or {})
+    generation = adep["metadata"].get("generation")
+    s = settings()
+    resolved, adapter_status, failures = resolve(kube, adep)
+
+    kube.apply(builders.config_map(adep, resolved))
+    kube.apply(builders.service(adep))
+    dep = kube.apply(builders.deployment(adep, resolved, s))
+    h = builders.hpa(adep)
+    if h is not None:
+        kube.apply(h)
+    elif status.get("observedGeneration") != generation:
+        # Autoscaling may just have been turned off: remove a leftover HPA (once per spec change).
+        kube.delete("autoscaling/v2", "HorizontalPodAutoscaler", key[0], builders.names(adep)["hpa"])
+
+    # Prefer the watch's view (fresher status) when it is at least as new as what we applied.
+    watched = {d["metadata"]["name"]: d for d in store.children_of("Deployment", key)}.get(
+        dep["metadata"]["name"]
+    )
+    if watched and int(watched["metadata"].get("generation", 0)) >= int(dep["metadata"].get("generation", 0)):
+        dep = watched
+    dst = dep.get("status") or {}
+    want = int((dep.get("spec") or {}).get("replicas") or 1)
+    ready = int(dst.get("readyReplicas") or 0)
+    updated = int(dst.get("updatedReplicas") or 0)
+    rolled_out = (
+        int(dst.get("observedGeneration") or 0) >= int(dep["metadata"].get("generation") or 0)
+        and updated >= want
+        and int(dst.get("availableReplicas") or 0) >= want
+        and int(dst.get("replicas") or 0) == updated
+    )
+    for a in adapter_status:
+        if "uri" in a:
+            a["ready"] = rolled_out and ready > 0
+            a["message"] = (
+                "served" if a["ready"] else "rolling out" if ready else "waiting for a ready server pod"
+            )
+
+    conditions = status.get("conditions") or []
+    pending = [a for a in adapter_status if "uri" not in a]
+    if failures:
+        phase = "Degraded"
+        conditions = set_condition(
+            conditions, "AdaptersResolved", False, "FineTuneJobFailed", "; ".join(failures), generation
+        )
+    elif pending:
+        phase = "Progressing"
+        conditions = set_condition(
+            conditions,
+            "AdaptersResolved",
+            False,
+            "WaitingForFineTuneJob",
+            "; ".join(a["message"] for a in pending),
+            generation,
+        )
+    else:
+        conditions = set_condition(
+            conditions,
+            "AdaptersResolved",
+            True,
+            "Resolved",
+            f"{len(resolved)} adapter(s) resolved",
+            generation,
+        )
+        phase = "Ready" if rolled_out and ready >= want else "Progressing"
+    available = rolled_out and ready >= want
+    conditions = set_condition(
+        conditions,
+        "Available",
+        available,
+        "MinimumReplicasAvailable" if available else "RollingOut",
+        f"{ready}/{want} replicas ready" + ("" if rolled_out else ", rollout in progress"),
+        generation,
+    )
+    if phase == "Ready" and failures:
+        phase = "Degraded"
+    new: Body = {
+        "observedGeneration": generation,
+        "phase": phase,
+        "readyReplicas": ready,
+        "replicas": want,
+        "adapters": adapter_status,
+        "endpoint": builders.endpoint(adep),
+        "conditions": conditions,
+    }
+    changed = {k: v for k, v in new.items() if status.get(k) != v}
+    metrics.ADAPTERDEPLOYMENTS_PHASE.set(key[0], key[1], phase)
+    if changed:
+        kube.patch_status(adep["apiVersion"], KIND, key[0], key[1], changed)
+        if status.get("phase") != phase:
+            kube.post_event(
+                adep,
+                phase,
+                f"{ready}/{want} replicas ready; {len(resolved)} adapter(s) resolved at {now_iso()}",
+                "Warning" if phase == "Degraded" else "Normal",
+            )
+    # Waiting on a FineTuneJob: its events requeue us, but look again now and then anyway.
+    return Result(requeue_after=30.0 if pending else None)

@@ -1,0 +1,124 @@
+"""The controller loop: caches fed by watch events, a coalescing queue per kind, and workers.
+
+kopf supplies the watches (with re-listing after an API server restart), liveness and logging.
+Its handlers only record what they saw and queue the parent's key; each kind's reconcile
+function does all the work from the cached state, level-based, so running it twice changes
+nothing. Reconciles run in a thread pool because the Kubernetes client is synchronous.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import metrics
+from .kube import Kube
+from .workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, name)
+Body = dict[str, Any]
+
+
+@dataclass
+class Result:
+    """What a reconcile asks for next: nothing, or another look after `requeue_after` seconds."""
+
+    requeue_after: float | None = None
+
+
+@dataclass
+class Store:
+    """Objects of one parent kind and their children, as last seen on the watches."""
+
+    parents: dict[Key, Body] = field(default_factory=dict)
+    children: dict[str, dict[Key, dict[str, Body]]] = field(default_factory=lambda: defaultdict(dict))
+
+    def set_parent(self, event_type: str | None, body: Body) -> Key:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if event_type == "DELETED":
+            self.parents.pop(key, None)
+        else:
+            self.parents[key] = body
+        return key
+
+    def set_child(self, kind: str, owner_key: Key, event_type: str | None, body: Body) -> None:
+        by_owner = self.children[kind].setdefault(owner_key, {})
+        name = body["metadata"]["name"]
+        if event_type == "DELETED":
+            by_owner.pop(name, None)
+            if not by_owner:
+                self.children[kind].pop(owner_key, None)
+        else:
+            by_owner[name] = body
+
+    def children_of(self, kind: str, key: Key) -> list[Body]:
+        return list(self.children[kind].get(key, {}).values())
+
+
+ReconcileFn = Callable[[Kube, Store, Key], Result]
+
+
+class KindController:
+    """Queue + workers for one parent kind."""
+
+    def __init__(self, kind: str, kube: Kube, reconcile: ReconcileFn, executor: ThreadPoolExecutor) -> None:
+        self.kind = kind
+        self.kube = kube
+        self.reconcile = reconcile
+        self.store = Store()
+        self.queue = WorkQueue()
+        self.executor = executor
+
+    def parent_event(self, event_type: str | None, body: Body) -> None:
+        key = self.store.set_parent(event_type, body)
+        if event_type == "DELETED":
+            self.queue.forget(key)
+        else:
+            self.queue.add(key)
+
+    def child_event(self, child_kind: str, owner_label: str, event_type: str | None, body: Body) -> None:
+        meta = body.get("metadata", {})
+        owner = (meta.get("labels") or {}).get(owner_label)
+        if not owner:
+            return
+        key = (meta["namespace"], owner)
+        self.store.set_child(child_kind, key, event_type, body)
+        if key in self.store.parents:
+            self.queue.add(key)
+
+    def resync(self) -> None:
+        for key in list(self.store.parents):
+            self.queue.add(key)
+
+    async def worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            key = await self.queue.get()
+            metrics.QUEUE_DEPTH.labels(self.kind).set(len(self.queue))
+            if key not in self.store.parents:
+                self.queue.done(key)
+                continue
+            t0 = time.perf_counter()
+            try:
+                result = await loop.run_in_executor(self.executor, self.reconcile, self.kube, self.store, key)
+            except Exception:
+                log.exception("reconcile of %s %s/%s failed; retrying with backoff", self.kind, *key)
+                metrics.RECONCILES.labels(self.kind, "error").inc()
+                self.queue.done(key, failed=True)
+                continue
+            finally:
+                metrics.RECONCILE_SECONDS.labels(self.kind).observe(time.perf_counter() - t0)
+            self.queue.done(key)
+            if result.requeue_after is not None:
+                metrics.RECONCILES.labels(self.kind, "requeue").inc()
+                self.queue.add_after(key, result.requeue_after)
+            else:
+                metrics.RECONCILES.labels(self.kind, "success").inc()

@@ -1,0 +1,1 @@
+"""FineTuneJob: builders (spec -> manifests), observation of children, and the reconcile."""

@@ -1,0 +1,324 @@
+"""FineTuneJob spec -> child manifests. Pure functions: no I/O, unit-tested without a cluster.
+
+They read the spec as the API server stores it (camelCase, CRD defaults applied).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from .. import meta
+from ..convert import PVC_MOUNT_ROOT, pvc_claims
+from ..settings import Settings
+
+Body = dict[str, Any]
+
+CONFIG_MOUNT = "/etc/kubetune"
+CONFIG_FILE = "config.yaml"
+WORKSPACE = "/workspace"
+TRAINER_UID = 1000
+
+
+@dataclass(frozen=True)
+class Names:
+    service_account: str
+    role: str
+    role_binding: str
+    config_map: str
+    service: str
+    job_prefix: str
+
+    def job(self, attempt: int) -> str:
+        return f"{self.job_prefix}-{attempt}"
+
+
+def names(ftj: Body) -> Names:
+    name = ftj["metadata"]["name"]
+    # Pod hostnames are <job>-<index>: keep the Job name short enough for 63-char labels.
+    return Names(
+        service_account=meta.dns_name(name, "trainer"),
+        role=meta.dns_name(name, "trainer"),
+        role_binding=meta.dns_name(name, "trainer"),
+        config_map=meta.dns_name(name, "config", max_len=253),
+        service=meta.dns_name(name, "workers"),
+        job_prefix=meta.dns_name(name, max_len=52),
+    )
+
+
+def _base(ftj: Body, api_version: str, kind: str, name: str, component: str, extra_labels=None) -> Body:
+    labels = meta.child_labels(meta.LABEL_FINETUNEJOB, ftj["metadata"]["name"], component)
+    labels.update(extra_labels or {})
+    return {
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": {
+            "name": name,
+            "namespace": ftj["metadata"]["namespace"],
+            "labels": labels,
+            "ownerReferences": [meta.owner_reference(ftj)],
+        },
+    }
+
+
+def service_account(ftj: Body) -> Body:
+    sa = _base(ftj, "v1", "ServiceAccount", names(ftj).service_account, "trainer")
+    sa["automountServiceAccountToken"] = False  # the pod mounts a projected token itself
+    return sa
+
+
+def role(ftj: Body) -> Body:
+    """Rank 0 may patch the status of its own FineTuneJob, and nothing else."""
+    r = _base(ftj, "rbac.authorization.k8s.io/v1", "Role", names(ftj).role, "trainer")
+    r["rules"] = [
+        {
+            "apiGroups": [meta.GROUP],
+            "resources": ["finetunejobs/status"],
+            "resourceNames": [ftj["metadata"]["name"]],
+            "verbs": ["patch"],
+        }
+    ]
+    return r
+
+
+def role_binding(ftj: Body) -> Body:
+    n = names(ftj)
+    rb = _base(ftj, "rbac.authorization.k8s.io/v1", "RoleBinding", n.role_binding, "trainer")
+    rb["roleRef"] = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n.role}
+    rb["subjects"] = [
+        {"kind": "ServiceAccount", "name": n.service_account, "namespace": ftj["metadata"]["namespace"]}
+    ]
+    return rb
+
+
+def config_map(ftj: Body, trainer_config: dict[str, Any]) -> Body:
+    cm = _base(ftj, "v1", "ConfigMap", names(ftj).config_map, "trainer")
+    cm["data"] = {CONFIG_FILE: yaml.safe_dump(trainer_config, sort_keys=True)}
+    return cm
+
+
+def headless_service(ftj: Body, settings: Settings) -> Body:
+    """Stable DNS for the workers (<job>-<index>.<service>): node 0 is the rendezvous point."""
+    svc = _base(ftj, "v1", "Service", names(ftj).service, "trainer")
+    svc["spec"] = {
+        "clusterIP": "None",
+        # Workers must find node 0 before any of them is Ready.
+        "publishNotReadyAddresses": True,
+        "selector": {meta.LABEL_FINETUNEJOB: ftj["metadata"]["name"], meta.LABEL_COMPONENT: "trainer"},
+        "ports": [
+            {"name": "rendezvous", "port": settings.rendezvous_port, "targetPort": settings.rendezvous_port}
+        ],
+    }
+    return svc
+
+
+def torchrun_command(ftj: Body, attempt: int, settings: Settings) -> list[str]:
+    res = ftj["spec"].get("resources") or {}
+    nodes = int(res.get("nodes", 1))
+    gpus = int(res.get("gpusPerNode", 1))
+    nproc = gpus if gpus > 0 else 1
+    cmd = ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={nproc}"]
+    if nodes == 1:
+        cmd.append("--standalone")
+    else:
+        n = names(ftj)
+        ns = ftj["metadata"]["namespace"]
+        cmd += [
+            "--node-rank=$(NODE_RANK)",
+            f"--master-addr={n.job(attempt)}-0.{n.service}.{ns}.svc",
+            f"--master-port={settings.rendezvous_port}",
+        ]
+    return [*cmd, "-m", "kubetune_trainer", "train", "--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}"]
+
+
+def _storage_env(ftj: Body, settings: Settings) -> list[Body]:
+    storage = ftj["spec"].get("storage") or {}
+    env: list[Body] = []
+    endpoint = storage.get("endpoint") or settings.default_s3_endpoint
+    if endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": endpoint})
+    region = storage.get("region") or settings.default_s3_region
+    env += [{"name": "AWS_REGION", "value": region}, {"name": "AWS_DEFAULT_REGION", "value": region}]
+    secret = storage.get("secretRef") or {}
+    secret_name = secret.get("name") or settings.default_s3_secret
+    if secret_name:
+        # Credentials only ever reach the pod through a secretKeyRef: never in the spec or the ConfigMap.
+        for var, key in (
+            ("AWS_ACCESS_KEY_ID", secret.get("accessKeyIdKey") or "AWS_ACCESS_KEY_ID"),
+            ("AWS_SECRET_ACCESS_KEY", secret.get("secretAccessKeyKey") or "AWS_SECRET_ACCESS_KEY"),
+        ):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": key}}})
+    return env
+
+
+def _resources(res: Body) -> Body:
+    gpus = int(res.get("gpusPerNode", 1))
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.get("cpu"):
+        requests["cpu"] = str(res["cpu"])
+    if res.get("memory"):
+        requests["memory"] = limits["memory"] = str(res["memory"])
+    if gpus:
+        name = res.get("gpuResourceName") or "nvidia.com/gpu"
+        requests[name] = limits[name] = str(gpus)
+    out: Body = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds: int | None = None) -> Body:
+    """The Indexed Job of one attempt: one pod per node, torchrun inside, rendezvous at pod 0."""
+    spec = ftj["spec"]
+    res = spec.get("resources") or {}
+    run_policy = spec.get("runPolicy") or {}
+    n = names(ftj)
+    nodes = int(res.get("nodes", 1))
+    ftj_name = ftj["metadata"]["name"]
+    attempt_label = {meta.LABEL_ATTEMPT: str(attempt)}
+    job_labels = dict(attempt_label)
+    queue = run_policy.get("queueName")
+    if queue:
+        job_labels["kueue.x-k8s.io/queue-name"] = queue
+
+    env: list[Body] = [
+        {"name": "KUBETUNE_JOB_NAME", "value": ftj_name},
+        {"name": "KUBETUNE_JOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "KUBETUNE_JOB_UID", "value": ftj["metadata"]["uid"]},
+        {"name": "KUBETUNE_ATTEMPT", "value": str(attempt)},
+        {"name": "KUBETUNE_METRICS_PORT", "value": str(settings.trainer_metrics_port)},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {
+            "name": "NODE_RANK",
+            "valueFrom": {
+                "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+            },
+        },
+        {"name": "HOME", "value": WORKSPACE},
+        {"name": "HF_HOME", "value": f"{WORKSPACE}/.cache/huggingface"},
+        {"name": "TRITON_CACHE_DIR", "value": f"{WORKSPACE}/.cache/triton"},
+        *_storage_env(ftj, settings),
+        *[dict(e) for e in spec.get("env") or []],
+    ]
+    container: Body = {
+        "name": "trainer",
+        "image": spec.get("image") or settings.trainer_image,
+        "imagePullPolicy": spec.get("imagePullPolicy") or settings.image_pull_policy,
+        "command": torchrun_command(ftj, attempt, settings),
+        "env": env,
+        "ports": [
+            {"name": "rendezvous", "containerPort": settings.rendezvous_port},
+            {"name": "metrics", "containerPort": settings.trainer_metrics_port},
+        ],
+        "resources": _resources(res),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "workspace", "mountPath": WORKSPACE},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": True},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        # The trainer writes its report (output URIs, parameter counts) or its error here.
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    shm: Body = {"medium": "Memory"}
+    if res.get("sharedMemorySize"):
+        shm["sizeLimit"] = str(res["sharedMemorySize"])
+    pod_spec: Body = {
+        "restartPolicy": "Never",
+        "subdomain": n.service,
+        "serviceAccountName": n.service_account,
+        # Only the trainer's own projected token is mounted (below), with a bounded lifetime.
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": n.config_map}},
+            {"name": "dshm", "emptyDir": shm},
+            {"name": "workspace", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+            {
+                "name": "token",
+                "projected": {
+                    "sources": [
+                        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}},
+                        {
+                            "configMap": {
+                                "name": "kube-root-ca.crt",
+                                "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                            }
+                        },
+                        {
+                            "downwardAPI": {
+                                "items": [
+                                    {"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}
+                                ]
+                            }
+                        },
+                    ]
+                },
+            },
+        ],
+    }
+    # Models and data on PersistentVolumeClaims (pvc://claim/path) are mounted read-only.
+    for claim in pvc_claims(spec):
+        vol = meta.dns_name("pvc", claim)
+        pod_spec["volumes"].append(
+            {"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
+        container["volumeMounts"].append(
+            {"name": vol, "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True}
+        )
+    for src, dst in (
+        ("nodeSelector", "nodeSelector"),
+        ("tolerations", "tolerations"),
+        ("affinity", "affinity"),
+        ("priorityClassName", "priorityClassName"),
+        ("schedulerName", "schedulerName"),
+    ):
+        if res.get(src):
+            pod_spec[dst] = res[src]
+    if spec.get("imagePullSecrets"):
+        pod_spec["imagePullSecrets"] = spec["imagePullSecrets"]
+
+    j = _base(ftj, "batch/v1", "Job", n.job(attempt), "trainer", job_labels)
+    j["spec"] = {
+        "completionMode": "Indexed",
+        "completions": nodes,
+        "parallelism": nodes,
+        # Retries are the operator's (attempts that resume from a checkpoint), not the Job's.
+        "backoffLimit": 0,
+        # Kueue admits a queued Job by unsuspending it.
+        "suspend": bool(run_policy.get("suspend")) or bool(queue),
+        "template": {
+            "metadata": {
+                "labels": {
+                    **meta.child_labels(meta.LABEL_FINETUNEJOB, ftj_name, "trainer"),
+                    **attempt_label,
+                },
+            },
+            "spec": pod_spec,
+        },
+    }
+    if active_deadline_seconds is not None:
+        j["spec"]["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))
+    return j

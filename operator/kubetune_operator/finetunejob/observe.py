@@ -1,0 +1,125 @@
+"""Reading the state of a training attempt from its Job and pods (pure functions)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+Body = dict[str, Any]
+
+TRAINER_CONTAINER = "trainer"
+
+# Exit codes of `kubetune_trainer` (kubetune_trainer/exit_codes.py) that mean the job can never
+# succeed as configured: retrying would only burn GPU hours.
+NON_RETRYABLE_EXIT_CODES = {
+    2: "InvalidConfig",
+    3: "InvalidData",
+    4: "UnsupportedHardware",
+}
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: str
+    message: str
+    pod: str | None = None
+    exit_code: int | None = None
+
+    @property
+    def retryable(self) -> bool:
+        return self.exit_code not in NON_RETRYABLE_EXIT_CODES and self.reason != "DeadlineExceeded"
+
+
+def job_condition(job: Body | None, type_: str) -> Body | None:
+    for cond in ((job or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def job_succeeded(job: Body | None) -> bool:
+    return job_condition(job, "Complete") is not None
+
+
+def job_failed(job: Body | None) -> bool:
+    return job_condition(job, "Failed") is not None
+
+
+def _terminated(pod: Body) -> Body | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if (
+            cs.get("name") == TRAINER_CONTAINER
+            or len((pod.get("status") or {}).get("containerStatuses") or []) == 1
+        ):
+            term = (cs.get("state") or {}).get("terminated")
+            if term:
+                return term
+    return None
+
+
+def _index(pod: Body) -> int:
+    ann = (pod.get("metadata") or {}).get("annotations") or {}
+    try:
+        return int(ann.get("batch.kubernetes.io/job-completion-index", "0"))
+    except ValueError:
+        return 0
+
+
+def failure(job: Body, pods: list[Body]) -> Failure:
+    """Why the attempt failed: the first failed trainer (lowest node rank), else the Job's own reason."""
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    for pod in sorted(failed, key=_index):
+        term = _terminated(pod) or {}
+        code = term.get("exitCode")
+        if code in (None, 0):
+            continue
+        name = pod["metadata"]["name"]
+        known = NON_RETRYABLE_EXIT_CODES.get(code)
+        detail = (term.get("message") or "").strip()
+        msg = f"pod {name} (node rank {_index(pod)}) exited with code {code}"
+        if known:
+            msg += f" ({known})"
+        if detail:
+            msg += f": {detail[:2000]}"
+        return Failure(reason=known or "TrainerFailed", message=msg, pod=name, exit_code=code)
+    cond = job_condition(job, "Failed") or {}
+    reason = cond.get("reason") or "JobFailed"
+    return Failure(reason=reason, message=cond.get("message") or f"the training Job failed ({reason})")
+
+
+def running_workers(pods: list[Body]) -> int:
+    return sum(
+        1
+        for p in pods
+        if (p.get("status") or {}).get("phase") == "Running"
+        and not (p.get("metadata") or {}).get("deletionTimestamp")
+    )
+
+
+def unschedulable(pods: list[Body]) -> str | None:
+    """The scheduler's message for the first pod it could not place, if any."""
+    for pod in sorted(pods, key=_index):
+        for cond in (pod.get("status") or {}).get("conditions") or []:
+            if (
+                cond.get("type") == "PodScheduled"
+                and cond.get("status") == "False"
+                and cond.get("reason") == "Unschedulable"
+            ):
+                return f"pod {pod['metadata']['name']}: {cond.get('message', 'unschedulable')}"
+    return None
+
+
+def trainer_report(pods: list[Body]) -> dict[str, Any]:
+    """The JSON report the trainer writes to its termination message on success (node rank 0)."""
+    for pod in sorted(pods, key=_index):
+        term = _terminated(pod)
+        if not term or term.get("exitCode") != 0 or not term.get("message"):
+            continue
+        try:
+            report = json.loads(term["message"])
+        except ValueError:
+            continue
+        if isinstance(report, dict):
+            return report
+    return {}

@@ -1,0 +1,175 @@
+"""`kubetune operator`: run the kopf operator.
+
+Handlers here are thin: they record what the watch saw and queue the parent for a reconcile.
+They return None, so kopf writes nothing into the objects' status; the operator uses only
+watch-event handlers (no timers, daemons or deletion handlers), so kopf adds no finalizers and
+no annotations either. Deleting a parent is left to Kubernetes' garbage collector.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+
+from . import meta
+from .controller import KindController
+from .kube import Kube
+
+log = logging.getLogger("kubetune_operator")
+# Worker and resync tasks live as long as the operator; keep references so they are not collected.
+_background: set[asyncio.Task[None]] = set()
+
+
+def build_api_client(kubeconfig: str | None = None):
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    if kubeconfig or os.environ.get("KUBECONFIG"):
+        config.load_kube_config(config_file=kubeconfig or os.environ["KUBECONFIG"], client_configuration=cfg)
+    else:
+        config.load_incluster_config(client_configuration=cfg)
+    return client.ApiClient(cfg)
+
+
+def make_registry(controllers: dict[str, KindController], resync_seconds: float) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    ftj = controllers["FineTuneJob"]
+    adep = controllers.get("AdapterDeployment")
+
+    @kopf.on.startup(registry=registry)
+    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.level = logging.WARNING
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        settings.watching.connect_timeout = 10
+        settings.networking.error_backoffs = [1, 2, 5, 10]
+        settings.batching.batch_window = 0.05
+        loop = asyncio.get_running_loop()
+        for c in controllers.values():
+            for _worker in range(8):
+                _background.add(loop.create_task(c.worker()))
+
+        async def resync() -> None:
+            while True:
+                await asyncio.sleep(resync_seconds)
+                for c in controllers.values():
+                    c.resync()
+
+        _background.add(loop.create_task(resync()))
+
+    @kopf.on.event(meta.GROUP, meta.VERSION, "finetunejobs", registry=registry)
+    def finetunejob_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        ftj.parent_event(type, dict(body))
+
+    @kopf.on.event("batch", "v1", "jobs", labels={meta.LABEL_FINETUNEJOB: kopf.PRESENT}, registry=registry)
+    def job_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        ftj.child_event("Job", meta.LABEL_FINETUNEJOB, type, dict(body))
+
+    @kopf.on.event("", "v1", "pods", labels={meta.LABEL_FINETUNEJOB: kopf.PRESENT}, registry=registry)
+    def ftj_pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        ftj.child_event("Pod", meta.LABEL_FINETUNEJOB, type, dict(body))
+
+    if adep is not None:
+
+        @kopf.on.event(meta.GROUP, meta.VERSION, "adapterdeployments", registry=registry)
+        def adapterdeployment_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+            adep.parent_event(type, dict(body))
+
+        @kopf.on.event(
+            "apps",
+            "v1",
+            "deployments",
+            labels={meta.LABEL_ADAPTERDEPLOYMENT: kopf.PRESENT},
+            registry=registry,
+        )
+        def deployment_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+            adep.child_event("Deployment", meta.LABEL_ADAPTERDEPLOYMENT, type, dict(body))
+
+        # An AdapterDeployment that points at a FineTuneJob must hear when that job finishes.
+        @kopf.on.event(
+            meta.GROUP, meta.VERSION, "finetunejobs", registry=registry, id="finetunejob_for_adapters"
+        )
+        def finetunejob_for_adapters(body: kopf.Body, **_: Any) -> None:
+            ns = body["metadata"]["namespace"]
+            for key in list(adep.store.parents):
+                if key[0] == ns:
+                    adep.queue.add(key)
+
+    return registry
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kubetune operator", description="Run the kubetune operator.")
+    p.add_argument(
+        "--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, else in-cluster)"
+    )
+    p.add_argument(
+        "--namespace",
+        action="append",
+        dest="namespaces",
+        default=None,
+        help="watch only this namespace (repeatable; default: all namespaces, or $KUBETUNE_WATCH_NAMESPACES)",
+    )
+    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("KUBETUNE_METRICS_PORT", "8080")))
+    p.add_argument("--health-port", type=int, default=int(os.environ.get("KUBETUNE_HEALTH_PORT", "8081")))
+    p.add_argument(
+        "--resync-seconds", type=float, default=float(os.environ.get("KUBETUNE_RESYNC_SECONDS", "60"))
+    )
+    p.add_argument("--workers", type=int, default=16, help="threads for reconciles")
+    p.add_argument("--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    namespaces = args.namespaces or [
+        n.strip() for n in os.environ.get("KUBETUNE_WATCH_NAMESPACES", "").split(",") if n.strip()
+    ]
+
+    from .adapterdeployment.reconcile import reconcile as reconcile_adapterdeployment
+    from .finetunejob.reconcile import reconcile as reconcile_finetunejob
+
+    kube = Kube(build_api_client(args.kubeconfig))
+    executor = ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="reconcile")
+    controllers = {
+        "FineTuneJob": KindController("FineTuneJob", kube, reconcile_finetunejob, executor),
+        "AdapterDeployment": KindController("AdapterDeployment", kube, reconcile_adapterdeployment, executor),
+    }
+    registry = make_registry(controllers, args.resync_seconds)
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    log.info(
+        "kubetune operator starting (namespaces: %s, metrics :%s, health :%s)",
+        ", ".join(namespaces) or "all",
+        args.metrics_port,
+        args.health_port,
+    )
+    kopf.configure(verbose=args.verbose)
+    asyncio.run(
+        kopf.operator(
+            registry=registry,
+            standalone=True,
+            clusterwide=not namespaces,
+            namespaces=namespaces or [],
+            liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""Pure builders: FineTuneJob / AdapterDeployment specs -> manifests (no cluster)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from kubetune_operator import meta
+from kubetune_operator.adapterdeployment import builders as ab
+from kubetune_operator.convert import finetunejob_to_config, to_config_dict
+from kubetune_operator.finetunejob import builders as fb
+from kubetune_operator.settings import Settings
+
+SETTINGS = Settings(
+    trainer_image="kubetune/trainer:test",
+    vllm_image="vllm/vllm-openai:test",
+    image_pull_policy="IfNotPresent",
+    default_s3_endpoint="",
+    default_s3_region="us-east-1",
+    default_s3_secret="",
+    termination_grace_seconds=300,
+)
+
+
+def ftj(**spec_overrides) -> dict:
+    spec = {
+        "baseModel": {"uri": "s3://models/llama-1b", "trustRemoteCode": False},
+        "dataset": {"train": {"uri": "s3://data/train.jsonl", "format": "auto"}, "maxSeqLength": 512},
+        "method": {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "bias": "none"}},
+        "hyperparameters": {"epochs": 1, "learningRate": 2e-4, "batchSizePerDevice": 4},
+        "resources": {"nodes": 1, "gpusPerNode": 1, "gpuResourceName": "nvidia.com/gpu"},
+        "distributed": {"strategy": "deepspeed", "deepspeed": {"zeroStage": 2, "offload": "none"}},
+        "checkpointing": {"everySteps": 100, "keepLast": 2, "resume": "auto"},
+        "storage": {
+            "uri": "s3://ckpt/runs",
+            "endpoint": "http://minio:9000",
+            "secretRef": {"name": "s3-creds"},
+        },
+        "runPolicy": {"maxRestarts": 3},
+    }
+    spec.update(spec_overrides)
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "llama-lora", "namespace": "team-a", "uid": "u-123", "generation": 1},
+        "spec": spec,
+    }
+
+
+def test_every_child_is_owned_and_labelled_without_copying_parent_labels() -> None:
+    parent = ftj()
+    parent["metadata"]["labels"] = {"argocd.argoproj.io/instance": "my-app", "team": "a"}
+    children = [
+        fb.service_account(parent),
+        fb.role(parent),
+        fb.role_binding(parent),
+        fb.config_map(parent, {"model_name": "x"}),
+        fb.headless_service(parent, SETTINGS),
+        fb.job(parent, 1, SETTINGS),
+    ]
+    for child in children:
+        [owner] = child["metadata"]["ownerReferences"]
+        assert owner == {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "name": "llama-lora",
+            "uid": "u-123",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+        labels = child["metadata"]["labels"]
+        assert labels[meta.LABEL_FINETUNEJOB] == "llama-lora"
+        assert labels[meta.LABEL_MANAGED_BY] == "kubetune-operator"
+        assert "argocd.argoproj.io/instance" not in labels and "team" not in labels
+
+
+def test_role_allows_patching_only_this_jobs_status() -> None:
+    [rule] = fb.role(ftj())["rules"]
+    assert rule == {
+        "apiGroups": ["kubetune.io"],
+        "resources": ["finetunejobs/status"],
+        "resourceNames": ["llama-lora"],
+        "verbs": ["patch"],
+    }
+    rb = fb.role_binding(ftj())
+    assert rb["subjects"] == [{"kind": "ServiceAccount", "name": "llama-lora-trainer", "namespace": "team-a"}]
+
+
+def test_two_nodes_by_eight_gpus_renders_an_indexed_job_with_torchrun_rendezvous_at_pod_0() -> None:
+    job = fb.job(ftj(resources={"nodes": 2, "gpusPerNode": 8, "sharedMemorySize": "64Gi"}), 1, SETTINGS)
+    spec = job["spec"]
+    assert job["metadata"]["name"] == "llama-lora-1"
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) == (
+        "Indexed",
+        2,
+        2,
+        0,
+    )
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == "llama-lora-workers"
+    [c] = pod["containers"]
+    assert c["command"] == [
+        "torchrun",
+        "--nnodes=2",
+        "--nproc-per-node=8",
+        "--node-rank=$(NODE_RANK)",
+        "--master-addr=llama-lora-1-0.llama-lora-workers.team-a.svc",
+        "--master-port=29500",
+        "-m",
+        "kubetune_trainer",
+        "train",
+        "--config",
+        "/etc/kubetune/config.yaml",
+    ]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == "8"
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+
+
+def test_single_node_uses_standalone_rendezvous() -> None:
+    [c] = fb.job(ftj(), 1, SETTINGS)["spec"]["template"]["spec"]["containers"]
+    assert c["command"][:4] == ["torchrun", "--nnodes=1", "--nproc-per-node=1", "--standalone"]
+
+
+def test_cpu_training_requests_no_gpu() -> None:
+    [c] = fb.job(ftj(resources={"nodes": 1, "gpusPerNode": 0, "cpu": "4", "memory": "16Gi"}), 1, SETTINGS)[
+        "spec"
+    ]["template"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+    assert c["resources"]["requests"] == {"cpu": "4", "memory": "16Gi"}
+
+
+def test_pods_are_locked_down() -> None:
+    pod = fb.job(ftj(), 1, SETTINGS)["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    [c] = pod["containers"]
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def test_credentials_only_through_secret_key_refs() -> None:
+    job = fb.job(ftj(), 1, SETTINGS)
+    [c] = job["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert "value" not in env[var]
+        assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": var}
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio:9000"
+    rendered = yaml.safe_dump(fb.config_map(ftj(), to_config_dict(ftj())))
+    assert "s3-creds" not in rendered and "AWS_SECRET" not in rendered
+
+
+def test_scheduling_fields_pass_through() -> None:
+    sched = {
+        "nodes": 1,
+        "gpusPerNode": 1,
+        "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {}},
+        "priorityClassName": "training-high",
+        "schedulerName": "volcano",
+    }
+    pod = fb.job(ftj(resources=sched), 1, SETTINGS)["spec"]["template"]["spec"]
+    for k in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "schedulerName"):
+        assert pod[k] == sched[k]
+
+
+def test_suspend_and_kueue_queue() -> None:
+    assert fb.job(ftj(runPolicy={"suspend": True}), 1, SETTINGS)["spec"]["suspend"] is True
+    queued = fb.job(ftj(runPolicy={"queueName": "gpu-queue"}), 1, SETTINGS)
+    assert queued["spec"]["suspend"] is True  # Kueue admits it by unsuspending
+    assert queued["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert fb.job(ftj(), 1, SETTINGS)["spec"]["suspend"] is False
+
+
+def test_pvc_sources_are_mounted_read_only_and_resolved() -> None:
+    parent = ftj(
+        baseModel={"uri": "pvc://models/llama"}, dataset={"train": {"uri": "pvc://data/train.jsonl"}}
+    )
+    pod = fb.job(parent, 1, SETTINGS)["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {"models", "data"}
+    cfg = to_config_dict(parent)
+    assert cfg["model_name"] == "/mnt/kubetune/models/llama"
+    assert cfg["train_file"] == "/mnt/kubetune/data/train.jsonl"
+
+
+def test_long_names_stay_valid_dns_labels() -> None:
+    parent = ftj()
+    parent["metadata"]["name"] = "a" * 63
+    job = fb.job(parent, 12, SETTINGS)
+    assert len(job["metadata"]["name"]) <= 56  # + "-<index>" stays <= 63 for pod hostnames
+    assert len(fb.headless_service(parent, SETTINGS)["metadata"]["name"]) <= 63
+
+
+def test_trainer_config_is_a_valid_finetuning_config() -> None:
+    cfg = finetunejob_to_config(ftj(), in_pod=True)
+    assert cfg.method == "lora" and cfg.lora.r == 16 and cfg.lora.alpha == 32
+    assert cfg.deepspeed is not None and cfg.deepspeed.zero_stage == 2
+    assert cfg.storage_root() == "s3://ckpt/runs/team-a/llama-lora/u-123/"
+    assert cfg.save_steps == 100 and cfg.keep_last == 2 and cfg.progress_bar is False
+    assert cfg.job is not None and (cfg.job.namespace, cfg.job.name) == ("team-a", "llama-lora")
+
+
+def test_ddp_strategy_has_no_deepspeed_block() -> None:
+    cfg = finetunejob_to_config(ftj(distributed={"strategy": "ddp"}), in_pod=True)
+    assert cfg.deepspeed is None
+
+
+@pytest.mark.parametrize("uri,expected", [("hf://org/model", "org/model"), ("file:///models/m", "/models/m")])
+def test_model_uri_schemes(uri: str, expected: str) -> None:
+    assert to_config_dict(ftj(baseModel={"uri": uri}))["model_name"] == expected
+
+
+# ---- AdapterDeployment ---------------------------------------------------------------------------
+
+
+def adep(**spec_overrides) -> dict:
+    spec = {
+        "baseModel": {"uri": "s3://models/llama-1b"},
+        "adapters": [
+            {"name": "support", "source": "s3://a/support/"},
+            {"name": "sql", "fineTuneJobRef": {"name": "j"}},
+        ],
+        "runtime": "builtin",
+        "replicas": 2,
+        "resources": {"gpus": 1},
+        "service": {"port": 8000},
+        "storage": {"secretRef": {"name": "s3-creds"}},
+    }
+    spec.update(spec_overrides)
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "AdapterDeployment",
+        "metadata": {"name": "assist", "namespace": "team-a", "uid": "u-9", "generation": 1},
+        "spec": spec,
+    }
+
+
+ADAPTERS = [
+    ab.ResolvedAdapter("support", "s3://a/support/", 16),
+    ab.ResolvedAdapter("sql", "s3://b/final/", 8),
+]
+
+
+def test_builtin_runtime_serves_the_adapter_set_from_a_configmap() -> None:
+    d = ab.deployment(adep(), ADAPTERS, SETTINGS)
+    pod = d["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    assert c["image"] == "kubetune/trainer:test"
+    assert c["command"] == ["kubetune"]
+    assert c["args"][:2] == ["serve", "--base-model"]
+    assert "--adapter-set" in c["args"]
+    assert d["spec"]["replicas"] == 2
+    assert d["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    cm = ab.config_map(adep(), ADAPTERS)
+    assert '"name": "sql"' in cm["data"]["adapters.json"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+
+
+def test_changing_the_adapter_set_changes_the_template_in_rolling_mode_only() -> None:
+    a = ab.deployment(adep(), ADAPTERS, SETTINGS)
+    b = ab.deployment(adep(), ADAPTERS[:1], SETTINGS)
+    assert a["spec"]["template"] != b["spec"]["template"]
+    hot_a = ab.deployment(adep(hotReload=True), ADAPTERS, SETTINGS)
+    hot_b = ab.deployment(adep(hotReload=True), ADAPTERS[:1], SETTINGS)
+    assert hot_a["spec"]["template"] == hot_b["spec"]["template"]
+    assert [c["name"] for c in hot_a["spec"]["template"]["spec"]["containers"]] == ["server", "adapter-sync"]
+
+
+def test_vllm_runtime_fetches_adapters_in_an_init_container() -> None:
+    d = ab.deployment(adep(runtime="vllm"), ADAPTERS, SETTINGS)
+    pod = d["spec"]["template"]["spec"]
+    names = [c["name"] for c in pod["initContainers"]]
+    assert names == ["fetch-base-model", "fetch-adapters"]
+    fetch = pod["initContainers"][1]
+    assert fetch["args"][:3] == ["fetch", "--dest", "/adapters"]
+    [c] = pod["containers"]
+    args = c["args"]
+    assert "--enable-lora" in args
+    assert args[args.index("--max-loras") + 1] == "2"
+    assert args[args.index("--max-lora-rank") + 1] == "16"
+    i = args.index("--lora-modules")
+    assert args[i + 1 : i + 3] == ["support=/adapters/support", "sql=/adapters/sql"]
+    assert args[args.index("--model") + 1] == "/models/base"
+
+
+def test_autoscaling_hands_replicas_to_the_hpa() -> None:
+    spec = adep(autoscaling={"minReplicas": 1, "maxReplicas": 4, "targetCPUUtilizationPercentage": 70})
+    d = ab.deployment(spec, ADAPTERS, SETTINGS)
+    assert "replicas" not in d["spec"]
+    h = ab.hpa(spec)
+    assert h is not None
+    assert (h["spec"]["minReplicas"], h["spec"]["maxReplicas"]) == (1, 4)
+    assert h["spec"]["scaleTargetRef"]["name"] == d["metadata"]["name"]
+    assert ab.hpa(adep()) is None
+
+
+def test_vllm_rank_rounds_up_to_a_supported_size() -> None:
+    assert ab.vllm_max_lora_rank([ab.ResolvedAdapter("a", "s3://x/", 12)]) == 16
+    assert ab.vllm_max_lora_rank([ab.ResolvedAdapter("a", "s3://x/")]) == 64
+    assert ab.vllm_max_lora_rank([], override=32) == 32
+
+
+def test_builders_do_not_mutate_the_parent() -> None:
+    parent = ftj()
+    before = copy.deepcopy(parent)
+    fb.job(parent, 1, SETTINGS)
+    to_config_dict(parent)
+    assert parent == before
