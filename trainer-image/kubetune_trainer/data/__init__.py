@@ -1,0 +1,31 @@
+"""Training data: reading, format detection, templates, masking, filters, splits, mixtures, packing.
+
+See docs/data.md. The finetuner uses only the names exported here.
+"""
+
+from kubetune_trainer.data.collate import PadToLongestCollator, make_collator
+from kubetune_trainer.data.errors import DataError
+from kubetune_trainer.data.formats import FALLBACK_CHAT_TEMPLATE, chat_template_for, format_prompt
+from kubetune_trainer.data.options import DataOptions, DataSource
+from kubetune_trainer.data.pipeline import Example, PreparedData, TokenizedDataset, prepare_datasets
+from kubetune_trainer.data.stats import DataStats, SourceStats
+from kubetune_trainer.data.tokenize import IGNORE_INDEX, encode_prompt
+
+__all__ = [
+    "FALLBACK_CHAT_TEMPLATE",
+    "IGNORE_INDEX",
+    "DataError",
+    "DataOptions",
+    "DataSource",
+    "DataStats",
+    "Example",
+    "PadToLongestCollator",
+    "PreparedData",
+    "SourceStats",
+    "TokenizedDataset",
+    "chat_template_for",
+    "encode_prompt",
+    "format_prompt",
+    "make_collator",
+    "prepare_datasets",
+]
