@@ -53,8 +53,11 @@ def retry_conflicts(fn: Callable[[], T], attempts: int = 5) -> T:
         try:
             return fn()
         except ApiException as e:
-            retryable = (
-                (e.status == 409 and "AlreadyExists" not in (e.body or "")) or e.status in (429, 500, 503, 504)
+            retryable = (e.status == 409 and "AlreadyExists" not in (e.body or "")) or e.status in (
+                429,
+                500,
+                503,
+                504,
             )
             if not retryable or i == attempts - 1:
                 raise

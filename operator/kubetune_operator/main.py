@@ -39,10 +39,31 @@ def build_api_client(kubeconfig: str | None = None):
     return client.ApiClient(cfg)
 
 
-def make_registry(controllers: dict[str, KindController], resync_seconds: float) -> kopf.OperatorRegistry:
+def connection_info(cfg: Any) -> kopf.ConnectionInfo:
+    header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
+    scheme, _, token = (header or "").rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        scheme=scheme or ("Bearer" if token else None),
+        token=token or None,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+    )
+
+
+def make_registry(
+    controllers: dict[str, KindController], resync_seconds: float, api_client: Any
+) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     ftj = controllers["FineTuneJob"]
     adep = controllers.get("AdapterDeployment")
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        # kopf's watches use exactly the credentials of the reconcilers' client.
+        return connection_info(api_client.configuration)
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -130,12 +151,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if args.kubeconfig:
-        os.environ["KUBECONFIG"] = args.kubeconfig
+    kopf.configure(verbose=args.verbose)
+    if not args.verbose:
+        # kopf reports every handler call at INFO; ours only queue work, so that is noise.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     namespaces = args.namespaces or [
         n.strip() for n in os.environ.get("KUBETUNE_WATCH_NAMESPACES", "").split(",") if n.strip()
     ]
@@ -143,13 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     from .adapterdeployment.reconcile import reconcile as reconcile_adapterdeployment
     from .finetunejob.reconcile import reconcile as reconcile_finetunejob
 
-    kube = Kube(build_api_client(args.kubeconfig))
+    api_client = build_api_client(args.kubeconfig)
+    kube = Kube(api_client)
     executor = ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="reconcile")
     controllers = {
         "FineTuneJob": KindController("FineTuneJob", kube, reconcile_finetunejob, executor),
         "AdapterDeployment": KindController("AdapterDeployment", kube, reconcile_adapterdeployment, executor),
     }
-    registry = make_registry(controllers, args.resync_seconds)
+    registry = make_registry(controllers, args.resync_seconds, api_client)
     if args.metrics_port:
         start_http_server(args.metrics_port)
     log.info(
@@ -158,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
         args.metrics_port,
         args.health_port,
     )
-    kopf.configure(verbose=args.verbose)
     asyncio.run(
         kopf.operator(
             registry=registry,

@@ -178,6 +178,7 @@ def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds:
     res = spec.get("resources") or {}
     run_policy = spec.get("runPolicy") or {}
     n = names(ftj)
+    pod_meta = spec.get("podMetadata") or {}
     nodes = int(res.get("nodes", 1))
     ftj_name = ftj["metadata"]["name"]
     attempt_label = {meta.LABEL_ATTEMPT: str(attempt)}
@@ -311,10 +312,13 @@ def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds:
         "suspend": bool(run_policy.get("suspend")) or bool(queue),
         "template": {
             "metadata": {
+                # Users' pod labels/annotations (cost centres, mesh opt-outs ...) never override ours.
                 "labels": {
+                    **(pod_meta.get("labels") or {}),
                     **meta.child_labels(meta.LABEL_FINETUNEJOB, ftj_name, "trainer"),
                     **attempt_label,
                 },
+                "annotations": dict(pod_meta.get("annotations") or {}),
             },
             "spec": pod_spec,
         },

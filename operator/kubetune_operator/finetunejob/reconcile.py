@@ -117,13 +117,7 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
             new["conditions"] = set_condition(conditions, "Failed", True, "InvalidConfig", str(e), generation)
             _write(kube, ftj, status, new)
             return Result()
-        _create_attempt(kube, ftj, attempt, remaining, trainer_config)
-        new.setdefault("phase", "Pending")
-        new["phase"] = (
-            "Suspended"
-            if run_policy.get("suspend")
-            else ("Queued" if run_policy.get("queueName") else "Pending")
-        )
+        current = _create_attempt(kube, ftj, attempt, remaining, trainer_config)
         conditions = set_condition(
             conditions,
             "Created",
@@ -132,9 +126,6 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
             f"attempt {attempt}: Job {job_name} created",
             generation,
         )
-        new["conditions"] = conditions
-        _write(kube, ftj, status, new)
-        return result
 
     # Converge what can change on a live Job: suspension (runPolicy.suspend).
     want_suspend = bool(run_policy.get("suspend"))
@@ -268,7 +259,7 @@ def final_uri(ftj: Body) -> str | None:
     return f"{root}final/" if root else None
 
 
-def _create_attempt(kube: Kube, ftj: Body, attempt: int, remaining: int | None, trainer_config: Body) -> None:
+def _create_attempt(kube: Kube, ftj: Body, attempt: int, remaining: int | None, trainer_config: Body) -> Body:
     """The per-job RBAC, config and Service first (the pods need them), then the Job."""
     s = settings()
     kube.apply(builders.service_account(ftj))
@@ -276,7 +267,7 @@ def _create_attempt(kube: Kube, ftj: Body, attempt: int, remaining: int | None, 
     kube.apply(builders.role_binding(ftj))
     kube.apply(builders.config_map(ftj, trainer_config))
     kube.apply(builders.headless_service(ftj, s))
-    kube.apply(builders.job(ftj, attempt, s, active_deadline_seconds=remaining))
+    return kube.apply(builders.job(ftj, attempt, s, active_deadline_seconds=remaining))
 
 
 def _expire(kube: Kube, ftj: Body, status: Body, run_policy: Body) -> Result:

@@ -1,0 +1,121 @@
+"""Helpers for operator tests on the real control plane (imported by the test modules)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+
+from tests.conftest import eventually
+from tests.testground.cluster import REPO, ControlPlane
+
+CRDS = sorted((REPO / "crds").glob("*.yaml"))
+
+
+def install_crds(cluster: ControlPlane) -> None:
+    for crd in CRDS:
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+    for crd in ("finetunejobs.kubetune.io", "adapterdeployments.kubetune.io"):
+        cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+
+
+def finetunejob(
+    name: str, *, nodes: int = 1, gpus: int = 1, pod_labels=None, pod_annotations=None, **spec
+) -> dict:
+    body: dict[str, Any] = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"uri": "s3://models/tiny-llama"},
+            "dataset": {"train": {"uri": "s3://data/train.jsonl"}},
+            "resources": {"nodes": nodes, "gpusPerNode": gpus},
+            "storage": {"uri": "s3://checkpoints/runs", "secretRef": {"name": "s3-credentials"}},
+            **spec,
+        },
+    }
+    if pod_labels or pod_annotations:
+        body["spec"]["podMetadata"] = {"labels": pod_labels or {}, "annotations": pod_annotations or {}}
+    return body
+
+
+def apply(cluster: ControlPlane, namespace: str, obj: dict) -> None:
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(obj), namespace=namespace)
+
+
+def get(cluster: ControlPlane, namespace: str, kind: str, name: str) -> dict | None:
+    res = cluster.kubectl("get", kind, name, "-o", "json", namespace=namespace, check=False)
+    if res.returncode != 0:
+        if "NotFound" in res.stderr:
+            return None
+        raise AssertionError(res.stderr)
+    return json.loads(res.stdout)
+
+
+def status(cluster: ControlPlane, namespace: str, name: str) -> dict:
+    obj = get(cluster, namespace, "finetunejob", name) or {}
+    return obj.get("status") or {}
+
+
+def wait_phase(cluster: ControlPlane, namespace: str, name: str, phase: str, timeout: float = 60) -> dict:
+    def reached():
+        st = status(cluster, namespace, name)
+        return st if st.get("phase") == phase else None
+
+    try:
+        return eventually(reached, timeout=timeout, what=f"FineTuneJob {name} to be {phase}")
+    except AssertionError as e:
+        raise AssertionError(
+            f"{e}; last status: {json.dumps(status(cluster, namespace, name), indent=1)}"
+        ) from None
+
+
+def pods(cluster: ControlPlane, namespace: str, selector: str) -> list[dict]:
+    out = cluster.kubectl("get", "pods", "-l", selector, "-o", "json", namespace=namespace)
+    return json.loads(out.stdout)["items"]
+
+
+def finish_pod(api: client.ApiClient, namespace: str, pod: str, exit_code: int, message: str = "") -> None:
+    """Play the kubelet: write a held pod's final state."""
+    phase = "Succeeded" if exit_code == 0 else "Failed"
+    term = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error"}
+    if message:
+        term["message"] = message
+    client.CoreV1Api(api).patch_namespaced_pod_status(
+        pod,
+        namespace,
+        {
+            "status": {
+                "phase": phase,
+                "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"}],
+                "containerStatuses": [
+                    {
+                        "name": "trainer",
+                        "image": "kubetune/trainer:test",
+                        "imageID": "",
+                        "ready": False,
+                        "restartCount": 0,
+                        "state": {"terminated": term},
+                    }
+                ],
+            }
+        },
+    )
+
+
+def make_s3_secret(cluster: ControlPlane, namespace: str, name: str = "s3-credentials") -> None:
+    cluster.kubectl(
+        "create",
+        "secret",
+        "generic",
+        name,
+        "--from-literal=AWS_ACCESS_KEY_ID=test-access-key",
+        "--from-literal=AWS_SECRET_ACCESS_KEY=test-secret-key",
+        namespace=namespace,
+    )
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj))
