@@ -73,6 +73,8 @@ def make_registry(
         settings.watching.connect_timeout = 10
         settings.networking.error_backoffs = [1, 2, 5, 10]
         settings.batching.batch_window = 0.05
+        # Watch exactly the resources registered here: no CRD/namespace discovery, no extra RBAC.
+        settings.scanning.disabled = True
         loop = asyncio.get_running_loop()
         for c in controllers.values():
             for _worker in range(8):
