@@ -1,0 +1,275 @@
+"""The operator reconciling AdapterDeployments on the real control plane."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import eventually
+from tests.integration.operator_support import (
+    apply,
+    finetunejob,
+    finish_pod,
+    get,
+    install_crds,
+    make_s3_secret,
+    pods,
+    wait_phase,
+)
+from tests.testground.cluster import ControlPlane
+from tests.testground.operator import OperatorProcess
+
+pytestmark = pytest.mark.cluster
+
+HOLD = {"kwok.kubetune.io/outcome": "hold"}
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    install_crds(cluster)
+    op = OperatorProcess(
+        cluster.kubeconfig, tmp_path_factory.mktemp("operator-adep"), resync_seconds=5
+    ).start()
+    try:
+        yield op
+    finally:
+        op.stop()
+
+
+@pytest.fixture
+def ns(cluster: ControlPlane, namespace: str, operator: OperatorProcess) -> str:
+    make_s3_secret(cluster, namespace)
+    return namespace
+
+
+def adapterdeployment(name: str, adapters: list[dict], **spec) -> dict:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "AdapterDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"uri": "s3://models/tiny-llama"},
+            "adapters": adapters,
+            "storage": {"secretRef": {"name": "s3-credentials"}},
+            **spec,
+        },
+    }
+
+
+def adep_status(cluster: ControlPlane, ns: str, name: str) -> dict:
+    return (get(cluster, ns, "adapterdeployment", name) or {}).get("status") or {}
+
+
+def wait_adep(cluster: ControlPlane, ns: str, name: str, phase: str, timeout: float = 60) -> dict:
+    def check():
+        st = adep_status(cluster, ns, name)
+        return st if st.get("phase") == phase else None
+
+    try:
+        return eventually(check, timeout=timeout, what=f"AdapterDeployment {name} to be {phase}")
+    except AssertionError as e:
+        raise AssertionError(
+            f"{e}; last status: {json.dumps(adep_status(cluster, ns, name), indent=1)}"
+        ) from None
+
+
+def test_builtin_runtime_with_two_adapters_becomes_ready(cluster: ControlPlane, ns: str) -> None:
+    apply(
+        cluster,
+        ns,
+        adapterdeployment(
+            "assist",
+            [
+                {"name": "support", "source": "s3://adapters/support/"},
+                {"name": "sql", "source": "s3://adapters/sql/"},
+            ],
+            replicas=2,
+        ),
+    )
+    st = wait_adep(cluster, ns, "assist", "Ready")
+    assert st["readyReplicas"] == 2
+    assert st["endpoint"] == f"http://assist.{ns}.svc:8000/v1"
+    assert {a["name"]: a["ready"] for a in st["adapters"]} == {"support": True, "sql": True}
+    adep = get(cluster, ns, "adapterdeployment", "assist")
+    assert adep is not None and st["observedGeneration"] == adep["metadata"]["generation"]
+    dep = get(cluster, ns, "deployment", "assist")
+    svc = get(cluster, ns, "service", "assist")
+    assert dep is not None and svc is not None
+    assert dep["metadata"]["ownerReferences"][0]["uid"] == adep["metadata"]["uid"]
+    [c] = dep["spec"]["template"]["spec"]["containers"]
+    assert c["args"][0] == "serve"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-credentials"
+    assert svc["spec"]["ports"][0]["port"] == 8000
+
+
+def test_vllm_runtime_renders_init_container_and_lora_flags(cluster: ControlPlane, ns: str) -> None:
+    apply(
+        cluster,
+        ns,
+        adapterdeployment(
+            "vl", [{"name": "a1", "source": "s3://adapters/a1/"}], runtime="vllm", resources={"gpus": 1}
+        ),
+    )
+    wait_adep(cluster, ns, "vl", "Ready")
+    dep = get(cluster, ns, "deployment", "vl")
+    assert dep is not None
+    pod = dep["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["fetch-base-model", "fetch-adapters"]
+    args = pod["containers"][0]["args"]
+    assert "--enable-lora" in args and "a1=/adapters/a1" in args
+    [p] = pods(cluster, ns, "kubetune.io/adapterdeployment=vl")
+    assert p["spec"]["nodeName"].startswith("gpu-node-")
+
+
+def test_finetunejob_ref_waits_then_resolves_to_the_jobs_output(cluster: ControlPlane, ns: str) -> None:
+    apply(cluster, ns, finetunejob("trainer-job", pod_labels=HOLD))
+    apply(
+        cluster,
+        ns,
+        adapterdeployment(
+            "fromjob",
+            [
+                {"name": "base-task", "source": "s3://adapters/x/"},
+                {"name": "fresh", "fineTuneJobRef": {"name": "trainer-job"}},
+            ],
+        ),
+    )
+
+    def waiting():
+        st = adep_status(cluster, ns, "fromjob")
+        cond = next((c for c in st.get("conditions") or [] if c["type"] == "AdaptersResolved"), None)
+        return cond if cond and cond["reason"] == "WaitingForFineTuneJob" else None
+
+    cond = eventually(waiting, timeout=60, what="the AdaptersResolved=False/WaitingForFineTuneJob condition")
+    assert "trainer-job" in cond["message"]
+    st = adep_status(cluster, ns, "fromjob")
+    assert st["phase"] == "Progressing"
+    # Finish the training: the adapter resolves to the job's output and rolls out.
+    [pod] = [
+        p
+        for p in pods(cluster, ns, "kubetune.io/finetunejob=trainer-job")
+        if p["status"].get("phase") == "Running"
+    ]
+    finish_pod(
+        cluster.api_client(),
+        ns,
+        pod["metadata"]["name"],
+        0,
+        json.dumps({"adapterUri": "s3://out/fresh/final/"}),
+    )
+    wait_phase(cluster, ns, "trainer-job", "Succeeded")
+    st = wait_adep(cluster, ns, "fromjob", "Ready")
+    fresh = next(a for a in st["adapters"] if a["name"] == "fresh")
+    assert fresh == {"name": "fresh", "uri": "s3://out/fresh/final/", "ready": True, "message": "served"}
+    cm = get(cluster, ns, "configmap", "fromjob-adapters")
+    assert cm is not None and "s3://out/fresh/final/" in cm["data"]["adapters.json"]
+
+
+def test_a_failed_finetunejob_degrades_the_deployment(cluster: ControlPlane, ns: str) -> None:
+    apply(
+        cluster,
+        ns,
+        finetunejob(
+            "broken",
+            pod_labels={"kwok.kubetune.io/outcome": "fail"},
+            pod_annotations={"kwok.kubetune.io/exit-code": "3"},
+        ),
+    )
+    apply(
+        cluster, ns, adapterdeployment("needs-broken", [{"name": "b", "fineTuneJobRef": {"name": "broken"}}])
+    )
+    st = wait_adep(cluster, ns, "needs-broken", "Degraded")
+    cond = next(c for c in st["conditions"] if c["type"] == "AdaptersResolved")
+    assert cond["reason"] == "FineTuneJobFailed" and "InvalidData" in cond["message"]
+
+
+def test_changing_the_adapter_list_rolls_out_a_new_template(cluster: ControlPlane, ns: str) -> None:
+    apply(cluster, ns, adapterdeployment("roll", [{"name": "one", "source": "s3://adapters/one/"}]))
+    wait_adep(cluster, ns, "roll", "Ready")
+    before = get(cluster, ns, "deployment", "roll")
+    assert before is not None
+    apply(
+        cluster,
+        ns,
+        adapterdeployment(
+            "roll",
+            [
+                {"name": "one", "source": "s3://adapters/one/"},
+                {"name": "two", "source": "s3://adapters/two/"},
+            ],
+        ),
+    )
+
+    def rolled():
+        dep = get(cluster, ns, "deployment", "roll")
+        return dep if dep and dep["metadata"]["generation"] > before["metadata"]["generation"] else None
+
+    after = eventually(rolled, timeout=30, what="the Deployment to get a new template")
+    key = "kubetune.io/adapter-set"
+    assert (
+        after["spec"]["template"]["metadata"]["annotations"][key]
+        != before["spec"]["template"]["metadata"]["annotations"][key]
+    )
+    assert after["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    st = wait_adep(cluster, ns, "roll", "Ready")
+    assert sorted(a["name"] for a in st["adapters"] if a["ready"]) == ["one", "two"]
+    cm = get(cluster, ns, "configmap", "roll-adapters")
+    assert cm is not None and '"two"' in cm["data"]["adapters.json"]
+
+
+def test_hot_reload_updates_the_adapter_set_without_a_new_template(cluster: ControlPlane, ns: str) -> None:
+    apply(
+        cluster,
+        ns,
+        adapterdeployment("hot", [{"name": "one", "source": "s3://adapters/one/"}], hotReload=True),
+    )
+    wait_adep(cluster, ns, "hot", "Ready")
+    before = get(cluster, ns, "deployment", "hot")
+    apply(
+        cluster,
+        ns,
+        adapterdeployment(
+            "hot",
+            [
+                {"name": "one", "source": "s3://adapters/one/"},
+                {"name": "two", "source": "s3://adapters/two/"},
+            ],
+            hotReload=True,
+        ),
+    )
+    eventually(
+        lambda: (
+            '"two"'
+            in (get(cluster, ns, "configmap", "hot-adapters") or {}).get("data", {}).get("adapters.json", "")
+        ),
+        timeout=30,
+        what="the adapter set ConfigMap to list the new adapter",
+    )
+    after = get(cluster, ns, "deployment", "hot")
+    assert before is not None and after is not None
+    assert after["spec"]["template"] == before["spec"]["template"]
+
+
+def test_autoscaling_creates_an_hpa_and_leaves_replicas_to_it(cluster: ControlPlane, ns: str) -> None:
+    apply(
+        cluster,
+        ns,
+        adapterdeployment(
+            "scaled",
+            [{"name": "one", "source": "s3://adapters/one/"}],
+            autoscaling={"minReplicas": 2, "maxReplicas": 5, "targetCPUUtilizationPercentage": 60},
+            resources={"cpu": "1"},
+        ),
+    )
+    hpa = eventually(lambda: get(cluster, ns, "hpa", "scaled"), timeout=30, what="the HPA")
+    assert hpa["spec"]["minReplicas"] == 2 and hpa["spec"]["maxReplicas"] == 5
+    assert hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] == 60
+    # The HPA controller (real, in kube-controller-manager) scales the Deployment up to minReplicas.
+    eventually(
+        lambda: (get(cluster, ns, "deployment", "scaled") or {}).get("spec", {}).get("replicas") == 2,
+        timeout=60,
+        what="the HPA to set replicas to minReplicas",
+    )
