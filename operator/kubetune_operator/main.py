@@ -28,10 +28,11 @@ log = logging.getLogger("kubetune_operator")
 _background: set[asyncio.Task[None]] = set()
 
 
-def build_api_client(kubeconfig: str | None = None):
+def build_api_client(kubeconfig: str | None = None, pool_size: int = 32):
     from kubernetes import client, config
 
     cfg = client.Configuration()
+    cfg.connection_pool_maxsize = pool_size  # one connection per concurrent reconcile
     if kubeconfig or os.environ.get("KUBECONFIG"):
         config.load_kube_config(config_file=kubeconfig or os.environ["KUBECONFIG"], client_configuration=cfg)
     else:
@@ -54,7 +55,7 @@ def connection_info(cfg: Any) -> kopf.ConnectionInfo:
 
 
 def make_registry(
-    controllers: dict[str, KindController], resync_seconds: float, api_client: Any
+    controllers: dict[str, KindController], resync_seconds: float, api_client: Any, workers: int = 16
 ) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     ftj = controllers["FineTuneJob"]
@@ -77,7 +78,7 @@ def make_registry(
         settings.scanning.disabled = True
         loop = asyncio.get_running_loop()
         for c in controllers.values():
-            for _worker in range(8):
+            for _worker in range(workers):
                 _background.add(loop.create_task(c.worker()))
 
         async def resync() -> None:
@@ -146,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--resync-seconds", type=float, default=float(os.environ.get("KUBETUNE_RESYNC_SECONDS", "60"))
     )
-    p.add_argument("--workers", type=int, default=16, help="threads for reconciles")
+    p.add_argument("--workers", type=int, default=16, help="concurrent reconciles per kind")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -164,14 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     from .adapterdeployment.reconcile import reconcile as reconcile_adapterdeployment
     from .finetunejob.reconcile import reconcile as reconcile_finetunejob
 
-    api_client = build_api_client(args.kubeconfig)
+    api_client = build_api_client(args.kubeconfig, pool_size=2 * args.workers)
     kube = Kube(api_client)
-    executor = ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="reconcile")
+    executor = ThreadPoolExecutor(max_workers=2 * args.workers, thread_name_prefix="reconcile")
     controllers = {
         "FineTuneJob": KindController("FineTuneJob", kube, reconcile_finetunejob, executor),
         "AdapterDeployment": KindController("AdapterDeployment", kube, reconcile_adapterdeployment, executor),
     }
-    registry = make_registry(controllers, args.resync_seconds, api_client)
+    registry = make_registry(controllers, args.resync_seconds, api_client, args.workers)
     if args.metrics_port:
         start_http_server(args.metrics_port)
     log.info(

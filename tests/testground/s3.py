@@ -75,7 +75,9 @@ class SeaweedS3:
                 f"-s3.port={self.ports['s3']}",
                 f"-s3.config={config}",
                 "-master.volumeSizeLimitMB=256",
-                "-volume.max=64",
+                "-volume.max=10000",  # each bucket reserves volumes: do not run out
+                "-s3.port.iceberg=0",  # these listen on fixed ports by default
+                "-s3.port.lance=0",
             ],
             self.workdir / "logs",
         )
