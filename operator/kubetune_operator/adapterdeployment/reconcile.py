@@ -164,6 +164,7 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
         "readyReplicas": ready,
         "replicas": want,
         "adapters": adapter_status,
+        "readyAdapters": f"{sum(1 for a in adapter_status if a['ready'])}/{len(adapter_status)}",
         "endpoint": builders.endpoint(adep),
         "conditions": conditions,
     }

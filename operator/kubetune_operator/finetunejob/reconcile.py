@@ -66,7 +66,7 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     jobs = store.children_of("Job", key)
     pods = store.children_of("Pod", key)
     phase = status.get("phase")
-    new: Body = {"observedGeneration": generation}
+    new: Body = {"observedGeneration": generation, "workers": f"{nodes}x{int(res.get('gpusPerNode', 1))}"}
     conditions = status.get("conditions") or []
     result = Result()
 
