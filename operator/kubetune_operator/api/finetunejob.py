@@ -233,6 +233,10 @@ class EarlyStopping(ApiModel):
     threshold: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
 
 
+def _default_metrics() -> list[Metric]:
+    return ["perplexity"]
+
+
 class Evaluation(ApiModel):
     """What to measure on the validation data, when, and when to stop early."""
 
