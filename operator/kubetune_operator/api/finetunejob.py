@@ -254,7 +254,7 @@ class Evaluation(ApiModel):
     }
 
     metrics: list[Metric] = Field(
-        default_factory=lambda: ["perplexity"],
+        default_factory=_default_metrics,
         max_length=16,
         description="Metrics computed at each evaluation.",
     )
