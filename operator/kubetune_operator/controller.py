@@ -46,7 +46,7 @@ class Store:
         if event_type == "DELETED":
             self.parents.pop(key, None)
         else:
-            self.parents[key] = body
+            self.parents[key] = slim("parent", body)
         return key
 
     def set_child(self, kind: str, owner_key: Key, event_type: str | None, body: Body) -> None:
@@ -57,13 +57,47 @@ class Store:
             if not by_owner:
                 self.children[kind].pop(owner_key, None)
         else:
-            by_owner[name] = body
+            by_owner[name] = slim(kind, body)
 
     def children_of(self, kind: str, key: Key) -> list[Body]:
         return list(self.children[kind].get(key, {}).values())
 
 
 ReconcileFn = Callable[[Kube, Store, Key], Result]
+
+
+def _pick(d: Body | None, *keys: str) -> Body:
+    return {k: d[k] for k in keys if d and k in d}
+
+
+def slim(kind: str, body: Body) -> Body:
+    """Keep only what the reconcilers read: at 1000 jobs, full pods and Jobs (managedFields,
+    pod templates) would be most of the operator's memory."""
+    meta = body.get("metadata") or {}
+    out: Body = {
+        "metadata": _pick(
+            meta, "name", "namespace", "uid", "generation", "labels", "annotations", "deletionTimestamp"
+        )
+    }
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    if kind == "Pod":
+        out["spec"] = _pick(spec, "nodeName")
+        out["status"] = _pick(status, "phase", "conditions")
+        out["status"]["containerStatuses"] = [
+            _pick(cs, "name", "state") for cs in status.get("containerStatuses") or []
+        ]
+    elif kind == "Job":
+        out["spec"] = _pick(spec, "suspend")
+        out["status"] = _pick(status, "conditions", "active", "succeeded", "failed")
+    elif kind == "Deployment":
+        out["spec"] = _pick(spec, "replicas")
+        out["status"] = dict(status)
+    else:
+        return {k: v for k, v in body.items() if k != "metadata"} | {
+            "metadata": {k: v for k, v in meta.items() if k != "managedFields"}
+        }
+    return out
 
 
 class KindController:
