@@ -1,0 +1,185 @@
+"""The ``kubetune`` command line.
+
+One small function per subcommand: ``_cmd_<name>(sub)`` adds its parser and sets
+``func``; add it to ``COMMANDS``. Heavy imports (torch, transformers, kubernetes) happen
+inside the handlers so ``kubetune --help`` is instant.
+
+Errors end the process with the codes of :mod:`kubetune_trainer.exit_codes` and a one-line
+message (no stack trace) for the errors a user can fix: bad config (2), bad data (3),
+unsupported hardware (4). Unexpected errors print the traceback and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from kubetune_trainer.exit_codes import ExitCode, TrainerError
+
+log = logging.getLogger("kubetune")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _cmd_make_tiny_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "make-tiny-model",
+        help="build a small random Llama model + BPE tokenizer (no model hub needed)",
+        description="Build a small random-weight Llama-architecture model and a byte-level BPE "
+        "tokenizer into DIR, loadable with AutoModelForCausalLM/AutoTokenizer.",
+    )
+    p.add_argument("dir", type=Path, help="output directory")
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+
+    def run(args: argparse.Namespace) -> int:
+        from kubetune_trainer.tiny_model import make_tiny_model
+
+        try:
+            out = make_tiny_model(
+                args.dir,
+                vocab_size=args.vocab_size,
+                hidden_size=args.hidden_size,
+                num_layers=args.layers,
+                num_heads=args.heads,
+                num_kv_heads=args.kv_heads,
+                seed=args.seed,
+            )
+        except ValueError as exc:
+            raise TrainerError(str(exc), ExitCode.BAD_CONFIG) from exc
+        print(f"tiny model written to {out}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _cmd_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train from a FinetuningConfig YAML (what training pods run under torchrun)",
+        description="Run one training job from a FinetuningConfig YAML file. In pods: "
+        "`torchrun ... -m kubetune_trainer train --config FILE`.",
+    )
+    p.add_argument("--config", type=Path, required=True, help="FinetuningConfig YAML file")
+
+    def run(args: argparse.Namespace) -> int:
+        from kubetune_trainer.config import FinetuningConfig
+        from kubetune_trainer.finetuner import run_training
+
+        run_training(FinetuningConfig.from_yaml(args.config))
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _cmd_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a job file locally (FinetuningConfig YAML or FineTuneJob manifest)",
+        description="Run a training job on this machine. FILE is a FinetuningConfig YAML or a "
+        "FineTuneJob manifest (kind: FineTuneJob).",
+    )
+    p.add_argument("file", type=Path, help="FinetuningConfig YAML or FineTuneJob manifest")
+    p.add_argument(
+        "--local", action="store_true", required=True, help="run here rather than on a cluster (required)"
+    )
+    p.add_argument("--output-dir", type=Path, help="override output_dir")
+
+    def run(args: argparse.Namespace) -> int:
+        from kubetune_trainer.config import load_job_file
+        from kubetune_trainer.finetuner import run_training
+
+        config = load_job_file(args.file)
+        if args.output_dir:
+            config = config.model_copy(update={"output_dir": str(args.output_dir)})
+        run_training(config)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _cmd_quickstart(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quickstart",
+        help="fine-tune a LoRA adapter on a generated task on CPU and show before/after metrics",
+    )
+    p.add_argument("--workdir", type=Path, default=Path("quickstart-output"), help="where files go")
+    p.add_argument("--max-steps", type=int, default=None, help="override the number of training steps")
+
+    def run(args: argparse.Namespace) -> int:
+        from kubetune_trainer.quickstart import run_quickstart
+
+        return run_quickstart(args.workdir, max_steps=args.max_steps)
+
+    p.set_defaults(func=run)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _cmd_make_tiny_model,
+    _cmd_train,
+    _cmd_run,
+    _cmd_quickstart,
+]
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubetune", description="kubetune: fine-tune and serve LLM adapters"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def exit_code_for(exc: BaseException) -> ExitCode:
+    """Map an exception to the process exit code the operator understands."""
+    if isinstance(exc, TrainerError):
+        return exc.exit_code
+    data_mod = sys.modules.get("kubetune_trainer.data")  # only when already imported (no torch here)
+    data_error = getattr(data_mod, "DataError", None)
+    if data_error is not None and isinstance(exc, data_error):
+        return ExitCode.BAD_DATA
+    try:
+        from pydantic import ValidationError
+    except ImportError:  # pragma: no cover - pydantic is a core dependency
+        return ExitCode.UNEXPECTED
+    if isinstance(exc, ValidationError):
+        return ExitCode.BAD_CONFIG
+    return ExitCode.UNEXPECTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code = int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    except Exception as exc:
+        code = int(exit_code_for(exc))
+        if code == ExitCode.UNEXPECTED or args.verbose:
+            traceback.print_exc()
+        print(f"kubetune {args.command}: error: {exc}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,918 @@
+"""``ModelFinetuner``: the guide's API over transformers' Trainer and PEFT.
+
+    ft = ModelFinetuner(FinetuningConfig(model_name="./tiny-model", train_file="train.jsonl", use_lora=True))
+    ft.load_model(); ft.train(); print(ft.evaluate()); ft.save_model()
+    ft.load_finetuned_model("./finetuned_model"); print(ft.generate("Hello", max_new_tokens=20))
+
+``run_training(config)`` is the whole job as pods run it (``kubetune train --config``):
+load, train (resuming from the newest complete checkpoint), evaluate, test, save, upload.
+
+Output directory layout (the same under ``<storage root>/final/``)::
+
+    adapter_config.json, adapter_model.safetensors   PEFT adapter (full fine-tuning: model files)
+    tokenizer files, chat_template.jinja              the tokenizer used in training
+    provenance.json                                   base model, data hashes, config, metrics
+    metrics.json                                      final evaluation / test metrics
+    merged/                                           base + adapter merged (merge_adapter: true)
+    checkpoints/checkpoint-<step>/                    Trainer checkpoints (not uploaded as final)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from kubetune_trainer.config import FinetuningConfig
+from kubetune_trainer.distributed import DistInfo, dist_info, init_distributed
+from kubetune_trainer.exit_codes import ConfigError, PreemptedError
+from kubetune_trainer.methods import (
+    apply_method,
+    check_supported,
+    model_load_kwargs,
+    parameter_counts,
+    resolve_precision,
+)
+
+log = logging.getLogger(__name__)
+
+PROVENANCE_FILE = "provenance.json"
+METRICS_FILE = "metrics.json"
+MERGED_SUBDIR = "merged"
+DataInput = str | os.PathLike[str] | Sequence[dict[str, Any]] | None
+
+
+class ModelFinetuner:
+    """Fine-tune a causal LM with LoRA, QLoRA, full fine-tuning, prefix, prompt or P-tuning."""
+
+    def __init__(self, config: FinetuningConfig | dict[str, Any]):
+        self.config = config if isinstance(config, FinetuningConfig) else FinetuningConfig.from_dict(config)
+        self.dist: DistInfo = dist_info()
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.trainer: Any = None
+        self.data: Any = None  # kubetune_trainer.data.PreparedData of the last train()
+        self.base_model_path: str | None = None
+        self.precision: str | None = None
+        self.train_metrics: dict[str, Any] = {}
+        self.eval_metrics: dict[str, Any] = {}
+        self.test_metrics: dict[str, Any] = {}
+        self.preempted = False
+        self._callbacks: dict[str, Any] = {}
+        self._deepspeed_args: Any = None  # keeps HfDeepSpeedConfig alive for ZeRO-3 loading
+        self._adapter_loaded_from: str | None = None
+
+    # ------------------------------------------------------------------------- loading
+
+    def load_model(self) -> Any:
+        """Load tokenizer and base model and wrap it for the configured method."""
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.config
+        check_supported(cfg)  # before any download: QLoRA without a GPU fails here (exit 4)
+        self.precision = resolve_precision(cfg)
+        init_distributed(use_deepspeed=cfg.deepspeed is not None)
+        if cfg.deepspeed is not None and cfg.deepspeed.zero_stage == 3:
+            # TrainingArguments with a ZeRO-3 config must exist before from_pretrained so the
+            # weights are partitioned while loading (transformers' HfDeepSpeedConfig hook).
+            self._deepspeed_args = self._training_args()
+        self.base_model_path = resolve_model_path(cfg.model_name, self.dist)
+        self.tokenizer = load_tokenizer(self.base_model_path, cfg)
+        log.info("loading %s (%s, precision %s)", self.base_model_path, cfg.method, self.precision)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                self.base_model_path,
+                **model_load_kwargs(cfg, self.precision),  # type: ignore[arg-type]
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"model_name {cfg.model_name!r}: cannot load a causal language model from it ({exc}); "
+                "give a directory with config.json and weights (e.g. from `kubetune make-tiny-model DIR`)"
+            ) from None
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model = apply_method(cfg, model)
+        trainable, total = parameter_counts(self.model)
+        log.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / max(total, 1))
+        return self.model
+
+    def load_finetuned_model(self, path: str | os.PathLike[str]) -> Any:
+        """Load a saved output (adapter + tokenizer, or a full model) for generate()/evaluate()."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        p = Path(path)
+        if not p.is_dir():
+            raise ConfigError(f"{p} is not a directory: pass the output_dir of a finished training")
+        precision = resolve_precision(self.config)
+        dtype = _dtype(precision)
+        if (p / "adapter_config.json").is_file():
+            from peft import PeftConfig, PeftModel
+
+            peft_config = PeftConfig.from_pretrained(str(p))
+            base = self._base_for_adapter(peft_config.base_model_name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(
+                base, dtype=dtype, trust_remote_code=self.config.trust_remote_code
+            )
+            self.model = PeftModel.from_pretrained(model, str(p), is_trainable=False)
+            self.base_model_path = base
+        elif (p / "config.json").is_file():
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(p), dtype=dtype, trust_remote_code=self.config.trust_remote_code
+            )
+        else:
+            raise ConfigError(f"{p} holds neither adapter_config.json nor config.json: not a saved model")
+        tok_dir = p if (p / "tokenizer_config.json").is_file() else Path(self.base_model_path or p)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        import torch
+
+        if torch.cuda.is_available():
+            self.model.to("cuda")
+        self.model.eval()
+        self.trainer = None
+        self._adapter_loaded_from = str(p)
+        return self.model
+
+    def _base_for_adapter(self, recorded: str | None) -> str:
+        """The base model for an adapter: the config's model when loaded, else the recorded one."""
+        if self.base_model_path:
+            return self.base_model_path
+        if self.config.model_name:
+            return resolve_model_path(self.config.model_name, self.dist)
+        if recorded:
+            return recorded
+        raise ConfigError("the adapter does not record its base model: set model_name")
+
+    # ------------------------------------------------------------------------- data
+
+    def prepare_data(self, train_data: DataInput = None, replay_buffer: DataInput = None) -> Any:
+        """Read, check and tokenise the data (DataError names file, line and field on bad data)."""
+        from kubetune_trainer.data import DataOptions, DataSource, prepare_datasets
+
+        cfg = self.config
+        self._require_model()
+        scratch = Path(cfg.output_dir) / ".data"
+        if train_data is not None:
+            train = [DataSource(_materialise(train_data, scratch, "train"), cfg.data_format)]
+        else:
+            train = [DataSource(m.path, m.format, m.weight) for m in cfg.mixture]
+            if cfg.train_file:
+                train.insert(0, DataSource(cfg.train_file, cfg.data_format))
+        replay_path = (
+            _materialise(replay_buffer, scratch, "replay") if replay_buffer is not None else cfg.replay_file
+        )
+        replay_fraction = cfg.replay_fraction
+        if replay_path and replay_fraction == 0:
+            replay_fraction = 0.2
+            log.info("replay data given without replay_fraction: using %.2f", replay_fraction)
+        with _local_main_first(self.dist):
+            # s3:// data files are downloaded once per node (local rank 0), then read by every rank.
+            train = [DataSource(_localise(s.path, scratch, self.dist), s.format, s.weight) for s in train]
+            val_path = _localise(cfg.validation_file, scratch, self.dist)
+            test_path = _localise(cfg.test_file, scratch, self.dist)
+            replay_path = _localise(replay_path, scratch, self.dist)
+        options = DataOptions(
+            max_seq_length=cfg.max_seq_length,
+            packing=cfg.packing,
+            dedupe=cfg.dedupe,
+            validation_split=cfg.validation_split,
+            seed=cfg.seed,
+            replay_fraction=replay_fraction,
+            drop_too_long=cfg.drop_too_long,
+        )
+        self.data = prepare_datasets(
+            self.tokenizer,
+            train,
+            options,
+            validation=DataSource(val_path, cfg.data_format) if val_path else None,
+            test=DataSource(test_path, cfg.data_format) if test_path else None,
+            replay=DataSource(replay_path) if replay_path else None,
+        )
+        self._replay_path = replay_path
+        return self.data
+
+    # ------------------------------------------------------------------------- training
+
+    def _training_args(self, **extra: Any) -> Any:
+        from kubetune_trainer.training import training_arguments
+
+        assert self.precision is not None
+        return training_arguments(
+            self.config, self.precision, disable_tqdm=self._progress_reporter_available(), **extra
+        )
+
+    def _progress_reporter_available(self) -> bool:
+        try:
+            import kubetune_trainer.callbacks
+            import kubetune_trainer.progress  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def train(self, train_data: DataInput = None, replay_buffer: DataInput = None) -> dict[str, Any]:
+        """Train; ``train_data``/``replay_buffer`` (a file or a list of records) override the config's.
+
+        Resumes from the newest complete checkpoint when ``resume`` is ``auto``. Returns the
+        Trainer's training metrics. Raises PreemptedError (exit 143) when stopped by SIGTERM
+        after saving a checkpoint.
+        """
+        from transformers import EarlyStoppingCallback, PrinterCallback
+
+        from kubetune_trainer.data import make_collator
+        from kubetune_trainer.training import KubetuneTrainer
+
+        cfg = self.config
+        if self.model is None:
+            self.load_model()
+        data = self.prepare_data(train_data, replay_buffer)
+        self._check_metrics_fit_data(data)
+
+        args = self._training_args()
+        callbacks: list[Any] = []
+        if cfg.early_stopping is not None:
+            callbacks.append(
+                EarlyStoppingCallback(
+                    early_stopping_patience=cfg.early_stopping.patience,
+                    early_stopping_threshold=cfg.early_stopping.threshold,
+                )
+            )
+        callbacks += self._runtime_callbacks()
+        ewc = self._estimate_ewc() if cfg.ewc_lambda > 0 else None
+
+        self.trainer = KubetuneTrainer(
+            model=self.model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.validation,
+            data_collator=make_collator(self.tokenizer, cfg.packing),
+            processing_class=self.tokenizer,
+            callbacks=callbacks,
+            eval_hook=self._eval_hook,
+            ewc=ewc,
+        )
+        if "reporter" in self._callbacks or not self.dist.is_global_rank0:
+            # The progress reporter draws the bar; Trainer's printer would interleave raw dicts with it.
+            self.trainer.remove_callback(PrinterCallback)
+        resume = self._resume_checkpoint()
+        result = self.trainer.train(resume_from_checkpoint=resume)
+        self.model = self.trainer.model
+        self.train_metrics = dict(result.metrics)
+        pre = self._callbacks.get("preemption")
+        if pre is not None and _flag(pre):
+            self.preempted = True
+            raise PreemptedError(
+                f"stopped by SIGTERM at step {self.trainer.state.global_step} after saving a checkpoint; "
+                "the next attempt resumes from it"
+            )
+        return self.train_metrics
+
+    def _require_model(self) -> None:
+        if self.model is None or self.tokenizer is None:
+            raise RuntimeError("no model loaded: call load_model() or load_finetuned_model(path) first")
+
+    def _check_metrics_fit_data(self, data: Any) -> None:
+        gen = self.config.generation_metrics
+        if not gen or data.validation is None:
+            return
+        examples = data.eval_examples("validation")
+        if not any(ex.get("prompt_ids") and ex.get("prompt") for ex in examples):
+            raise ConfigError(
+                f"metrics {gen} compare generated answers with references, but the validation data is plain "
+                "text (no prompt/response); use instruction, chat or completion data, or only 'perplexity'"
+            )
+
+    def _estimate_ewc(self) -> Any:
+        from kubetune_trainer.data import DataOptions, DataSource, prepare_datasets
+        from kubetune_trainer.ewc import EWCPenalty
+
+        cfg = self.config
+        replay = prepare_datasets(
+            self.tokenizer,
+            [DataSource(self._replay_path)],
+            DataOptions(max_seq_length=cfg.max_seq_length, dedupe=cfg.dedupe, seed=cfg.seed),
+        ).train
+        import torch
+
+        if torch.cuda.is_available():
+            self.model.to(f"cuda:{self.dist.local_rank}")
+        examples = [replay[i] for i in range(min(cfg.ewc_samples, len(replay)))]
+        return EWCPenalty.estimate(self.model, examples, cfg.ewc_lambda)
+
+    def _runtime_callbacks(self) -> list[Any]:
+        """Progress reporting, preemption handling and S3 checkpoints (the storage package)."""
+        cfg = self.config
+        try:
+            from kubetune_trainer.callbacks import PreemptionCallback, ProgressCallback, S3CheckpointCallback
+            from kubetune_trainer.progress import ProgressReporter
+        except ImportError:
+            if cfg.storage_uri:
+                raise ConfigError(
+                    "storage_uri is set but this installation has no storage support (kubetune_trainer.callbacks)"
+                ) from None
+            return []
+        callbacks: list[Any] = []
+        pre = PreemptionCallback()
+        self._callbacks["preemption"] = pre
+        callbacks.append(pre)
+        if self.dist.is_global_rank0:
+            job = (cfg.job.namespace, cfg.job.name) if cfg.job is not None and _in_pod() else None
+            reporter = ProgressReporter(
+                job=job,
+                metrics_port=cfg.metrics_port,
+                min_patch_interval_s=cfg.status_patch_interval_s,
+                show_bar=cfg.progress_bar,
+            )
+            self._callbacks["reporter"] = reporter
+            callbacks.append(ProgressCallback(reporter))
+        store = self._store()
+        if store is not None:
+            s3cb = S3CheckpointCallback(
+                store=store,
+                output_dir=str(Path(cfg.output_dir) / "checkpoints"),
+                keep_last=cfg.keep_last,
+                node_rank=self.dist.node_rank,
+                is_global_rank0=self.dist.is_global_rank0,
+                num_nodes=self.dist.num_nodes,
+                reporter=self._callbacks.get("reporter"),
+            )
+            self._callbacks["s3"] = s3cb
+            callbacks.append(s3cb)
+        return callbacks
+
+    def _store(self) -> Any:
+        root = self.config.storage_root()
+        if root is None:
+            return None
+        if "store" not in self._callbacks:
+            from kubetune_trainer.storage import CheckpointStore
+
+            self._callbacks["store"] = CheckpointStore(root, run_id=os.environ.get("KUBETUNE_ATTEMPT"))
+        return self._callbacks["store"]
+
+    def _resume_checkpoint(self) -> str | None:
+        """The checkpoint to resume from: the newest complete one in storage, else a local one."""
+        from transformers.trainer_utils import get_last_checkpoint
+
+        cfg = self.config
+        if cfg.resume == "never":
+            return None
+        local_root = Path(cfg.output_dir) / "checkpoints"
+        store = self._store()
+        if store is not None:
+            step = None
+            with _local_main_first(self.dist):
+                marker = local_root / ".restored"
+                if self.dist.is_local_rank0:
+                    restored = store.restore_latest(local_root)
+                    step = restored[0] if restored else None
+                    local_root.mkdir(parents=True, exist_ok=True)
+                    marker.write_text(json.dumps({"step": step}))
+                else:
+                    step = json.loads(marker.read_text())["step"]
+            if step is not None:
+                path = local_root / f"checkpoint-{step}"
+                log.info("resuming from checkpoint %s (step %d)", path, step)
+                return str(path)
+            return None
+        if local_root.is_dir():
+            last = get_last_checkpoint(str(local_root))
+            if last:
+                log.info("resuming from local checkpoint %s (set resume: never to start over)", last)
+            return last
+        return None
+
+    def _eval_hook(self, trainer: Any, prefix: str) -> dict[str, Any]:
+        """Generation metrics for Trainer's evaluation loop (runs on every rank)."""
+        cfg = self.config
+        names = cfg.generation_metrics
+        if not names or self.data is None:
+            return {}
+        split = "test" if prefix.startswith("test") else "validation"
+        try:
+            examples = self.data.eval_examples(split)
+        except ValueError:
+            return {}
+        from kubetune_trainer.evaluation.generation import generation_metrics
+
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        zero3 = cfg.deepspeed is not None and cfg.deepspeed.zero_stage == 3 and self.dist.distributed
+        values, predictions = generation_metrics(
+            model,
+            self.tokenizer,
+            examples[: cfg.eval_max_examples],
+            names,
+            cfg.eval_max_new_tokens,
+            batch_size=cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size,
+            synced_gpus=zero3,
+        )
+        self.last_predictions = predictions
+        return values
+
+    # ------------------------------------------------------------------------- evaluation
+
+    def evaluate(self) -> dict[str, Any]:
+        """Metrics on the validation data: eval_loss, perplexity and the configured metrics."""
+        self._require_model()
+        if self.trainer is None:
+            raise RuntimeError(
+                "evaluate() needs validation data from a train() run; use test(data) otherwise"
+            )
+        if self.trainer.eval_dataset is None:
+            raise ConfigError("no validation data: set validation_file or validation_split")
+        metrics = self.trainer.evaluate()
+        self.eval_metrics = _clean(metrics, self.trainer.last_extra_metrics, "eval")
+        return self.eval_metrics
+
+    def test(self, data: DataInput = None) -> dict[str, Any]:
+        """Metrics on held-out data (a file or a list of records; default: test_file)."""
+        from transformers import PrinterCallback
+
+        from kubetune_trainer.data import DataOptions, DataSource, make_collator, prepare_datasets
+        from kubetune_trainer.training import KubetuneTrainer
+
+        self._require_model()
+        cfg = self.config
+        if data is None and not cfg.test_file:
+            raise ConfigError("no test data: pass test(data) or set test_file")
+        path = (
+            _materialise(data, Path(cfg.output_dir) / ".data", "test") if data is not None else cfg.test_file
+        )
+        prepared = prepare_datasets(
+            self.tokenizer,
+            [DataSource(path, cfg.data_format)],
+            DataOptions(
+                max_seq_length=cfg.max_seq_length,
+                dedupe="none",
+                seed=cfg.seed,
+                drop_too_long=cfg.drop_too_long,
+            ),
+        )
+        previous = self.data
+        # The test set goes in as "train" of its own PreparedData; the eval hook reads it as "test".
+        self.data = _TestView(prepared)
+        try:
+            trainer = self.trainer
+            if trainer is None:
+                if self.precision is None:
+                    self.precision = resolve_precision(cfg)
+                trainer = KubetuneTrainer(
+                    model=self.model,
+                    # Evaluation only: no schedule, no checkpoints.
+                    args=self._training_args(
+                        eval_strategy="no", save_strategy="no", load_best_model_at_end=False
+                    ),
+                    data_collator=make_collator(self.tokenizer, cfg.packing),
+                    processing_class=self.tokenizer,
+                    eval_hook=self._eval_hook,
+                )
+                trainer.remove_callback(PrinterCallback)  # test() returns its metrics; no raw dict on stdout
+            metrics = trainer.evaluate(eval_dataset=prepared.train, metric_key_prefix="test")
+            self.test_metrics = _clean(metrics, trainer.last_extra_metrics, "test")
+        finally:
+            self.data = previous
+        return self.test_metrics
+
+    def score(self, prompt: str, reference: str) -> tuple[float, int]:
+        """(sum of token NLLs, number of tokens) of ``reference`` after ``prompt`` — for perplexity."""
+        import torch
+
+        self._require_model()
+        tok = self.tokenizer
+        prompt_ids = tok(prompt).input_ids
+        ref_ids = tok(reference, add_special_tokens=False).input_ids
+        if not ref_ids:
+            return 0.0, 0
+        ids = torch.tensor([prompt_ids + ref_ids], device=_device(self.model))
+        labels = ids.clone()
+        labels[0, : len(prompt_ids)] = -100
+        with torch.no_grad():
+            loss = self.model(input_ids=ids, labels=labels).loss
+        return float(loss) * len(ref_ids), len(ref_ids)
+
+    # ------------------------------------------------------------------------- generation
+
+    def generate(
+        self,
+        prompt: str | dict[str, Any] | list[dict[str, str]],
+        max_new_tokens: int = 100,
+        temperature: float = 0.7,
+        do_sample: bool | None = None,
+        **generate_kwargs: Any,
+    ) -> str:
+        """Generate text after ``prompt``.
+
+        ``prompt`` is raw text (encoded as is), a record of the training data formats
+        (instruction / completion / chat: encoded with the training template), or a list of
+        chat messages. ``temperature`` 0 means greedy decoding.
+        """
+        import torch
+
+        from kubetune_trainer.data import encode_prompt
+
+        self._require_model()
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            ids = tok(prompt).input_ids
+        elif isinstance(prompt, list):
+            ids = encode_prompt(tok, {"messages": prompt}, "chat")
+        elif isinstance(prompt, dict):
+            ids = encode_prompt(tok, prompt)
+        else:
+            raise TypeError(
+                f"prompt must be a string, a data record or a list of messages, not {type(prompt).__name__}"
+            )
+        sample = temperature > 0 if do_sample is None else do_sample
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": sample,
+            "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            "eos_token_id": tok.eos_token_id,
+        }
+        if sample:
+            kwargs["temperature"] = temperature
+        kwargs.update(generate_kwargs)
+        device = _device(self.model)
+        input_ids = torch.tensor([ids], device=device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                out = self.model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs
+                )
+        finally:
+            self.model.train(was_training)
+        return tok.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+
+    # ------------------------------------------------------------------------- saving
+
+    def save_model(self, output_dir: str | os.PathLike[str] | None = None) -> Path:
+        """Save the adapter (or full model), tokenizer and provenance.json; optionally a merged model.
+
+        Every rank must call this under DeepSpeed ZeRO-3 (the weights are gathered across
+        ranks); files are written by global rank 0.
+        """
+        self._require_model()
+        out = Path(output_dir or self.config.output_dir)
+        if self.trainer is not None:
+            self.trainer.save_model(str(out))  # ZeRO-aware: gathers sharded weights
+        elif self.dist.is_global_rank0:
+            self.model.save_pretrained(str(out))
+        if self.dist.is_global_rank0:
+            from kubetune_trainer.data import chat_template_for
+
+            tok = self.tokenizer
+            # Serving must render conversations exactly like training, fallback template included.
+            tok.chat_template = chat_template_for(tok)
+            tok.save_pretrained(str(out))
+            _check_saved_adapter(out, self.model)
+            self._write_provenance(out)
+            if self.config.merge_adapter and self.config.uses_peft:
+                self._save_merged(out)
+        self._barrier()
+        return out
+
+    def _save_merged(self, out: Path) -> None:
+        """Reload base + adapter at full precision on CPU and merge (works after ZeRO-3 too)."""
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        if self.config.method not in ("lora", "qlora"):
+            log.warning(
+                "merge_adapter: only LoRA adapters can be merged into the weights; skipped for %s",
+                self.config.method,
+            )
+            return
+        base = AutoModelForCausalLM.from_pretrained(
+            self.base_model_path, dtype=_dtype(self.precision or "fp32")
+        )
+        merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
+        merged.save_pretrained(str(out / MERGED_SUBDIR))
+        self.tokenizer.save_pretrained(str(out / MERGED_SUBDIR))
+        log.info("merged model saved to %s", out / MERGED_SUBDIR)
+
+    def _write_provenance(self, out: Path) -> None:
+        import peft
+        import torch
+        import transformers
+
+        cfg = self.config
+        trainable, total = parameter_counts(self.model)
+        doc = {
+            "kubetune_version": _version(),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "base_model": {
+                "name": cfg.model_name,
+                "resolved_path": self.base_model_path,
+                "revision": cfg.model_revision,
+                "config_sha256": _file_sha256(Path(self.base_model_path or "") / "config.json"),
+            },
+            "method": cfg.method,
+            "parameters": {"trainable": trainable, "total": total},
+            "datasets": dict(self.data.fingerprints) if self.data is not None else {},
+            "data_stats": _stats_dict(self.data),
+            "config": cfg.model_dump(mode="json"),
+            "metrics": {"train": self.train_metrics, "eval": self.eval_metrics, "test": self.test_metrics},
+            "global_step": self.trainer.state.global_step if self.trainer is not None else None,
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+            },
+        }
+        (out / PROVENANCE_FILE).write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+
+    def write_metrics(self, out: Path | None = None) -> dict[str, Any]:
+        doc = {"train": self.train_metrics, "eval": self.eval_metrics, "test": self.test_metrics}
+        if self.dist.is_global_rank0:
+            target = Path(out or self.config.output_dir) / METRICS_FILE
+            target.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+        return doc
+
+    def upload_final(self) -> str | None:
+        """Upload the output (not the checkpoints) to ``<storage root>/final/`` and metrics.json."""
+        store = self._store()
+        if store is None or not self.dist.is_global_rank0:
+            return None
+        out = Path(self.config.output_dir)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".final-") as staging:
+            for item in out.iterdir():
+                if item.name in ("checkpoints", ".data") or item.name.startswith("."):
+                    continue
+                target = Path(staging) / item.name
+                if item.is_dir():
+                    shutil.copytree(item, target, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(str(item), str(target))
+            store.upload_final(staging)
+        store.write_json(
+            METRICS_FILE, {"train": self.train_metrics, "eval": self.eval_metrics, "test": self.test_metrics}
+        )
+        uri = str(store.final_uri)
+        reporter = self._callbacks.get("reporter")
+        if reporter is not None and hasattr(reporter, "output"):
+            reporter.output(uri)
+        return uri
+
+    def close(self) -> None:
+        """Stop the progress reporter (metrics server, status patches) and restore signal handlers."""
+        reporter = self._callbacks.pop("reporter", None)
+        if reporter is not None:
+            reporter.close()
+        pre = self._callbacks.pop("preemption", None)
+        if pre is not None and hasattr(pre, "restore_signal_handlers"):
+            pre.restore_signal_handlers()
+
+    def _barrier(self) -> None:
+        if self.dist.distributed:
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():
+                tdist.barrier()
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def run_training(config: FinetuningConfig) -> dict[str, Any]:
+    """What a training pod does: train, evaluate, test, save, upload. Returns the metrics."""
+    ft = ModelFinetuner(config)
+    try:
+        ft.load_model()
+        ft.train()
+        if ft.trainer is not None and ft.trainer.eval_dataset is not None:
+            ft.evaluate()
+        if config.test_file:
+            ft.test()
+        ft.save_model()
+        metrics = ft.write_metrics()
+        uri = ft.upload_final()
+        if ft.dist.is_global_rank0:
+            where = uri or str(Path(config.output_dir).resolve())
+            print(f"done: output in {where}", flush=True)
+        return metrics
+    finally:
+        ft.close()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class _TestView:
+    """Presents a PreparedData whose train split is test data, for the evaluation hook."""
+
+    def __init__(self, prepared: Any):
+        self._prepared = prepared
+        self.fingerprints = prepared.fingerprints
+
+    def eval_examples(self, split: str = "test") -> list[dict[str, Any]]:
+        return self._prepared.eval_examples("train")
+
+
+def resolve_model_path(name: str, dist: DistInfo) -> str:
+    """A local directory for ``model_name`` (downloading ``s3://``), or a hub id as given."""
+    if name.startswith("file://"):
+        name = name.removeprefix("file://")
+    elif name.startswith("hf://"):
+        return name.removeprefix("hf://")
+    elif name.startswith("pvc://"):
+        raise ConfigError(
+            f"model_name {name!r}: pvc:// models are mounted into the pod by the operator; locally, "
+            "give the directory path instead"
+        )
+    elif name.startswith("s3://"):
+        return _download_model(name, dist)
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return str(p)
+    looks_local = name.startswith((".", "/", "~")) or not _looks_like_hub_id(name)
+    if looks_local:
+        raise ConfigError(
+            f"model_name {name!r}: directory not found; give a model directory (e.g. one made by "
+            "`kubetune make-tiny-model DIR`), an s3:// URI or a hub id"
+        )
+    return name  # a hub id: transformers resolves (and fails clearly without network)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) <= 2 and all(parts) and not name.startswith((".", "/"))
+
+
+def _download_model(uri: str, dist: DistInfo) -> str:
+    from kubetune_trainer.storage import download_prefix
+
+    cache = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune")) / "models"
+    target = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    done = target / ".kubetune-complete"
+    with _local_main_first(dist):
+        if not done.exists() and dist.is_local_rank0:
+            log.info("downloading base model %s to %s", uri, target)
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".partial-"))
+            download_prefix(uri.rstrip("/") + "/", tmp)
+            if not (tmp / "config.json").is_file():
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ConfigError(
+                    f"model_name {uri!r}: no config.json under that prefix; point at the model directory"
+                )
+            (tmp / ".kubetune-complete").write_text(uri)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+    return str(target)
+
+
+@contextlib.contextmanager
+def _local_main_first(dist: DistInfo) -> Iterator[None]:
+    """Local rank 0 runs the body first; the other ranks of the node wait, then run it."""
+    import torch.distributed as tdist
+
+    active = dist.distributed and tdist.is_available() and tdist.is_initialized()
+    if active and not dist.is_local_rank0:
+        tdist.barrier()
+    yield
+    if active and dist.is_local_rank0:
+        tdist.barrier()
+
+
+def load_tokenizer(path: str, config: FinetuningConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
+    if config.model_revision:
+        kwargs["revision"] = config.model_revision
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tok.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any id works; EOS is the usual choice.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _localise(path: str | None, scratch: Path, dist: DistInfo) -> str | None:
+    """A local path for a data file: ``s3://`` objects are downloaded into ``scratch``."""
+    if path is None or not path.startswith("s3://"):
+        return path
+    from kubetune_trainer.storage import S3Uri, s3_client_from_env
+    from kubetune_trainer.storage.transfer import download_files
+
+    uri = S3Uri.parse(path, field="data file")
+    local = scratch / "s3" / f"{hashlib.sha256(path.encode()).hexdigest()[:12]}-{Path(uri.key).name}"
+    if dist.is_local_rank0 and not local.is_file():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(local.name + ".partial")
+        download_files(s3_client_from_env(), [(uri, tmp, None)], what=f"download of {path}")
+        os.replace(tmp, local)
+    return str(local)
+
+
+def _materialise(data: DataInput, scratch: Path, name: str) -> str:
+    """A file path for ``data`` (a path, or records written to a JSONL file)."""
+    if isinstance(data, str | os.PathLike):
+        return str(data)
+    rows = list(data or [])
+    if not rows:
+        raise ConfigError(f"{name} data is an empty list")
+    scratch.mkdir(parents=True, exist_ok=True)
+    path = scratch / f"{name}.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise ConfigError(f"{name} data[{i}] is a {type(row).__name__}; records must be dicts")
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def _check_saved_adapter(out: Path, model: Any) -> None:
+    """Refuse to ship an adapter file with empty tensors (the classic ZeRO-3 save trap)."""
+    path = out / "adapter_model.safetensors"
+    if not path.is_file():
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        empty = [
+            k for k in keys if f.get_slice(k).get_shape() in ([], [0]) or 0 in f.get_slice(k).get_shape()
+        ]
+    if not keys or empty:
+        raise RuntimeError(
+            f"{path} is incomplete ({len(keys)} tensors, empty: {empty[:5]}): the adapter weights were not "
+            "gathered before saving (DeepSpeed ZeRO-3 needs stage3_gather_16bit_weights_on_model_save)"
+        )
+
+
+def _clean(metrics: dict[str, Any], extra: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Trainer metrics without the prefix noise, plus non-scalar extras (confusion matrix)."""
+    out = {
+        k: v
+        for k, v in metrics.items()
+        if not k.endswith(("_runtime", "_samples_per_second", "_steps_per_second"))
+    }
+    for k, v in extra.items():
+        out.setdefault(f"{prefix}_{k}", v)
+    return out
+
+
+def _flag(callback: Any) -> bool:
+    for attr in ("preempted", "triggered", "received"):
+        value = getattr(callback, attr, None)
+        if isinstance(value, bool):
+            return value
+    return False
+
+
+def _in_pod() -> bool:
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+def _device(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+def _dtype(precision: str) -> Any:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def _file_sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _stats_dict(data: Any) -> Any:
+    if data is None or not hasattr(data, "stats"):
+        return None
+    stats = data.stats
+    if hasattr(stats, "to_dict"):
+        return stats.to_dict()
+    import dataclasses
+
+    return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else str(stats)
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("kubetune")
+    except Exception:
+        return "unknown"
