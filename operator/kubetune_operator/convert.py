@@ -167,9 +167,10 @@ def to_config_dict(ftj: Body, *, in_pod: bool = True, base_dir: Path | None = No
 
     if dist.get("strategy", "deepspeed") == "deepspeed":
         dsp = dist.get("deepspeed") or {}
+        # An absent block means the documented default (ZeRO-2, no offload), not DDP.
         cfg["deepspeed"] = {
-            "zero_stage": dsp.get("zeroStage"),
-            "offload": dsp.get("offload"),
+            "zero_stage": dsp.get("zeroStage", 2),
+            "offload": dsp.get("offload", "none"),
             "overrides": dsp.get("config") or dsp.get("overrides") or {},
         }
 

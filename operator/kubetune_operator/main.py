@@ -74,6 +74,9 @@ def make_registry(
         settings.watching.connect_timeout = 10
         settings.networking.error_backoffs = [1, 2, 5, 10]
         settings.batching.batch_window = 0.05
+        # kopf keeps a worker (and the last full object) per watched object until it idles out:
+        # with thousands of pods and Jobs that is most of the operator's memory, so let them go soon.
+        settings.batching.idle_timeout = 0.5
         # Watch exactly the resources registered here: no CRD/namespace discovery, no extra RBAC.
         settings.scanning.disabled = True
         loop = asyncio.get_running_loop()
@@ -130,8 +133,7 @@ def make_registry(
     return registry
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="kubetune operator", description="Run the kubetune operator.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, else in-cluster)"
     )
@@ -149,11 +151,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--workers", type=int, default=16, help="concurrent reconciles per kind")
     p.add_argument("--verbose", action="store_true")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kubetune operator", description="Run the kubetune operator.")
+    add_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     kopf.configure(verbose=args.verbose)
     if not args.verbose:
         # kopf reports every handler call at INFO; ours only queue work, so that is noise.

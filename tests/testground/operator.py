@@ -40,7 +40,8 @@ class OperatorProcess:
         ]
         for ns in self.namespaces:
             argv += ["--namespace", ns]
-        env = {"KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:test", **self.env}
+        # As in the operator image and the chart (operator/Dockerfile, the Deployment's env).
+        env = {"KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:test", "MALLOC_ARENA_MAX": "2", **self.env}
         env.pop("KUBECONFIG", None)
         self.proc = start(self.name, argv, self.log_dir, env={**os.environ, **env})
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -40,6 +41,12 @@ def _cmd_make_tiny_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--init-range",
+        type=float,
+        default=0.02,
+        help="weight init std (0.1 lets LoRA-tuned tiny models get confident)",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from kubetune_trainer.tiny_model import make_tiny_model
@@ -52,6 +59,7 @@ def _cmd_make_tiny_model(sub: argparse._SubParsersAction) -> None:
                 num_layers=args.layers,
                 num_heads=args.heads,
                 num_kv_heads=args.kv_heads,
+                initializer_range=args.init_range,
                 seed=args.seed,
             )
         except ValueError as exc:
@@ -123,11 +131,37 @@ def _cmd_quickstart(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _cmd_operator(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("operator", help="run the kubetune operator (needs the `operator` extra)")
+    try:
+        # A launcher only: the operator is imported when the CLI is built, never by the library.
+        from kubetune_operator.main import add_arguments, run
+    except ImportError:  # an image without the operator package
+        return
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def _cmd_serve(sub: argparse._SubParsersAction) -> None:
+    from kubetune_trainer.serve.cli import register_serve
+
+    register_serve(sub)
+
+
+def _cmd_fetch(sub: argparse._SubParsersAction) -> None:
+    from kubetune_trainer.serve.cli import register_fetch
+
+    register_fetch(sub)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _cmd_make_tiny_model,
     _cmd_train,
     _cmd_run,
     _cmd_quickstart,
+    _cmd_serve,
+    _cmd_fetch,
+    _cmd_operator,
 ]
 
 
@@ -164,8 +198,10 @@ def exit_code_for(exc: BaseException) -> ExitCode:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Under torchrun only global rank 0 logs progress; the other ranks report problems only.
+    quiet = os.environ.get("RANK", "0") != "0"
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -218,6 +218,11 @@ class FinetuningConfig(_Strict):
     )
     model_revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     trust_remote_code: bool = Field(False, description="allow model code from the checkpoint (keep false)")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = Field(
+        None,
+        description="attention kernel; flash_attention_2 makes packing cheap (variable-length attention). "
+        "null: transformers' default (sdpa)",
+    )
     output_dir: str = Field("./finetuned_model", min_length=1, description="local directory for outputs")
 
     # --- method ----------------------------------------------------------------------------
@@ -241,6 +246,10 @@ class FinetuningConfig(_Strict):
     )
     max_seq_length: int = Field(1024, ge=8, le=1_048_576)
     packing: bool = Field(False, description="padding-free packing (lora, qlora and full only)")
+    group_by_length: bool = Field(
+        True,
+        description="without packing: batch examples of similar length together, so little padding is computed",
+    )
     dedupe: Literal["none", "exact", "normalized"] = "exact"
     drop_too_long: bool = Field(
         True, description="drop examples longer than max_seq_length (false: truncate)"

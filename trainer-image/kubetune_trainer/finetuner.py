@@ -74,7 +74,7 @@ class ModelFinetuner:
 
     def load_model(self) -> Any:
         """Load tokenizer and base model and wrap it for the configured method."""
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, set_seed
 
         cfg = self.config
         check_supported(cfg)  # before any download: QLoRA without a GPU fails here (exit 4)
@@ -84,6 +84,9 @@ class ModelFinetuner:
             # TrainingArguments with a ZeRO-3 config must exist before from_pretrained so the
             # weights are partitioned while loading (transformers' HfDeepSpeedConfig hook).
             self._deepspeed_args = self._training_args()
+        # Seeded before the model exists: adapter weights (LoRA A, prompt embeddings) are drawn
+        # when the method wraps the model, before Trainer seeds anything.
+        set_seed(cfg.seed)
         self.base_model_path = resolve_model_path(cfg.model_name, self.dist)
         self.tokenizer = load_tokenizer(self.base_model_path, cfg)
         log.info("loading %s (%s, precision %s)", self.base_model_path, cfg.method, self.precision)
@@ -228,7 +231,7 @@ class ModelFinetuner:
         from transformers import EarlyStoppingCallback, PrinterCallback
 
         from kubetune_trainer.data import make_collator
-        from kubetune_trainer.training import KubetuneTrainer
+        from kubetune_trainer.training import KubetuneTrainer, LogMetricsCallback
 
         cfg = self.config
         if self.model is None:
@@ -246,6 +249,8 @@ class ModelFinetuner:
                 )
             )
         callbacks += self._runtime_callbacks()
+        if not cfg.progress_bar or "reporter" not in self._callbacks:
+            callbacks.append(LogMetricsCallback())
         ewc = self._estimate_ewc() if cfg.ewc_lambda > 0 else None
 
         self.trainer = KubetuneTrainer(
@@ -259,9 +264,8 @@ class ModelFinetuner:
             eval_hook=self._eval_hook,
             ewc=ewc,
         )
-        if "reporter" in self._callbacks or not self.dist.is_global_rank0:
-            # The progress reporter draws the bar; Trainer's printer would interleave raw dicts with it.
-            self.trainer.remove_callback(PrinterCallback)
+        # Progress goes to the reporter's bar or LogMetricsCallback's log lines, not raw dicts on stdout.
+        self.trainer.remove_callback(PrinterCallback)
         resume = self._resume_checkpoint()
         result = self.trainer.train(resume_from_checkpoint=resume)
         self.model = self.trainer.model

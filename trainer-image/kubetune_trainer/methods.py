@@ -86,6 +86,8 @@ def model_load_kwargs(config: FinetuningConfig, precision: ResolvedPrecision) ->
     kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
     if config.model_revision:
         kwargs["revision"] = config.model_revision
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
     if config.method == "full":
         kwargs["dtype"] = _torch_dtype("fp32")
     else:

@@ -5,11 +5,11 @@ one right answer per prompt, measures the model on held-out examples, trains a L
 adapter with the same API a data scientist uses (ModelFinetuner / FinetuningConfig), and
 measures again.
 
-The task ("code words"): translate a sequence of 2-4 colour words into code words with a
-fixed 12-entry dictionary, e.g. ``red blue gold`` -> ``apple sea coin``. The held-out
-examples are sequences never seen in training, so a high exact match means the adapter
-learned the mapping and to apply it position by position, not a list of answers. A random
-model scores 0.
+The task ("code words"): translate three colour words into code words with a fixed
+12-entry dictionary, e.g. ``red blue gold`` -> ``apple sea coin``. The held-out examples
+are sequences never seen in training, so a high exact match means the adapter learned the
+mapping and to apply it position by position, not a list of answers. A random model
+scores 0.
 """
 
 from __future__ import annotations
@@ -23,14 +23,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-COLOURS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple", "brown", "grey", "pink", "gold")
+COLOURS = (
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "black",
+    "white",
+    "orange",
+    "purple",
+    "brown",
+    "grey",
+    "pink",
+    "gold",
+)
 CODES = ("apple", "sea", "grass", "sun", "night", "snow", "carrot", "grape", "bear", "stone", "rose", "coin")
 CODEBOOK = dict(zip(COLOURS, CODES, strict=True))
 INSTRUCTION = "Translate the colours into code words."
 
-# Chosen by measurement (docs/trainer.md, "Quickstart"): exact match on held-out data passes
-# 0.9 after ~150 steps; 300 leave a margin.
-DEFAULT_STEPS = 300
+# Chosen by measurement (docs/trainer.md, "Quickstart"): with seeds 0-3, held-out exact match
+# was 0.72-0.78 after 300 steps and 1.00 after 600 (~15-20 s on 2 CPU cores). Attention-only
+# LoRA, sequences of varying length, or Llama's 0.02 init learned several times slower.
+DEFAULT_STEPS = 600
 PASS_EXACT_MATCH = 0.5
 
 
@@ -40,12 +54,14 @@ def make_task_records(n: int, seed: int = 0, exclude: set[str] | None = None) ->
     seen = set(exclude or ())
     out: list[dict[str, str]] = []
     while len(out) < n:
-        words = [rng.choice(COLOURS) for _ in range(rng.randint(2, 4))]
+        words = [rng.choice(COLOURS) for _ in range(3)]
         text = " ".join(words)
         if text in seen:
             continue
         seen.add(text)
-        out.append({"instruction": INSTRUCTION, "input": text, "output": " ".join(CODEBOOK[w] for w in words)})
+        out.append(
+            {"instruction": INSTRUCTION, "input": text, "output": " ".join(CODEBOOK[w] for w in words)}
+        )
     return out
 
 
@@ -79,7 +95,9 @@ def _table(before: dict[str, Any], after: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_quickstart(workdir: str | os.PathLike[str] = "quickstart-output", max_steps: int | None = None) -> int:
+def run_quickstart(
+    workdir: str | os.PathLike[str] = "quickstart-output", max_steps: int | None = None
+) -> int:
     """Run the demo; returns 0 when the adapter clearly learned (held-out exact match > 0.5)."""
     # Quiet the libraries: the quickstart prints its own story (the progress bar stays).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -106,7 +124,8 @@ def run_quickstart(workdir: str | os.PathLike[str] = "quickstart-output", max_st
     _say(f"kubetune quickstart: everything goes to {work}\n")
 
     _say("[1/5] Building a tiny Llama-architecture model (random weights) and a BPE tokenizer ...")
-    model_dir = make_tiny_model(work / "tiny-model")
+    # std 0.1 instead of Llama's 0.02: lets the frozen random output layer give confident logits.
+    model_dir = make_tiny_model(work / "tiny-model", initializer_range=0.1)
     _say(f"      {model_dir} (2 layers, hidden size 64, 512-token vocabulary)\n")
 
     _say("[2/5] Generating the task: translate colour words into code words")
@@ -121,13 +140,16 @@ def run_quickstart(workdir: str | os.PathLike[str] = "quickstart-output", max_st
         train_file=str(paths["train"]),
         validation_file=str(paths["validation"]),
         method="lora",
-        lora={"r": 16, "alpha": 32, "dropout": 0.0},
+        lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         max_steps=steps,
         per_device_train_batch_size=16,
         learning_rate=3e-3,
         lr_scheduler_type="cosine",
         warmup_ratio=0.05,
-        packing=True,
+        # Examples of ~40 tokens: padding costs little, and random batches (not length-grouped,
+        # whose batches here would share words) learned the task fastest.
+        packing=False,
+        group_by_length=False,
         max_seq_length=128,
         metrics=["perplexity", "exact_match", "token_f1"],
         eval_strategy="steps",
@@ -149,7 +171,7 @@ def run_quickstart(workdir: str | os.PathLike[str] = "quickstart-output", max_st
     probe = {"instruction": INSTRUCTION, "input": test_rows[0]["input"]}
     _say(f"      {probe['input']!r} -> {ft.generate(probe, max_new_tokens=16, temperature=0)!r}\n")
 
-    _say(f"[4/5] Fine-tuning a LoRA adapter (r=16 on the attention projections) for {steps} steps ...")
+    _say(f"[4/5] Fine-tuning a LoRA adapter (r=16 on every linear layer) for {steps} steps ...")
     t0 = time.monotonic()
     try:
         ft.train()
@@ -164,7 +186,9 @@ def run_quickstart(workdir: str | os.PathLike[str] = "quickstart-output", max_st
     _say(_table(before, after))
     _say("")
     for row in test_rows[:3]:
-        got = ft.generate({"instruction": INSTRUCTION, "input": row["input"]}, max_new_tokens=24, temperature=0)
+        got = ft.generate(
+            {"instruction": INSTRUCTION, "input": row["input"]}, max_new_tokens=24, temperature=0
+        )
         mark = "ok " if got.strip() == row["output"] else "   "
         _say(f"  {mark} {row['input']!r:<32} -> {got!r}   (expected {row['output']!r})")
     _say("")
@@ -173,7 +197,9 @@ def run_quickstart(workdir: str | os.PathLike[str] = "quickstart-output", max_st
     if learned:
         _say(f"Done in {total:.0f} s. The adapter learned the task; load it with plain PEFT:")
         _say("  from peft import PeftModel; from transformers import AutoModelForCausalLM")
-        _say(f"  model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{model_dir}'), '{out}')")
+        _say(
+            f"  model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{model_dir}'), '{out}')"
+        )
         _say("Next: docs/trainer.md (Python API, methods, configs) and examples/ (FineTuneJob manifests).")
         return 0
     _say(

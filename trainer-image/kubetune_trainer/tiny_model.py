@@ -126,7 +126,7 @@ def make_tiny_model(
     num_kv_heads: int = 2,
     intermediate_size: int | None = None,
     max_position_embeddings: int = 2048,
-    initializer_range: float = 0.1,
+    initializer_range: float = 0.02,
     seed: int = 0,
 ) -> Path:
     """Build and save a random-weight Llama model plus tokenizer into ``output_dir``.
@@ -134,9 +134,10 @@ def make_tiny_model(
     Loadable with ``AutoModelForCausalLM.from_pretrained(output_dir)`` and
     ``AutoTokenizer.from_pretrained(output_dir)``. Returns the directory.
 
-    ``initializer_range`` is 0.1 rather than Llama's 0.02: with hidden size 64 and a frozen
-    random output layer, 0.02 caps the logits near +-1, so a LoRA-tuned tiny model could get
-    answers right but never become confident (loss stuck near 5); 0.1 lets the loss fall.
+    ``initializer_range`` defaults to Llama's 0.02. With hidden size 64 and a frozen random
+    output layer that caps the logits near +-1: a LoRA-tuned tiny model can get answers right
+    but never becomes confident (loss stuck near 5). The quickstart uses 0.1, which lets the
+    loss fall (or make ``lm_head`` a LoRA target).
     """
     out = Path(output_dir)
     if out.exists() and not out.is_dir():

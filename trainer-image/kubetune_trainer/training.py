@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from kubetune_trainer.config import FinetuningConfig
 from kubetune_trainer.distributed import cpu_backend_needed, deepspeed_config, dist_info
@@ -91,7 +91,9 @@ def training_arguments(
         "seed": config.seed,
         "data_seed": config.seed,
         "activation_checkpointing": config.gradient_checkpointing,
-        "activation_checkpointing_kwargs": {"use_reentrant": False} if config.gradient_checkpointing else None,
+        "activation_checkpointing_kwargs": {"use_reentrant": False}
+        if config.gradient_checkpointing
+        else None,
         "logging_steps": config.logging_steps,
         "logging_first_step": True,
         "save_total_limit": config.keep_last,
@@ -103,6 +105,10 @@ def training_arguments(
         "remove_unused_columns": False,
         "label_names": ["labels"],
         "include_num_input_tokens_seen": "non_padding",
+        # Packed batches have no padding to save; padded ones waste least when lengths are alike.
+        "train_sampling_strategy": "group_by_length"
+        if config.group_by_length and not config.packing
+        else "random",
         "ddp_find_unused_parameters": False,
         **best_model_settings(config),
     }
@@ -166,6 +172,23 @@ class KubetuneTrainer(Trainer):
             penalty = penalty / self.current_gradient_accumulation_steps
         loss = loss + penalty.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
+
+
+class LogMetricsCallback(TrainerCallback):
+    """One log line per Trainer log event (``kubectl logs`` of a pod, where no progress bar is drawn)."""
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        parts = []
+        for key, value in logs.items():
+            if isinstance(value, float):
+                parts.append(f"{key}={value:.4g}")
+            elif isinstance(value, int | str):
+                parts.append(f"{key}={value}")
+        log.info("step %d/%d: %s", state.global_step, state.max_steps, " ".join(parts))
 
 
 def safe_float(value: Any) -> Any:

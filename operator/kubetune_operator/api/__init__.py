@@ -1,16 +1,24 @@
-"""kubetune.io/v1alpha1: typed models of FineTuneJob and AdapterDeployment (the API's source of truth)."""
+"""kubetune.io/v1alpha1: typed models of FineTuneJob and AdapterDeployment (the API's source of truth).
+
+    from kubetune_operator.api import load_finetunejob
+    job = load_finetunejob(yaml.safe_load(text))   # InvalidManifestError names the field and the fix
+    job.spec.method.type, job.to_manifest()
+
+Imports only pydantic: the CLI and the operator image can both use it.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
 from .adapterdeployment import AdapterDeployment, AdapterDeploymentSpec, AdapterDeploymentStatus
 from .finetunejob import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus
+from .manifest import InvalidManifestError, load_adapterdeployment, load_finetunejob
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
 
 __all__ = [
+    "API_VERSION",
     "GROUP",
     "VERSION",
     "AdapterDeployment",
@@ -19,15 +27,7 @@ __all__ = [
     "FineTuneJob",
     "FineTuneJobSpec",
     "FineTuneJobStatus",
+    "InvalidManifestError",
     "load_adapterdeployment",
     "load_finetunejob",
 ]
-
-
-def load_finetunejob(obj: dict[str, Any]) -> FineTuneJob:
-    """Validate a FineTuneJob manifest client-side (same defaults as the API server)."""
-    return FineTuneJob.model_validate(obj)
-
-
-def load_adapterdeployment(obj: dict[str, Any]) -> AdapterDeployment:
-    return AdapterDeployment.model_validate(obj)

@@ -2,159 +2,212 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from .base import ApiModel, KindModel, ListType, Rule, rules
 from .common import (
-    DNS1123_LABEL,
     MODEL_URI,
-    QUANTITY,
-    ApiModel,
-    Condition,
-    EnvVar,
+    RESOURCE_NAME,
+    URI_MAX,
+    Conditions,
+    EnvList,
+    FreeForm,
     LocalObjectReference,
     ModelSource,
+    Quantity,
     S3Connection,
-    cel,
-    rules,
+    Toleration,
+    dns_label_rule,
+    pattern_rule,
 )
+
+Phase = Literal["Pending", "Progressing", "Ready", "Degraded"]
 
 
 class ServedModel(ModelSource):
+    """The base model the adapters were trained on, and the name clients use for it."""
+
     served_name: str | None = Field(
         None,
         max_length=253,
-        description="Name clients use for the base model (`model` field). Default: the resource's name.",
+        description="Name clients use for the base model (the OpenAI `model` field). Default: the "
+        "AdapterDeployment's name.",
     )
 
 
 class FineTuneJobRef(ApiModel):
-    name: str = Field(
-        ...,
-        max_length=253,
-        description="A FineTuneJob in the same namespace; its adapter is served once it Succeeded.",
-    )
+    """A FineTuneJob whose adapter is served once it has Succeeded."""
+
+    name: str = Field(max_length=253, description="Name of a FineTuneJob in the same namespace.")
 
 
+@rules(
+    Rule(
+        "has(self.source) != has(self.fineTuneJobRef)",
+        "each adapter needs exactly one of source (an s3://, hf://, pvc:// or file:// URI) or fineTuneJobRef "
+        "(a FineTuneJob in this namespace)",
+        check=lambda a: (a.source is None) != (a.fine_tune_job_ref is None),
+    ),
+)
 class Adapter(ApiModel):
     """One adapter, served under `name` (the OpenAI `model` field)."""
 
-    model_config = {
-        "json_schema_extra": rules(
-            cel(
-                "has(self.source) != has(self.fineTuneJobRef)",
-                "each adapter needs exactly one of source (an s3:// URI) or fineTuneJobRef (a FineTuneJob)",
-            )
-        )
-    }
-
-    name: str = Field(
-        ...,
-        pattern=DNS1123_LABEL,
+    name: Annotated[str, dns_label_rule("adapter name")] = Field(
         max_length=63,
-        description="Adapter name (a DNS-1123 label, unique in the list).",
+        description="Adapter name: a DNS-1123 label, unique in the list; clients pass it as `model`.",
     )
-    source: str | None = Field(
+    source: (
+        Annotated[
+            str,
+            pattern_rule(
+                MODEL_URI,
+                "adapter source must be s3://bucket/path, hf://org/name, pvc://claim/path or file:///path",
+            ),
+        ]
+        | None
+    ) = Field(
         None,
-        pattern=MODEL_URI,
-        max_length=2048,
-        description="Adapter directory: s3://bucket/path/ or pvc://claim/path.",
+        max_length=URI_MAX,
+        description="Adapter directory (adapter_config.json + weights): s3://bucket/path/, pvc://claim/path, "
+        "hf://org/name or file:///path.",
     )
     fine_tune_job_ref: FineTuneJobRef | None = Field(
-        None, description="Serve the adapter a FineTuneJob produced."
+        None, description="Serve the adapter a FineTuneJob produced (status.output.adapterUri)."
     )
     rank: int | None = Field(
         None, ge=1, le=1024, description="LoRA rank if known (vLLM sizes its LoRA slots with it)."
     )
 
 
+@rules(
+    Rule(
+        "self.maxReplicas >= self.minReplicas",
+        "autoscaling.maxReplicas must be >= autoscaling.minReplicas",
+        check=lambda a: a.max_replicas >= a.min_replicas,
+        field_path=".maxReplicas",
+    ),
+)
 class Autoscaling(ApiModel):
-    model_config = {
-        "json_schema_extra": rules(
-            cel(
-                "self.maxReplicas >= self.minReplicas",
-                "autoscaling.maxReplicas must be >= autoscaling.minReplicas",
-            )
-        )
-    }
+    """A HorizontalPodAutoscaler on CPU utilization."""
 
     min_replicas: int = Field(1, ge=1, le=1000, description="Fewest replicas.")
-    max_replicas: int = Field(..., ge=1, le=1000, description="Most replicas.")
+    max_replicas: int = Field(ge=1, le=1000, description="Most replicas.")
     target_cpu_utilization_percentage: int = Field(
         80,
         ge=1,
         le=100,
         alias="targetCPUUtilizationPercentage",
-        description="Average CPU utilisation to aim for.",
+        description="Average CPU utilization (percent of the request) to aim for.",
     )
 
 
 class ServerResources(ApiModel):
-    gpus: int = Field(0, ge=0, le=16, description="GPUs per replica.")
-    gpu_resource_name: str = Field(
-        "nvidia.com/gpu", max_length=253, description="Extended resource name of the GPUs."
+    """Resources of each replica."""
+
+    gpus: int = Field(
+        0, ge=0, le=16, description="GPUs per replica, 0-16 (the builtin runtime also runs on CPU)."
     )
-    cpu: str | None = Field(None, pattern=QUANTITY, description="CPU request per replica.")
-    memory: str | None = Field(None, pattern=QUANTITY, description="Memory request and limit per replica.")
+    gpu_resource_name: Annotated[
+        str,
+        pattern_rule(
+            RESOURCE_NAME,
+            "resources.gpuResourceName must be an extended resource name such as nvidia.com/gpu",
+        ),
+    ] = Field("nvidia.com/gpu", max_length=253, description="Extended resource name of the GPUs.")
+    cpu: Quantity | None = Field(None, description="CPU request per replica, e.g. 4.")
+    memory: Quantity | None = Field(None, description="Memory request and limit per replica, e.g. 32Gi.")
 
 
 class ServiceSpec(ApiModel):
+    """The Service in front of the replicas."""
+
     port: int = Field(8000, ge=1, le=65535, description="Service port of the OpenAI API.")
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Service type.")
 
 
 class VllmSpec(ApiModel):
-    image: str | None = Field(None, max_length=1024, description="vLLM image (default: the operator's).")
+    """vLLM runtime settings (vLLM's OpenAI server with --enable-lora)."""
+
+    image: str | None = Field(None, max_length=1024, description="vLLM image; default: the operator's.")
     max_loras: int | None = Field(
-        None, ge=1, le=256, description="--max-loras (default: number of adapters)."
+        None, ge=1, le=256, description="--max-loras, adapters in one batch; default: the number of adapters."
     )
     max_lora_rank: int | None = Field(
         None,
         ge=1,
         le=1024,
-        description="--max-lora-rank (default: the largest known adapter rank, rounded up).",
+        description="--max-lora-rank; default: the largest known adapter rank, rounded up.",
     )
-    extra_args: list[str] = Field(default_factory=list, max_length=64, description="More vLLM arguments.")
+    extra_args: list[Annotated[str, Field(max_length=1024)]] | None = Field(
+        None, max_length=64, description="More vLLM arguments, e.g. [--max-model-len, '4096']."
+    )
 
 
+@rules(
+    Rule(
+        "!(has(self.replicas) && has(self.autoscaling))",
+        "set replicas or autoscaling, not both (with autoscaling the HPA sets the replicas)",
+        check=lambda s: s.replicas is None or s.autoscaling is None,
+        field_path=".replicas",
+        reason="FieldValueForbidden",
+    ),
+    Rule(
+        "!has(self.adapters) || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
+        "adapter names must be unique: rename or remove the duplicate in spec.adapters",
+        check=lambda s: len({a.name for a in s.adapters or []}) == len(s.adapters or []),
+        field_path=".adapters",
+    ),
+    Rule(
+        "self.runtime != 'vllm' || self.resources.gpus >= 1",
+        "runtime vllm needs a GPU: set resources.gpus >= 1, or use runtime builtin (runs on CPU too)",
+        check=lambda s: s.runtime != "vllm" or s.resources.gpus >= 1,
+        field_path=".resources.gpus",
+    ),
+    Rule(
+        "!has(self.vllm) || self.runtime == 'vllm'",
+        "spec.vllm only applies to runtime vllm: remove it or set runtime: vllm",
+        check=lambda s: s.vllm is None or s.runtime == "vllm",
+        field_path=".vllm",
+        reason="FieldValueForbidden",
+    ),
+)
 class AdapterDeploymentSpec(ApiModel):
     """What to serve, with which runtime, how many replicas and where."""
 
-    model_config = {
-        "json_schema_extra": rules(
-            cel(
-                "!(has(self.replicas) && has(self.autoscaling))",
-                "set replicas or autoscaling, not both (with autoscaling the HPA sets the replicas)",
-            ),
-        )
-    }
-
-    base_model: ServedModel = Field(..., description="The base model the adapters were trained on.")
-    adapters: list[Adapter] = Field(
-        default_factory=list,
-        max_length=64,
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
-        description="Adapters to serve; names must be unique.",
+    base_model: ServedModel = Field(description="The base model the adapters were trained on.")
+    adapters: Annotated[list[Adapter], ListType("map", ("name",))] | None = Field(
+        None, max_length=32, description="Adapters to serve; each name is unique."
     )
     runtime: Literal["builtin", "vllm"] = Field(
         "builtin",
-        description="builtin: kubetune's server (mixed-adapter batches); vllm: vLLM's OpenAI server.",
+        description="builtin: kubetune's server (mixed-adapter batches, CPU or GPU); vllm: vLLM's OpenAI server "
+        "(GPU).",
     )
     hot_reload: bool = Field(
         False,
-        description="Load and unload adapters in running pods instead of rolling them when the list changes.",
+        description="When the adapter list changes, load and unload adapters in the running pods instead of "
+        "rolling them.",
     )
-    replicas: int | None = Field(
-        None, ge=0, le=1000, description="Replicas (default 1) when not autoscaling."
+    replicas: int | None = Field(None, ge=0, le=1000, description="Replicas when not autoscaling; default 1.")
+    autoscaling: Autoscaling | None = Field(
+        None, description="Scale on CPU utilization instead of fixed replicas."
     )
-    autoscaling: Autoscaling | None = Field(None, description="HorizontalPodAutoscaler on CPU utilisation.")
     resources: ServerResources = Field(default_factory=ServerResources, description="Per-replica resources.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods require.")
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations.")
-    affinity: dict[str, Any] | None = Field(None, description="Pod affinity.")
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        None, max_length=32, description="Node labels the pods require, e.g. a GPU product label."
+    )
+    tolerations: list[Toleration] | None = Field(
+        None, max_length=32, description="Pod tolerations, e.g. for tainted GPU nodes."
+    )
+    affinity: FreeForm | None = Field(
+        None, description="Pod affinity, exactly as spec.affinity in a Pod spec; passed through unchanged."
+    )
     priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass of the pods.")
-    scheduler_name: str | None = Field(None, max_length=253, description="Scheduler for the pods.")
+    scheduler_name: str | None = Field(
+        None, max_length=253, description="Scheduler for the pods; default: the cluster's."
+    )
     service: ServiceSpec = Field(
         default_factory=ServiceSpec, description="The Service in front of the replicas."
     )
@@ -162,48 +215,77 @@ class AdapterDeploymentSpec(ApiModel):
         default_factory=S3Connection, description="S3 access for s3:// models and adapters."
     )
     image: str | None = Field(
-        None, max_length=1024, description="Server image for the builtin runtime (and fetchers)."
+        None,
+        max_length=1024,
+        description="Server image for the builtin runtime (and the fetchers); default: the operator's.",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
-        None, description="Image pull policy."
+        None, description="Image pull policy; default: the operator's."
     )
-    image_pull_secrets: list[LocalObjectReference] = Field(
-        default_factory=list, description="Image pull Secrets."
+    image_pull_secrets: list[LocalObjectReference] | None = Field(
+        None, max_length=16, description="Image pull Secrets."
     )
-    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables for the server.")
-    vllm: VllmSpec | None = Field(None, description="vLLM runtime settings.")
+    env: EnvList | None = Field(
+        None, max_length=64, description="Extra environment variables for the server."
+    )
+    vllm: VllmSpec | None = Field(None, description="vLLM settings (runtime vllm only).")
 
 
 class AdapterStatus(ApiModel):
-    name: str = Field(..., description="Adapter name.")
+    """The state of one adapter."""
+
+    name: str = Field(max_length=63, description="Adapter name.")
     uri: str | None = Field(
-        None, description="Where it is loaded from (resolved from a FineTuneJob if referenced)."
+        None,
+        max_length=URI_MAX,
+        description="Where it is loaded from (resolved from the FineTuneJob if referenced).",
     )
     ready: bool = Field(False, description="Served by the current replicas.")
-    message: str = Field("", description="Why it is not ready yet, or 'served'.")
+    message: str = Field("", max_length=4096, description="Why it is not ready yet, or 'served'.")
 
 
 class AdapterDeploymentStatus(ApiModel):
-    phase: Literal["Pending", "Progressing", "Ready", "Degraded"] | None = Field(
+    """Observed state, written by the operator."""
+
+    phase: Phase | None = Field(
         None,
         description="Pending, Progressing (rolling out or waiting for a FineTuneJob), Ready or Degraded.",
     )
-    ready_replicas: int | None = Field(None, ge=0, description="Replicas ready to serve.")
+    ready_replicas: int | None = Field(None, ge=0, description="Replicas ready to serve (READY column).")
     replicas: int | None = Field(None, ge=0, description="Replicas wanted.")
-    ready_adapters: str | None = Field(None, description="Adapters served / adapters listed, e.g. 2/3.")
-    adapters: list[AdapterStatus] = Field(default_factory=list, description="Per-adapter state.")
-    endpoint: str | None = Field(None, description="OpenAI base URL inside the cluster.")
-    conditions: list[Condition] = Field(default_factory=list, description="Details of the current state.")
+    ready_adapters: str | None = Field(
+        None, max_length=32, description="Adapters served / adapters listed, e.g. 2/3 (ADAPTERS column)."
+    )
+    adapters: Annotated[list[AdapterStatus], ListType("map", ("name",))] | None = Field(
+        None, max_length=32, description="Per-adapter state."
+    )
+    endpoint: str | None = Field(
+        None, max_length=URI_MAX, description="OpenAI base URL inside the cluster (ENDPOINT column)."
+    )
+    conditions: Conditions | None = Field(None, max_length=32, description="Details of the current state.")
     observed_generation: int | None = Field(
         None, ge=0, description="The spec generation this status reflects."
     )
 
 
-class AdapterDeployment(ApiModel):
-    """Serves a base model with several adapters behind an OpenAI-compatible API."""
+class AdapterDeployment(KindModel):
+    """Serves a base model with several adapters (from S3 or from FineTuneJobs) behind an OpenAI-compatible
+    API, with kubetune's built-in server or vLLM."""
 
-    api_version: Literal["kubetune.io/v1alpha1"] = Field("kubetune.io/v1alpha1", alias="apiVersion")
-    kind: Literal["AdapterDeployment"] = "AdapterDeployment"
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    spec: AdapterDeploymentSpec
-    status: AdapterDeploymentStatus | None = None
+    __name_rules__ = (
+        Rule(
+            "size(self) <= 63",
+            "metadata.name of an AdapterDeployment must be at most 63 characters (it names the Service and is a label value); choose a shorter name",
+            check=lambda name: len(name) <= 63,
+        ),
+    )
+
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(
+        "kubetune.io/v1alpha1", description="kubetune.io/v1alpha1"
+    )
+    kind: Literal["AdapterDeployment"] = Field("AdapterDeployment", description="AdapterDeployment")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
+    spec: AdapterDeploymentSpec = Field(
+        description="What to serve, with which runtime, how many replicas and where."
+    )
+    status: AdapterDeploymentStatus | None = Field(None, description="Observed state (read-only for users).")

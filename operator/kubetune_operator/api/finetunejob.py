@@ -1,24 +1,35 @@
-"""FineTuneJob (kubetune.io/v1alpha1): one fine-tuning run, from base model and data to an adapter in S3."""
+"""FineTuneJob (kubetune.io/v1alpha1): one fine-tuning run, from base model and data to an adapter in S3.
+
+The shortest useful job names a base model, training data and storage; everything else has a
+default the API server fills in (LoRA r=8, 3 epochs, learning rate 2e-4, one node with one GPU).
+The defaults are the trainer's own (kubetune_trainer.config), so a job behaves the same whether
+the API server defaulted it or `kubetune run --local` read it.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from .base import ApiModel, KindModel, ListType, PreserveUnknownFields, Rule, immutable, rules
 from .common import (
-    DATA_URI,
-    QUANTITY,
+    DNS1123_SUBDOMAIN,
+    RESOURCE_NAME,
     S3_URI,
-    ApiModel,
-    Condition,
-    EnvVar,
+    URI_MAX,
+    Conditions,
+    EnvList,
+    FreeForm,
     LocalObjectReference,
     ModelSource,
     PodMetadata,
+    Quantity,
     S3Connection,
-    cel,
-    rules,
+    Timestamp,
+    Toleration,
+    data_uri_rule,
+    pattern_rule,
 )
 
 DataFormat = Literal["auto", "text", "instruction", "chat", "completion"]
@@ -31,24 +42,37 @@ Scheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "cosine_with_min_lr", "polynomial", "constant",
     "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay",
 ]  # fmt: skip
+Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
+VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "ptuning")
+
+
+def _zero3(spec: FineTuneJobSpec) -> bool:
+    d = spec.distributed
+    return d.strategy == "deepspeed" and d.deepspeed is not None and d.deepspeed.zero_stage == 3
+
+
+# CEL for the same question (a missing deepspeed block means ZeRO-2).
+ZERO3 = (
+    "(self.distributed.strategy == 'deepspeed' && has(self.distributed.deepspeed) "
+    "&& self.distributed.deepspeed.zeroStage == 3)"
+)
 
 
 # ---- data --------------------------------------------------------------------------------------
 
 
 class DataSource(ApiModel):
-    """A dataset file: JSON array or JSON Lines (CSV and Parquet too)."""
+    """A dataset file: a JSON array or JSON Lines (CSV and Parquet work too)."""
 
-    uri: str = Field(
-        ...,
-        pattern=DATA_URI,
-        max_length=2048,
-        description="s3://bucket/key.jsonl, pvc://claim/path/file.jsonl or file:///path inside the image.",
+    uri: Annotated[str, data_uri_rule("dataset uri")] = Field(
+        max_length=URI_MAX,
+        description="s3://bucket/key.jsonl, pvc://claim/path/file.jsonl, file:///path inside the image, or a "
+        "path relative to the manifest (kubetune run --local only).",
     )
     format: DataFormat = Field(
         "auto",
-        description="text {text}, instruction {instruction, input, output}, chat {messages}, completion "
-        "{prompt, completion}; auto: detected from the records' keys.",
+        description="Record layout: text {text}, instruction {instruction, input, output}, chat {messages}, "
+        "completion {prompt, completion}; auto: detected from the records' keys.",
     )
 
 
@@ -59,57 +83,70 @@ class MixtureSource(DataSource):
 
 
 class Replay(ApiModel):
-    """Continual learning: mix data from earlier tasks back in so the model does not forget them."""
+    """Continual learning: data from earlier tasks is mixed back in so the model does not forget them."""
 
-    uri: str = Field(..., pattern=DATA_URI, max_length=2048, description="Data of the earlier task(s).")
+    uri: Annotated[str, data_uri_rule("dataset.replay.uri")] = Field(
+        max_length=URI_MAX, description="Data of the earlier task(s), in any dataset format."
+    )
     fraction: float = Field(
         0.1, gt=0, lt=1, description="Replay examples added, as a fraction of the training set size."
     )
     ewc_lambda: float = Field(
         0.0,
         ge=0,
-        description="Elastic weight consolidation strength (0 = off); the Fisher is estimated on the replay data.",
+        le=1e9,
+        description="Elastic weight consolidation strength (0 = off). The Fisher information is estimated on "
+        "the replay data. Not available with ZeRO-3.",
     )
 
 
+@rules(
+    Rule(
+        "has(self.train) || (has(self.mixture) && size(self.mixture) > 0)",
+        "dataset needs training data: set dataset.train.uri, or dataset.mixture with one or more sources",
+        check=lambda d: d.train is not None or bool(d.mixture),
+        reason="FieldValueRequired",
+    ),
+    Rule(
+        "!(has(self.validation) && has(self.validationSplit))",
+        "set dataset.validation or dataset.validationSplit, not both",
+        check=lambda d: d.validation is None or d.validation_split is None,
+        field_path=".validationSplit",
+        reason="FieldValueForbidden",
+    ),
+)
 class Dataset(ApiModel):
-    """Training, validation and test data and how to prepare it."""
+    """Training, validation and test data, and how it is prepared."""
 
-    model_config = {
-        "json_schema_extra": rules(
-            cel(
-                "has(self.train) || (has(self.mixture) && size(self.mixture) > 0)",
-                "dataset needs training data: set dataset.train.uri, or dataset.mixture with one or more sources",
-            ),
-            cel(
-                "!(has(self.validation) && has(self.validationSplit))",
-                "set dataset.validation or dataset.validationSplit, not both",
-            ),
-        )
-    }
-
-    train: DataSource | None = Field(None, description="Training data.")
+    train: DataSource | None = Field(None, description="Training data (or use mixture).")
     validation: DataSource | None = Field(
-        None, description="Validation data (for evaluation and early stopping)."
+        None, description="Validation data, for evaluation during training and early stopping."
     )
     validation_split: float | None = Field(
         None,
         gt=0,
         le=0.5,
-        description="Hold out this fraction of the training data for validation (deterministic).",
+        description="Hold out this fraction of the training data for validation (deterministic, by seed). "
+        "Range (0, 0.5].",
     )
     test: DataSource | None = Field(None, description="Held-out test data, evaluated once after training.")
-    max_seq_length: int = Field(1024, ge=8, le=1048576, description="Longest example in tokens.")
+    max_seq_length: int = Field(
+        1024, ge=8, le=1048576, description="Longest example in tokens; longer ones are dropped."
+    )
     packing: bool = Field(
-        False, description="Pack examples into padding-free batches (faster; lora, qlora and full only)."
+        False, description="Pack several examples into each sequence (faster; lora, qlora and full only)."
     )
     dedupe: Literal["none", "exact", "normalized"] = Field(
-        "exact", description="Drop duplicate examples: exact text, or normalized (case, spaces, punctuation)."
+        "exact",
+        description="Drop duplicate examples: exact (same text) or normalized (ignoring case, spaces and "
+        "punctuation); none keeps them.",
     )
-    mixture: list[MixtureSource] = Field(
-        default_factory=list, max_length=32, description="Multi-task training: several sources with weights."
+    mixture: list[MixtureSource] | None = Field(
+        None,
+        max_length=32,
+        description="Multi-task training: several sources sampled by weight (alone or together with train).",
     )
-    replay: Replay | None = Field(None, description="Continual learning replay buffer.")
+    replay: Replay | None = Field(None, description="Continual learning replay data.")
 
 
 # ---- method ------------------------------------------------------------------------------------
@@ -119,12 +156,13 @@ class LoraParams(ApiModel):
     """Low-rank adapters on the model's linear layers."""
 
     r: int = Field(8, ge=1, le=1024, description="Rank of the update matrices (4-64 typical).")
-    alpha: float = Field(16, gt=0, description="Scaling: updates are multiplied by alpha / r.")
+    alpha: float = Field(16, gt=0, le=100000, description="Scaling: updates are multiplied by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: list[str] | None = Field(
+    target_modules: list[Annotated[str, Field(max_length=256)]] | None = Field(
         None,
         max_length=64,
-        description="Module names to adapt (e.g. q_proj, v_proj) or [all-linear]; empty: detected from the architecture.",
+        description="Module names to adapt (e.g. q_proj, v_proj) or [all-linear]; empty: PEFT's choice for the "
+        "architecture.",
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
 
@@ -132,75 +170,95 @@ class LoraParams(ApiModel):
 class QLoraParams(LoraParams):
     """LoRA on a 4-bit (or 8-bit) quantized base model. Needs NVIDIA GPUs."""
 
-    bits: Literal[4, 8] = Field(4, description="4 (NF4, the QLoRA recipe) or 8.")
+    bits: Literal[4, 8] = Field(4, description="Quantization bits: 4 (NF4, the QLoRA recipe) or 8.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
-    double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves memory).")
 
 
-class VirtualTokenParams(ApiModel):
-    """Prefix tuning, prompt tuning and P-tuning learn virtual tokens."""
+class PrefixParams(ApiModel):
+    """Prefix tuning: trainable key/value prefixes in every attention layer."""
+
+    num_virtual_tokens: int = Field(20, ge=1, le=1024, description="Length of the prefix in virtual tokens.")
+    prefix_projection: bool = Field(False, description="Reparameterize the prefix with an MLP (more stable).")
+    encoder_hidden_size: int | None = Field(
+        None, ge=1, le=65536, description="Hidden size of that MLP (prefixProjection only)."
+    )
+
+
+class PromptParams(ApiModel):
+    """Prompt tuning: a trainable soft prompt prepended to the input embeddings."""
+
+    num_virtual_tokens: int = Field(
+        20, ge=1, le=1024, description="Length of the soft prompt in virtual tokens."
+    )
+    prompt_init_text: str | None = Field(
+        None,
+        max_length=4096,
+        description="Initialize the soft prompt from this text (e.g. a task instruction); empty: random.",
+    )
+
+
+class PTuningParams(ApiModel):
+    """P-tuning: virtual tokens produced by a small trainable prompt encoder."""
 
     num_virtual_tokens: int = Field(20, ge=1, le=1024, description="Number of virtual tokens.")
-    prompt_init_text: str | None = Field(
-        None, max_length=4096, description="Prompt tuning: initialise the soft prompt from this text."
-    )
+    encoder_reparameterization_type: Literal["MLP", "LSTM"] = Field("MLP", description="Prompt encoder type.")
     encoder_hidden_size: int | None = Field(
-        None, ge=1, description="P-tuning: hidden size of the prompt encoder."
-    )
-    encoder_reparameterization_type: Literal["MLP", "LSTM"] = Field(
-        "MLP", description="P-tuning: prompt encoder."
-    )
-    prefix_projection: bool = Field(
-        False, description="Prefix tuning: reparameterise the prefix with an MLP."
+        None, ge=1, le=65536, description="Hidden size of the prompt encoder; empty: the model's."
     )
 
 
-def _block_matches(block: str, types: str) -> dict[str, str]:
-    allowed = " || ".join(f"self.type == '{t}'" for t in types.split(","))
-    return cel(
-        f"!has(self.{block}) || {allowed}",
-        f"method.{block} only applies to method.type {types.replace(',', ' or ')}: remove method.{block} "
-        f"or set method.type to {types.split(',')[0]}",
+def _block_matches(block: str, types: tuple[str, ...]) -> Rule:
+    return Rule(
+        f"!has(self.{block}) || self.type in {list(types)}",
+        f"method.{block} only applies to method.type {' or '.join(types)}: remove method.{block} "
+        f"or set method.type to {types[0]}",
+        check=lambda m: getattr(m, block) is None or m.type in types,
         field_path=f".{block}",
+        reason="FieldValueForbidden",
     )
 
 
+@rules(
+    _block_matches("lora", ("lora",)),
+    _block_matches("qlora", ("qlora",)),
+    _block_matches("prefix", ("prefix",)),
+    _block_matches("prompt", ("prompt",)),
+    _block_matches("ptuning", ("ptuning",)),
+)
 class Method(ApiModel):
-    """The fine-tuning method and its parameters (the block named like the type)."""
-
-    model_config = {
-        "json_schema_extra": rules(
-            _block_matches("lora", "lora"),
-            _block_matches("qlora", "qlora"),
-            _block_matches("prefix", "prefix"),
-            _block_matches("prompt", "prompt"),
-            _block_matches("ptuning", "ptuning"),
-        )
-    }
+    """The fine-tuning method; its parameters go in the block named like the type (optional)."""
 
     type: MethodType = Field(
         "lora",
-        description="lora (default), qlora (LoRA on a 4-bit base; GPUs only), full (all weights), prefix, prompt or "
-        "ptuning (virtual tokens).",
+        description="lora (default), qlora (LoRA on a 4-bit base; GPUs only), full (all weights), prefix, "
+        "prompt or ptuning (virtual tokens).",
     )
-    lora: LoraParams | None = Field(None, description="LoRA parameters (type lora).")
-    qlora: QLoraParams | None = Field(None, description="QLoRA parameters (type qlora).")
-    prefix: VirtualTokenParams | None = Field(None, description="Prefix tuning parameters (type prefix).")
-    prompt: VirtualTokenParams | None = Field(None, description="Prompt tuning parameters (type prompt).")
-    ptuning: VirtualTokenParams | None = Field(None, description="P-tuning parameters (type ptuning).")
+    lora: LoraParams | None = Field(None, description="LoRA parameters (type lora; defaults: r 8, alpha 16).")
+    qlora: QLoraParams | None = Field(
+        None, description="QLoRA parameters (type qlora): LoRA's plus quantization."
+    )
+    prefix: PrefixParams | None = Field(None, description="Prefix tuning parameters (type prefix).")
+    prompt: PromptParams | None = Field(None, description="Prompt tuning parameters (type prompt).")
+    ptuning: PTuningParams | None = Field(None, description="P-tuning parameters (type ptuning).")
 
 
 # ---- training ----------------------------------------------------------------------------------
 
 
 class Hyperparameters(ApiModel):
-    """Optimisation settings (transformers' TrainingArguments under the hood)."""
+    """Optimization settings (transformers' TrainingArguments under the hood)."""
 
-    epochs: float = Field(3, gt=0, le=1000, description="Passes over the training data.")
+    epochs: float = Field(3, gt=0, le=1000, description="Passes over the training data (fractions allowed).")
     max_steps: int | None = Field(
-        None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+        None, ge=1, le=100000000, description="Stop after this many optimizer steps (overrides epochs)."
     )
-    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate; must be > 0.")
+    learning_rate: float = Field(
+        2e-4,
+        gt=0,
+        le=1,
+        description="Peak learning rate, > 0 (2e-4 suits LoRA; full fine-tuning wants ~1e-5).",
+    )
     batch_size_per_device: int = Field(
         4, ge=1, le=4096, description="Examples per GPU (or process) per step."
     )
@@ -208,17 +266,23 @@ class Hyperparameters(ApiModel):
         1, ge=1, le=4096, description="Micro-batches per optimizer step."
     )
     warmup_ratio: float = Field(
-        0.0, ge=0, lt=1, description="Fraction of steps spent warming up the learning rate."
+        0.0, ge=0, lt=1, description="Fraction of the steps spent warming up the learning rate."
     )
-    warmup_steps: int = Field(0, ge=0, description="Warm-up steps (overrides warmupRatio when > 0).")
+    warmup_steps: int = Field(
+        0, ge=0, le=100000000, description="Warm-up steps (overrides warmupRatio when > 0)."
+    )
     scheduler: Scheduler = Field("linear", description="Learning-rate schedule.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 = off).")
+    max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="Gradient clipping norm (0 = off).")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."
     )
-    seed: int = Field(42, ge=0, description="Random seed (data order, initialisation).")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences.")
+    seed: int = Field(
+        42, ge=0, le=4294967295, description="Random seed (data order, initialization, splits)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations to save memory on long sequences."
+    )
 
 
 class EarlyStopping(ApiModel):
@@ -227,118 +291,163 @@ class EarlyStopping(ApiModel):
     metric: str = Field(
         "eval_loss",
         max_length=64,
-        description="eval_loss, perplexity, or one of evaluation.metrics (e.g. exact_match).",
+        description="Metric to watch: eval_loss, perplexity, or one of evaluation.metrics (e.g. exact_match).",
     )
     patience: int = Field(3, ge=1, le=1000, description="Evaluations without improvement before stopping.")
-    threshold: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
+    threshold: float = Field(0.0, ge=0, le=1e9, description="Smallest change that counts as an improvement.")
 
 
 def _default_metrics() -> list[Metric]:
     return ["perplexity"]
 
 
+def _metric_is_computed(ev: Evaluation) -> bool:
+    if ev.early_stopping is None:
+        return True
+    m = ev.early_stopping.metric
+    return m in ("loss", "eval_loss", "perplexity", "eval_perplexity") or any(
+        m in (x, f"eval_{x}") for x in ev.metrics
+    )
+
+
+@rules(
+    Rule(
+        "self.strategy != 'steps' || has(self.everySteps)",
+        "evaluation.strategy steps needs evaluation.everySteps (e.g. 200)",
+        check=lambda e: e.strategy != "steps" or e.every_steps is not None,
+        field_path=".everySteps",
+        reason="FieldValueRequired",
+    ),
+    Rule(
+        "!has(self.earlyStopping) || self.strategy != 'no'",
+        "evaluation.earlyStopping needs evaluations: set evaluation.strategy to auto, steps or epoch",
+        check=lambda e: e.early_stopping is None or e.strategy != "no",
+        field_path=".earlyStopping",
+        reason="FieldValueForbidden",
+    ),
+    Rule(
+        "!has(self.earlyStopping) || self.earlyStopping.metric in ['loss', 'eval_loss', 'perplexity', "
+        "'eval_perplexity'] || self.metrics.exists(m, self.earlyStopping.metric == m || "
+        "self.earlyStopping.metric == 'eval_' + m)",
+        "evaluation.earlyStopping.metric is not computed: use eval_loss or perplexity, or add the metric to "
+        "evaluation.metrics",
+        check=_metric_is_computed,
+        field_path=".earlyStopping.metric",
+    ),
+)
 class Evaluation(ApiModel):
     """What to measure on the validation data, when, and when to stop early."""
 
-    model_config = {
-        "json_schema_extra": rules(
-            cel(
-                "!has(self.strategy) || self.strategy != 'steps' || has(self.everySteps)",
-                "evaluation.strategy steps needs evaluation.everySteps (e.g. 200)",
-            ),
-            cel(
-                "!has(self.earlyStopping) || !has(self.strategy) || self.strategy != 'no'",
-                "evaluation.earlyStopping needs evaluations: set evaluation.strategy to auto, steps or epoch",
-            ),
-        )
-    }
-
-    metrics: list[Metric] = Field(
+    metrics: Annotated[list[Metric], ListType("set")] = Field(
         default_factory=_default_metrics,
         max_length=16,
-        description="Metrics computed at each evaluation.",
+        description="Metrics computed at each evaluation (generation metrics such as bleu or exact_match "
+        "generate text for each validation example).",
     )
     strategy: Literal["auto", "no", "steps", "epoch"] = Field(
         "auto",
-        description="auto: every everySteps steps if set, else every epoch (when there is validation data).",
+        description="When to evaluate. auto: every everySteps steps if set, else every epoch, and never without "
+        'validation data. Write "no" in quotes: bare no is a boolean in YAML.',
     )
-    every_steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps.")
-    early_stopping: EarlyStopping | None = Field(None, description="Early stopping on a validation metric.")
+    every_steps: int | None = Field(None, ge=1, le=100000000, description="Evaluate every N optimizer steps.")
+    early_stopping: EarlyStopping | None = Field(
+        None, description="Early stopping on a validation metric (needs validation data)."
+    )
 
 
 class Resources(ApiModel):
     """How many machines and GPUs, and where they may run."""
 
     nodes: int = Field(
-        1, ge=1, le=512, description="Training pods (machines); each runs one process per GPU."
+        1, ge=1, le=512, description="Training pods (machines), >= 1; each runs one process per GPU."
     )
     gpus_per_node: int = Field(
-        1, ge=0, le=16, description="GPUs per pod (0 = CPU training, for tests and tiny models)."
+        1, ge=0, le=16, description="GPUs per pod, 0-16 (0 = CPU training, for tests and tiny models)."
     )
-    gpu_resource_name: str = Field(
+    gpu_resource_name: Annotated[
+        str,
+        pattern_rule(
+            RESOURCE_NAME,
+            "resources.gpuResourceName must be an extended resource name such as nvidia.com/gpu",
+        ),
+    ] = Field(
         "nvidia.com/gpu", max_length=253, description="Extended resource name of the GPUs (e.g. amd.com/gpu)."
     )
-    cpu: str | None = Field(None, pattern=QUANTITY, description="CPU request per pod, e.g. 8.")
-    memory: str | None = Field(
-        None, pattern=QUANTITY, description="Memory request and limit per pod, e.g. 64Gi."
+    cpu: Quantity | None = Field(None, description="CPU request per pod, e.g. 8 or 7500m.")
+    memory: Quantity | None = Field(None, description="Memory request and limit per pod, e.g. 64Gi.")
+    shared_memory_size: Quantity | None = Field(
+        None,
+        description="Size limit of /dev/shm (memory-backed; NCCL needs it), e.g. 16Gi. Default: no limit.",
     )
-    shared_memory_size: str | None = Field(
-        None, pattern=QUANTITY, description="Size of /dev/shm (memory-backed), e.g. 16Gi. Default: no limit."
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        None, max_length=32, description="Node labels the pods require, e.g. a GPU product label."
     )
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods require.")
-    tolerations: list[dict[str, Any]] = Field(
-        default_factory=list, description="Pod tolerations (as in a Pod spec), e.g. for tainted GPU nodes."
+    tolerations: list[Toleration] | None = Field(
+        None, max_length=32, description="Pod tolerations, e.g. for tainted GPU nodes."
     )
-    affinity: dict[str, Any] | None = Field(None, description="Pod affinity (as in a Pod spec).")
+    affinity: FreeForm | None = Field(
+        None, description="Pod affinity, exactly as spec.affinity in a Pod spec; passed through unchanged."
+    )
     priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass of the pods.")
     scheduler_name: str | None = Field(
-        None, max_length=253, description="Scheduler for the pods (e.g. volcano)."
+        None, max_length=253, description="Scheduler for the pods (e.g. volcano); default: the cluster's."
     )
 
 
+@rules(
+    Rule(
+        "self.offload != 'all' || self.zeroStage == 3",
+        "distributed.deepspeed.offload all (parameters too) needs zeroStage 3: set zeroStage: 3 or offload: "
+        "optimizer",
+        check=lambda d: d.offload != "all" or d.zero_stage == 3,
+        field_path=".offload",
+    ),
+    Rule(
+        "self.offload == 'none' || self.zeroStage >= 1",
+        "distributed.deepspeed.offload needs zeroStage 1 or more (ZeRO-0 has no optimizer state to offload): "
+        "raise zeroStage or set offload: none",
+        check=lambda d: d.offload == "none" or d.zero_stage >= 1,
+        field_path=".offload",
+    ),
+)
 class DeepSpeed(ApiModel):
-    """DeepSpeed ZeRO: the config is generated from these fields; `config` overrides any key."""
+    """DeepSpeed ZeRO. The DeepSpeed config is generated from these fields; `config` overrides any key."""
 
-    model_config = {
-        "json_schema_extra": rules(
-            cel(
-                "!has(self.offload) || self.offload != 'all' || (has(self.zeroStage) && self.zeroStage == 3)",
-                "distributed.deepspeed.offload all (parameters too) needs zeroStage 3; set zeroStage: 3 or offload: optimizer",
-            ),
-            cel(
-                "!has(self.offload) || self.offload == 'none' || !has(self.zeroStage) || self.zeroStage >= 1",
-                "distributed.deepspeed.offload needs zeroStage 1 or more",
-            ),
-        )
-    }
-
-    zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage 0-3 (3 shards parameters too).")
+    zero_stage: int = Field(
+        2,
+        ge=0,
+        le=3,
+        description="ZeRO stage 0-3: 1 shards optimizer states, 2 also gradients, 3 also parameters.",
+    )
     offload: Literal["none", "optimizer", "all"] = Field(
-        "none", description="CPU offload: optimizer states, or optimizer states and parameters (stage 3)."
+        "none",
+        description="CPU offload: none, optimizer (states; stage >= 1), or all (optimizer and parameters; stage 3).",
     )
-    config: dict[str, Any] = Field(
-        default_factory=dict, description="Raw DeepSpeed config keys, deep-merged over the generated config."
+    config: Annotated[dict[str, Any], PreserveUnknownFields()] | None = Field(
+        None,
+        description="Raw DeepSpeed config keys, deep-merged over the generated config (free-form; e.g. "
+        "{zero_optimization: {overlap_comm: true}}).",
     )
 
 
+@rules(
+    Rule(
+        "!has(self.deepspeed) || self.strategy == 'deepspeed'",
+        "distributed.deepspeed (zeroStage, offload, config) only applies with strategy deepspeed: remove it "
+        "or set distributed.strategy: deepspeed",
+        check=lambda d: d.deepspeed is None or d.strategy == "deepspeed",
+        field_path=".deepspeed",
+        reason="FieldValueForbidden",
+    ),
+)
 class Distributed(ApiModel):
-    """How the processes train together."""
-
-    model_config = {
-        "json_schema_extra": rules(
-            cel(
-                "!has(self.deepspeed) || !has(self.strategy) || self.strategy == 'deepspeed'",
-                "distributed.deepspeed (including offload) only applies with strategy deepspeed; "
-                "remove it or set distributed.strategy: deepspeed",
-            )
-        )
-    }
+    """How the training processes work together (torchrun starts them in every pod)."""
 
     strategy: Literal["deepspeed", "ddp"] = Field(
-        "deepspeed", description="deepspeed (ZeRO) or ddp (PyTorch DDP)."
+        "deepspeed", description="deepspeed (ZeRO; default stage 2) or ddp (PyTorch DistributedDataParallel)."
     )
     deepspeed: DeepSpeed | None = Field(
-        None, description="DeepSpeed settings (defaults: ZeRO-2, no offload)."
+        None, description="DeepSpeed settings; empty: ZeRO-2 without offload."
     )
 
 
@@ -346,7 +455,10 @@ class Checkpointing(ApiModel):
     """Checkpoints go to storage after every save; a new attempt resumes from the newest complete one."""
 
     every_steps: int | None = Field(
-        None, ge=1, description="Save every N optimizer steps (default: every epoch)."
+        None,
+        ge=1,
+        le=100000000,
+        description="Save every N optimizer steps; empty: at the end of every epoch.",
     )
     keep_last: int = Field(
         3, ge=1, le=1000, description="Checkpoints kept in storage (older ones are pruned)."
@@ -359,13 +471,28 @@ class Checkpointing(ApiModel):
 class Storage(S3Connection):
     """Where checkpoints and the final adapter go: <uri>/<namespace>/<job>/<uid>/."""
 
-    uri: str = Field(..., pattern=S3_URI, max_length=2048, description="s3://bucket[/prefix]")
+    uri: Annotated[
+        str,
+        pattern_rule(
+            S3_URI,
+            "storage.uri must look like s3://bucket or s3://bucket/prefix (bucket: 3-63 "
+            "lowercase letters, digits, '.' or '-')",
+        ),
+        immutable(
+            "spec.storage.uri is immutable: the job's checkpoints live there; create a new FineTuneJob "
+            "to write elsewhere"
+        ),
+    ] = Field(
+        max_length=URI_MAX, description="s3://bucket[/prefix] for checkpoints, the adapter and metrics."
+    )
 
 
 class Output(ApiModel):
     """What the job produces besides the adapter (always written)."""
 
-    merged_model: bool = Field(False, description="Also write the base model with the adapter merged in.")
+    merged_model: bool = Field(
+        False, description="Also write the base model with the adapter merged in (lora and qlora only)."
+    )
 
 
 class RunPolicy(ApiModel):
@@ -375,77 +502,130 @@ class RunPolicy(ApiModel):
         3,
         ge=0,
         le=100,
-        description="New attempts after a failure (each resumes from the latest checkpoint). "
-        "Failures in configuration or data are not retried.",
+        description="New attempts after a failure (each resumes from the latest checkpoint). Failures in "
+        "configuration or data are not retried.",
     )
     active_deadline_seconds: int | None = Field(
-        None, ge=1, description="Fail the job when it has been running longer than this (all attempts)."
+        None,
+        ge=1,
+        le=31536000,
+        description="Fail the job when it has been running longer than this (all attempts).",
     )
     ttl_seconds_after_finished: int | None = Field(
-        None, ge=0, description="Delete the FineTuneJob (and its pods) this long after it finished."
+        None,
+        ge=0,
+        le=31536000,
+        description="Delete the FineTuneJob (and its children) this long after it finished.",
     )
     suspend: bool = Field(
         False, description="Pause: the pods stop (after saving a checkpoint); set false to resume from it."
     )
-    queue_name: str | None = Field(
-        None, max_length=63, description="Kueue LocalQueue; the job waits (Queued) until Kueue admits it."
+    queue_name: (
+        Annotated[
+            str,
+            pattern_rule(
+                DNS1123_SUBDOMAIN,
+                "runPolicy.queueName must be the name of a Kueue LocalQueue (a lowercase DNS subdomain)",
+            ),
+        ]
+        | None
+    ) = Field(
+        None,
+        max_length=63,
+        description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name); the job waits as Queued until Kueue "
+        "admits it.",
     )
 
 
-IMMUTABLE_WHILE_RUNNING = ("baseModel", "dataset", "method")
-
-
+@rules(
+    Rule(
+        "self.method.type != 'qlora' || self.resources.gpusPerNode > 0",
+        "method.type qlora needs GPUs (its 4-bit kernels are CUDA-only): set resources.gpusPerNode >= 1, or use "
+        "method.type lora for CPU training",
+        check=lambda s: s.method.type != "qlora" or s.resources.gpus_per_node > 0,
+        field_path=".resources.gpusPerNode",
+    ),
+    Rule(
+        "self.hyperparameters.precision != 'fp16' || self.resources.gpusPerNode > 0",
+        "hyperparameters.precision fp16 needs GPUs: use auto, bf16 or fp32 for CPU training, or set "
+        "resources.gpusPerNode >= 1",
+        check=lambda s: s.hyperparameters.precision != "fp16" or s.resources.gpus_per_node > 0,
+        field_path=".hyperparameters.precision",
+    ),
+    Rule(
+        "!self.dataset.packing || !(self.method.type in ['prefix', 'prompt', 'ptuning'])",
+        "dataset.packing does not work with virtual-token methods (prefix, prompt, ptuning): set "
+        "dataset.packing: false or use lora, qlora or full",
+        check=lambda s: not s.dataset.packing or s.method.type not in VIRTUAL_TOKEN_METHODS,
+        field_path=".dataset.packing",
+    ),
+    Rule(
+        "!has(self.evaluation.earlyStopping) || has(self.dataset.validation) || has(self.dataset.validationSplit)",
+        "evaluation.earlyStopping needs validation data: set dataset.validation or dataset.validationSplit",
+        check=lambda s: (
+            s.evaluation.early_stopping is None
+            or s.dataset.validation is not None
+            or s.dataset.validation_split is not None
+        ),
+        field_path=".evaluation.earlyStopping",
+        reason="FieldValueForbidden",
+    ),
+    Rule(
+        "!self.output.mergedModel || self.method.type in ['lora', 'qlora']",
+        "output.mergedModel merges a LoRA adapter into the base weights: it works only with method.type lora "
+        "or qlora; set it to false",
+        check=lambda s: not s.output.merged_model or s.method.type in ("lora", "qlora"),
+        field_path=".output.mergedModel",
+    ),
+    Rule(
+        f"self.method.type != 'qlora' || !{ZERO3}",
+        "method.type qlora cannot shard its 4-bit weights with ZeRO-3: set distributed.deepspeed.zeroStage "
+        "to 2 or less",
+        check=lambda s: s.method.type != "qlora" or not _zero3(s),
+        field_path=".distributed",
+    ),
+    Rule(
+        f"!has(self.dataset.replay) || self.dataset.replay.ewcLambda == 0.0 || !{ZERO3}",
+        "dataset.replay.ewcLambda > 0 (elastic weight consolidation) does not work with ZeRO-3 (parameters are "
+        "sharded): set ewcLambda to 0 or zeroStage to 2 or less",
+        check=lambda s: s.dataset.replay is None or s.dataset.replay.ewc_lambda == 0 or not _zero3(s),
+        field_path=".dataset.replay.ewcLambda",
+    ),
+)
 class FineTuneJobSpec(ApiModel):
-    """What to fine-tune, on what data, how, on which hardware, and where the results go."""
+    """What to fine-tune, on which data, how, on which hardware, and where the results go."""
 
-    model_config = {
-        "json_schema_extra": rules(
-            cel(
-                "self.method.type != 'qlora' || self.resources.gpusPerNode > 0",
-                "method.type qlora needs GPUs (its 4-bit kernels are CUDA-only): set resources.gpusPerNode >= 1, "
-                "or use method.type lora for CPU training",
-            ),
-            cel(
-                "!self.dataset.packing || !(self.method.type in ['prefix', 'prompt', 'ptuning'])",
-                "dataset.packing does not work with virtual-token methods (prefix, prompt, ptuning): "
-                "set dataset.packing: false or use lora, qlora or full",
-            ),
-            *(
-                cel(
-                    f"self.{f} == oldSelf.{f}",
-                    f"spec.{f} is immutable: a running job cannot change it; create a new FineTuneJob instead",
-                    field_path=f".{f}",
-                    reason="FieldValueForbidden",
-                )
-                for f in IMMUTABLE_WHILE_RUNNING
-            ),
-        )
-    }
-
-    base_model: ModelSource = Field(..., description="The base model to fine-tune.")
-    dataset: Dataset = Field(..., description="Training data and its preparation.")
-    method: Method = Field(default_factory=Method, description="Fine-tuning method (default: LoRA r=8).")
+    base_model: Annotated[
+        ModelSource,
+        immutable("spec.baseModel is immutable: create a new FineTuneJob to change the base model"),
+    ] = Field(description="The base model to fine-tune.")
+    dataset: Annotated[
+        Dataset, immutable("spec.dataset is immutable: create a new FineTuneJob to change the data")
+    ] = Field(description="Training data and its preparation.")
+    method: Annotated[
+        Method, immutable("spec.method is immutable: create a new FineTuneJob to change the method")
+    ] = Field(default_factory=Method, description="Fine-tuning method (default: LoRA, r 8).")
     hyperparameters: Hyperparameters = Field(
-        default_factory=Hyperparameters, description="Optimisation settings."
+        default_factory=Hyperparameters, description="Optimization settings."
     )
     evaluation: Evaluation = Field(default_factory=Evaluation, description="Metrics and early stopping.")
     resources: Resources = Field(default_factory=Resources, description="Nodes, GPUs and scheduling.")
     distributed: Distributed = Field(default_factory=Distributed, description="DeepSpeed ZeRO or DDP.")
     checkpointing: Checkpointing = Field(default_factory=Checkpointing, description="Checkpoints and resume.")
-    storage: Storage = Field(..., description="S3-compatible storage for checkpoints and the final adapter.")
+    storage: Storage = Field(description="S3-compatible storage for checkpoints and the final adapter.")
     output: Output = Field(default_factory=Output, description="Extra outputs.")
     run_policy: RunPolicy = Field(
         default_factory=RunPolicy, description="Restarts, deadlines, suspend, Kueue."
     )
-    image: str | None = Field(None, max_length=1024, description="Trainer image (default: the operator's).")
+    image: str | None = Field(None, max_length=1024, description="Trainer image; default: the operator's.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
-        None, description="Pull policy of the trainer image."
+        None, description="Pull policy of the trainer image; default: the operator's."
     )
-    image_pull_secrets: list[LocalObjectReference] = Field(
-        default_factory=list, description="Secrets for pulling the trainer image."
+    image_pull_secrets: list[LocalObjectReference] | None = Field(
+        None, max_length=16, description="Secrets for pulling the trainer image."
     )
-    env: list[EnvVar] = Field(
-        default_factory=list, description="Extra environment variables for the trainer."
+    env: EnvList | None = Field(
+        None, max_length=64, description="Extra environment variables for the trainer containers."
     )
     pod_metadata: PodMetadata | None = Field(None, description="Extra labels and annotations for the pods.")
 
@@ -454,32 +634,40 @@ class FineTuneJobSpec(ApiModel):
 
 
 class Progress(ApiModel):
-    """Written by the trainer (rank 0) while it runs."""
+    """Training progress, patched by the trainer's rank 0 while it runs."""
 
     step: int | None = Field(None, ge=0, description="Optimizer steps done.")
-    total_steps: int | None = Field(None, ge=0, description="Optimizer steps in the whole run.")
+    total_steps: int | None = Field(None, ge=0, description="Optimizer steps of the whole run.")
     epoch: float | None = Field(None, ge=0, description="Epochs done (fractional).")
-    percent: float | None = Field(None, ge=0, le=100, description="step / totalSteps, in percent.")
-    train_loss: float | None = Field(None, description="Latest training loss.")
+    percent: float | None = Field(
+        None, ge=0, le=100, description="step / totalSteps, in percent (PROGRESS column)."
+    )
+    train_loss: float | None = Field(None, description="Latest training loss (LOSS column).")
     eval_loss: float | None = Field(None, description="Latest validation loss.")
     learning_rate: float | None = Field(None, description="Current learning rate.")
     tokens_per_second: float | None = Field(None, ge=0, description="Training throughput, all processes.")
-    eta_seconds: int | None = Field(None, ge=0, description="Estimated seconds to the end.")
-    updated_at: str | None = Field(
-        None, json_schema_extra={"format": "date-time"}, description="Time of this report."
-    )
+    eta_seconds: int | None = Field(None, ge=0, description="Estimated seconds to the end (ETA column).")
+    updated_at: Timestamp | None = Field(None, description="Time of this report.")
 
 
 class CheckpointStatus(ApiModel):
-    latest: str | None = Field(None, description="URI of the newest complete checkpoint.")
-    step: int | None = Field(None, ge=0, description="Its step.")
+    """The checkpoints in storage."""
+
+    latest: str | None = Field(None, max_length=URI_MAX, description="URI of the newest complete checkpoint.")
+    step: int | None = Field(None, ge=0, description="Step of the newest complete checkpoint.")
     count: int | None = Field(None, ge=0, description="Complete checkpoints in storage.")
 
 
 class OutputStatus(ApiModel):
-    adapter_uri: str | None = Field(None, description="Where the final adapter is (PEFT format).")
+    """What the finished job produced."""
+
+    adapter_uri: str | None = Field(
+        None,
+        max_length=URI_MAX,
+        description="Where the final adapter is (PEFT format; the full model for method full).",
+    )
     merged_uri: str | None = Field(
-        None, description="Where the merged model is, when output.mergedModel is set."
+        None, max_length=URI_MAX, description="Where the merged model is, when output.mergedModel is set."
     )
     trainable_parameters: int | None = Field(None, ge=0, description="Parameters trained.")
     total_parameters: int | None = Field(None, ge=0, description="Parameters of the model.")
@@ -488,32 +676,47 @@ class OutputStatus(ApiModel):
 class FineTuneJobStatus(ApiModel):
     """Observed state, written by the operator (phase, conditions, output) and the trainer (progress)."""
 
-    phase: Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"] | None = Field(
+    phase: Phase | None = Field(
         None, description="Pending, Queued (waiting for Kueue), Running, Succeeded, Failed or Suspended."
     )
-    conditions: list[Condition] = Field(default_factory=list, description="Details of the current state.")
+    conditions: Conditions | None = Field(None, max_length=32, description="Details of the current state.")
     observed_generation: int | None = Field(
         None, ge=0, description="The spec generation this status reflects."
     )
-    start_time: str | None = Field(
-        None, json_schema_extra={"format": "date-time"}, description="When training started."
-    )
-    completion_time: str | None = Field(
-        None, json_schema_extra={"format": "date-time"}, description="When the job finished."
-    )
+    start_time: Timestamp | None = Field(None, description="When training started.")
+    completion_time: Timestamp | None = Field(None, description="When the job finished.")
     attempt: int | None = Field(None, ge=1, description="Current attempt (1 + restarts so far).")
-    workers: str | None = Field(None, description="nodes x GPUs per node, e.g. 2x8.")
+    workers: str | None = Field(
+        None,
+        max_length=32,
+        description="Nodes x GPUs per node, e.g. 2x8 (WORKERS column; written by the operator).",
+    )
     progress: Progress | None = Field(None, description="Training progress.")
     checkpoint: CheckpointStatus | None = Field(None, description="Checkpoints in storage.")
     output: OutputStatus | None = Field(None, description="Results.")
-    metrics: dict[str, float] = Field(default_factory=dict, description="Final evaluation metrics.")
+    metrics: dict[str, float] | None = Field(
+        None, max_length=128, description="Final evaluation metrics by name, e.g. perplexity, exact_match."
+    )
 
 
-class FineTuneJob(ApiModel):
-    """A fine-tuning run: multi-GPU, multi-node training pods whose adapter lands in S3."""
+class FineTuneJob(KindModel):
+    """A fine-tuning run: multi-GPU, multi-node DeepSpeed training pods whose checkpoints and final adapter
+    land in S3-compatible storage. Resumes from the latest checkpoint after a failure or preemption."""
 
-    api_version: Literal["kubetune.io/v1alpha1"] = Field("kubetune.io/v1alpha1", alias="apiVersion")
-    kind: Literal["FineTuneJob"] = "FineTuneJob"
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    spec: FineTuneJobSpec
-    status: FineTuneJobStatus | None = None
+    __name_rules__ = (
+        Rule(
+            "size(self) <= 63",
+            "metadata.name of a FineTuneJob must be at most 63 characters (it is a label value on the pods); choose a shorter name",
+            check=lambda name: len(name) <= 63,
+        ),
+    )
+
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(
+        "kubetune.io/v1alpha1", description="kubetune.io/v1alpha1"
+    )
+    kind: Literal["FineTuneJob"] = Field("FineTuneJob", description="FineTuneJob")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
+    spec: FineTuneJobSpec = Field(
+        description="What to fine-tune, on which data, how, on which hardware, and where the results go."
+    )
+    status: FineTuneJobStatus | None = Field(None, description="Observed state (read-only for users).")

@@ -1,0 +1,180 @@
+"""What users see through kubectl: explain teaches every field, get shows the printer columns,
+short names and the category work, and status is a subresource."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kubetune_operator.api import AdapterDeployment, FineTuneJob
+from kubetune_operator.api.openapi import Schema, root_schema
+from tests.testground.cluster import ControlPlane
+from tests.unit.test_api_cases import adapterdeployment, finetunejob
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def ns(cluster: ControlPlane, kubetune_crds: list[Path]) -> Iterator[str]:
+    name = f"kubectl-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def leaves(node: Schema, path: str) -> Iterator[tuple[str, str]]:
+    """(explain path, description) of every leaf field below node; list items are transparent."""
+    target = node.get("items", node) if node.get("type") == "array" else node
+    props = target.get("properties") or {}
+    if not props:
+        yield path, node["description"]
+    for key, sub in props.items():
+        yield from leaves(sub, f"{path}.{key}")
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize(("model", "resource"), [(FineTuneJob, "finetunejob"), (AdapterDeployment, "adep")])
+def test_explain_prints_the_description_of_every_leaf_field(
+    cluster: ControlPlane, kubetune_crds: list[Path], model: type, resource: str
+) -> None:
+    spec = root_schema(model)["properties"]["spec"]
+    fields = list(leaves(spec, f"{resource}.spec"))
+    assert len(fields) > 40, fields  # down to leaf fields, not just the top level
+    missing = []
+    for path, description in fields:
+        out = cluster.kubectl("explain", path).stdout
+        if flat(description) not in flat(out):
+            missing.append(f"{path}: expected {description!r} in\n{out}")
+    assert not missing, "\n".join(missing[:5])
+
+
+def test_explain_spec_lists_the_top_level_blocks(cluster: ControlPlane, kubetune_crds: list[Path]) -> None:
+    out = cluster.kubectl("explain", "finetunejob.spec").stdout
+    for name in ("baseModel", "dataset", "method", "hyperparameters", "evaluation", "resources", "storage"):
+        assert name in out, out
+    assert "What to fine-tune, on which data, how" in flat(out)
+
+
+def test_published_openapi_has_a_description_on_every_property(
+    cluster: ControlPlane, kubetune_crds: list[Path]
+) -> None:
+    doc = json.loads(cluster.kubectl("get", "--raw", "/openapi/v3/apis/kubetune.io/v1alpha1").stdout)
+    undocumented = []
+
+    def walk(node: dict, path: str) -> None:
+        for key, sub in (node.get("properties") or {}).items():
+            if path == "" and key == "metadata":
+                continue  # ObjectMeta, documented by Kubernetes
+            if not sub.get("description"):
+                undocumented.append(f"{path}.{key}")
+            walk(sub.get("items", sub), f"{path}.{key}")
+
+    for kind in ("FineTuneJob", "AdapterDeployment"):
+        walk(doc["components"]["schemas"][f"io.kubetune.v1alpha1.{kind}"], kind)
+    assert not undocumented, undocumented
+
+
+def table(cluster: ControlPlane, ns: str, *args: str) -> list[dict[str, str]]:
+    """`kubectl get` output as rows of {COLUMN: value} (columns are separated by 2+ spaces)."""
+    lines = cluster.kubectl("get", *args, namespace=ns).stdout.splitlines()
+    header = lines[0]
+    starts = [m.start() for m in re.finditer(r"(?:^|(?<=  ))\S", header)]  # "EVAL LOSS" is one column
+    bounds = [*starts[1:], None]
+    return [
+        {header[s:e].strip(): line[s:e].strip() for s, e in zip(starts, bounds, strict=True)}
+        for line in lines[1:]
+    ]
+
+
+def patch_status(cluster: ControlPlane, ns: str, resource: str, name: str, status: dict) -> None:
+    cluster.kubectl(
+        "patch", resource, name, "--subresource=status", "--type=merge", "-p", json.dumps({"status": status}),
+        namespace=ns,
+    )  # fmt: skip
+
+
+def test_finetunejob_printer_columns(cluster: ControlPlane, ns: str) -> None:
+    job = finetunejob("columns")
+    job["spec"]["resources"] = {"nodes": 2, "gpusPerNode": 8}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(job), namespace=ns)
+    [row] = table(cluster, ns, "ftj", "columns")
+    assert row["NAME"] == "columns" and row["METHOD"] == "lora" and row["PHASE"] == ""
+    patch_status(
+        cluster, ns, "finetunejob", "columns",
+        {
+            "phase": "Running", "observedGeneration": 1, "attempt": 2, "workers": "2x8",
+            "startTime": "2026-01-01T00:00:00Z",
+            "conditions": [{"type": "Running", "status": "True", "reason": "PodsRunning", "message": "16 of 16",
+                            "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}],
+            "progress": {"step": 420, "totalSteps": 1000, "epoch": 1.26, "percent": 42.0, "trainLoss": 1.2345,
+                         "evalLoss": 1.5, "learningRate": 0.0002, "tokensPerSecond": 5120.5, "etaSeconds": 3600,
+                         "updatedAt": "2026-01-01T01:00:00Z"},
+            "checkpoint": {"latest": "s3://runs/team-a/ns/columns/uid/checkpoints/checkpoint-400/", "step": 400,
+                           "count": 2},
+        },
+    )  # fmt: skip
+    [row] = table(cluster, ns, "ftj", "columns")
+    assert {k: row[k] for k in ("PHASE", "PROGRESS", "LOSS", "ETA", "METHOD", "WORKERS")} == {
+        "PHASE": "Running", "PROGRESS": "42", "LOSS": "1.2345", "ETA": "3600", "METHOD": "lora", "WORKERS": "2x8",
+    }  # fmt: skip
+    assert "ATTEMPT" not in row and row["AGE"]
+    [wide] = table(cluster, ns, "finetunejob", "columns", "-o", "wide")
+    assert wide["ATTEMPT"] == "2" and wide["EVAL LOSS"] == "1.5"
+
+
+def test_adapterdeployment_printer_columns(cluster: ControlPlane, ns: str) -> None:
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(adapterdeployment("serving")), namespace=ns)
+    patch_status(
+        cluster, ns, "adapterdeployment", "serving",
+        {
+            "phase": "Ready", "readyReplicas": 2, "replicas": 2, "readyAdapters": "1/1", "observedGeneration": 1,
+            "endpoint": "http://serving.ns.svc:8000/v1",
+            "adapters": [{"name": "support", "uri": "s3://adapters/support/", "ready": True, "message": "served"}],
+        },
+    )  # fmt: skip
+    [row] = table(cluster, ns, "adep", "serving")
+    assert {k: row[k] for k in ("PHASE", "READY", "ADAPTERS", "ENDPOINT")} == {
+        "PHASE": "Ready", "READY": "2", "ADAPTERS": "1/1", "ENDPOINT": "http://serving.ns.svc:8000/v1",
+    }  # fmt: skip
+    [wide] = table(cluster, ns, "adep", "serving", "-o", "wide")
+    assert wide["RUNTIME"] == "builtin"
+
+
+def test_category_lists_both_kinds(cluster: ControlPlane, ns: str) -> None:
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(finetunejob("in-category")), namespace=ns)
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(adapterdeployment("in-category")), namespace=ns)
+    out = cluster.kubectl("get", "kubetune", "-o", "name", namespace=ns).stdout.split()
+    assert "finetunejob.kubetune.io/in-category" in out and "adapterdeployment.kubetune.io/in-category" in out
+
+
+def test_status_is_a_subresource(cluster: ControlPlane, ns: str) -> None:
+    """Users' spec writes cannot set status, and status writes cannot change spec."""
+    job = finetunejob("subresource")
+    job["status"] = {"phase": "Succeeded"}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(job), namespace=ns)
+    got = json.loads(cluster.kubectl("get", "ftj", "subresource", "-o", "json", namespace=ns).stdout)
+    assert "status" not in got or got["status"].get("phase") is None
+    cluster.kubectl(
+        "patch", "ftj", "subresource", "--subresource=status", "--type=merge",
+        "-p", json.dumps({"spec": {"runPolicy": {"suspend": True}}, "status": {"phase": "Pending"}}), namespace=ns,
+    )  # fmt: skip
+    got = json.loads(cluster.kubectl("get", "ftj", "subresource", "-o", "json", namespace=ns).stdout)
+    assert got["status"]["phase"] == "Pending" and got["spec"]["runPolicy"]["suspend"] is False
+
+
+def test_invalid_status_is_rejected(cluster: ControlPlane, ns: str) -> None:
+    """The status schema guards the operator and the trainer too (e.g. percent in 0-100)."""
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(finetunejob("bad-status")), namespace=ns)
+    res = cluster.kubectl(
+        "patch", "ftj", "bad-status", "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": {"progress": {"percent": 140}}}), namespace=ns, check=False,
+    )  # fmt: skip
+    assert res.returncode != 0 and "status.progress.percent" in res.stderr, res.stderr

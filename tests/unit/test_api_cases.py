@@ -1,0 +1,250 @@
+"""The table of invalid manifests, and the client-side half of the check.
+
+Each case is one mistake a user makes, the field the error must name, and the words that tell
+the user what to fix. tests/integration/test_api_server.py sends the same table to the real
+API server: client and server must both reject each case, naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from kubetune_operator.api import InvalidManifestError, load_adapterdeployment, load_finetunejob
+
+DELETE = object()
+
+
+def finetunejob(name: str = "valid-job") -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"uri": "hf://Qwen/Qwen2.5-0.5B"},
+            "dataset": {"train": {"uri": "s3://data/train.jsonl"}},
+            "storage": {"uri": "s3://runs/team-a", "secretRef": {"name": "s3-credentials"}},
+        },
+    }
+
+
+def adapterdeployment(name: str = "valid-serve") -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "AdapterDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"uri": "hf://Qwen/Qwen2.5-0.5B"},
+            "adapters": [{"name": "support", "source": "s3://adapters/support/"}],
+        },
+    }
+
+
+def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge patch into a copy of base; DELETE removes a key, lists are replaced."""
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if value is DELETE:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    kind: str  # "ftj" or "adep"
+    patch: dict[str, Any]
+    path: str  # the field the error names
+    fix: str  # the words that say what to fix (in the server's and the client's message)
+    server: str | None = None  # instead of fix, where the API server's built-in wording differs
+    client: str | None = None  # instead of fix, where pydantic's built-in wording differs
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def manifest(self, name: str | None = None) -> dict[str, Any]:
+        base = finetunejob() if self.kind == "ftj" else adapterdeployment()
+        obj = merge(base, self.patch)
+        if name and "name" not in self.patch.get("metadata", {}):
+            obj["metadata"]["name"] = name
+        return obj
+
+
+def spec(**kw: Any) -> dict[str, Any]:
+    return {"spec": kw}
+
+
+LONG_NAME = "a" * 64
+
+INVALID: list[Case] = [
+    # ---- method ----
+    Case("lora-block-with-full", "ftj", spec(method={"type": "full", "lora": {"r": 8}}), "spec.method.lora",
+         "method.lora only applies to method.type lora: remove method.lora or set method.type to lora"),
+    Case("qlora-block-with-lora", "ftj", spec(method={"type": "lora", "qlora": {"bits": 4}}), "spec.method.qlora",
+         "method.qlora only applies to method.type qlora"),
+    Case("prefix-block-with-prompt", "ftj", spec(method={"type": "prompt", "prefix": {}}), "spec.method.prefix",
+         "method.prefix only applies to method.type prefix"),
+    Case("prompt-block-with-ptuning", "ftj", spec(method={"type": "ptuning", "prompt": {}}), "spec.method.prompt",
+         "method.prompt only applies to method.type prompt"),
+    Case("ptuning-block-with-lora", "ftj", spec(method={"ptuning": {"numVirtualTokens": 8}}), "spec.method.ptuning",
+         "method.ptuning only applies to method.type ptuning"),
+    Case("unknown-method", "ftj", spec(method={"type": "lorax"}), "spec.method.type", "lora",
+         server='supported values: "lora", "qlora", "full", "prefix", "prompt", "ptuning"', client="Input should be"),
+    Case("qlora-without-gpus", "ftj", spec(method={"type": "qlora"}, resources={"gpusPerNode": 0}),
+         "spec.resources.gpusPerNode", "method.type qlora needs GPUs"),
+    Case("qlora-with-zero3", "ftj",
+         spec(method={"type": "qlora"}, distributed={"strategy": "deepspeed", "deepspeed": {"zeroStage": 3}}),
+         "spec.distributed", "cannot shard its 4-bit weights with ZeRO-3"),
+    Case("lora-rank-zero", "ftj", spec(method={"lora": {"r": 0}}), "spec.method.lora.r", "greater than or equal to 1"),
+    Case("unknown-field-typo", "ftj", spec(method={"lora": {"rank": 16}}), "spec.method.lora.rank", "unknown field"),
+    # ---- resources ----
+    Case("zero-nodes", "ftj", spec(resources={"nodes": 0}), "spec.resources.nodes", "greater than or equal to 1"),
+    Case("seventeen-gpus", "ftj", spec(resources={"gpusPerNode": 17}), "spec.resources.gpusPerNode",
+         "less than or equal to 16"),
+    Case("nodes-as-string", "ftj", spec(resources={"nodes": "2"}), "spec.resources.nodes", "integer",
+         server="must be of type integer", client="Input should be a valid integer"),
+    Case("bad-cpu-quantity", "ftj", spec(resources={"cpu": "lots"}), "spec.resources.cpu",
+         "must be a Kubernetes quantity such as 4, 500m or 64Gi"),
+    Case("bad-memory-unit", "ftj", spec(resources={"memory": "64GB"}), "spec.resources.memory",
+         "must be a Kubernetes quantity"),
+    Case("bad-gpu-resource-name", "ftj", spec(resources={"gpuResourceName": "nvidia gpu"}),
+         "spec.resources.gpuResourceName", "must be an extended resource name such as nvidia.com/gpu"),
+    Case("toleration-exists-with-value", "ftj",
+         spec(resources={"tolerations": [{"key": "gpu", "operator": "Exists", "value": "yes"}]}),
+         "spec.resources.tolerations[0].value", "remove value or use operator Equal"),
+    Case("fp16-on-cpu", "ftj", spec(resources={"gpusPerNode": 0}, hyperparameters={"precision": "fp16"}),
+         "spec.hyperparameters.precision", "precision fp16 needs GPUs"),
+    # ---- distributed ----
+    Case("zero-stage-four", "ftj", spec(distributed={"deepspeed": {"zeroStage": 4}}),
+         "spec.distributed.deepspeed.zeroStage", "less than or equal to 3"),
+    Case("deepspeed-block-with-ddp", "ftj",
+         spec(distributed={"strategy": "ddp", "deepspeed": {"offload": "optimizer"}}), "spec.distributed.deepspeed",
+         "only applies with strategy deepspeed: remove it or set distributed.strategy: deepspeed"),
+    Case("offload-all-needs-zero3", "ftj", spec(distributed={"deepspeed": {"zeroStage": 2, "offload": "all"}}),
+         "spec.distributed.deepspeed.offload", "offload all (parameters too) needs zeroStage 3"),
+    Case("offload-needs-zero", "ftj", spec(distributed={"deepspeed": {"zeroStage": 0, "offload": "optimizer"}}),
+         "spec.distributed.deepspeed.offload", "needs zeroStage 1 or more"),
+    # ---- hyperparameters ----
+    Case("zero-learning-rate", "ftj", spec(hyperparameters={"learningRate": 0}),
+         "spec.hyperparameters.learningRate", "greater than 0"),
+    Case("negative-learning-rate", "ftj", spec(hyperparameters={"learningRate": -1e-4}),
+         "spec.hyperparameters.learningRate", "greater than 0"),
+    # ---- data ----
+    Case("no-training-data", "ftj", spec(dataset={"train": DELETE, "validationSplit": 0.1}), "spec.dataset",
+         "dataset needs training data: set dataset.train.uri, or dataset.mixture"),
+    Case("validation-split-too-big", "ftj", spec(dataset={"validationSplit": 0.6}), "spec.dataset.validationSplit",
+         "less than or equal to 0.5"),
+    Case("validation-split-zero", "ftj", spec(dataset={"validationSplit": 0}), "spec.dataset.validationSplit",
+         "greater than 0"),
+    Case("validation-and-split", "ftj",
+         spec(dataset={"validation": {"uri": "s3://data/val.jsonl"}, "validationSplit": 0.1}),
+         "spec.dataset.validationSplit", "set dataset.validation or dataset.validationSplit, not both"),
+    Case("data-uri-with-space", "ftj", spec(dataset={"train": {"uri": "s3://data/my file.jsonl"}}),
+         "spec.dataset.train.uri", "must be s3://bucket/key, pvc://claim/path, file:///path"),
+    Case("packing-with-prefix", "ftj", spec(method={"type": "prefix"}, dataset={"packing": True}),
+         "spec.dataset.packing", "dataset.packing does not work with virtual-token methods"),
+    Case("replay-fraction-one", "ftj", spec(dataset={"replay": {"uri": "s3://data/old.jsonl", "fraction": 1.0}}),
+         "spec.dataset.replay.fraction", "less than 1"),
+    Case("ewc-with-zero3", "ftj",
+         spec(dataset={"replay": {"uri": "s3://data/old.jsonl", "ewcLambda": 0.5}},
+              distributed={"deepspeed": {"zeroStage": 3}}),
+         "spec.dataset.replay.ewcLambda", "does not work with ZeRO-3"),
+    Case("mixture-weight-zero", "ftj",
+         spec(dataset={"train": DELETE, "mixture": [{"uri": "s3://data/a.jsonl", "weight": 0}]}),
+         "spec.dataset.mixture[0].weight", "greater than 0"),
+    # ---- evaluation ----
+    Case("early-stopping-without-validation", "ftj", spec(evaluation={"earlyStopping": {"patience": 2}}),
+         "spec.evaluation.earlyStopping", "evaluation.earlyStopping needs validation data"),
+    Case("early-stopping-metric-not-computed", "ftj",
+         spec(dataset={"validationSplit": 0.1}, evaluation={"earlyStopping": {"metric": "bleu"}}),
+         "spec.evaluation.earlyStopping.metric", "add the metric to evaluation.metrics"),
+    Case("early-stopping-without-evaluations", "ftj",
+         spec(dataset={"validationSplit": 0.1}, evaluation={"strategy": "no", "earlyStopping": {}}),
+         "spec.evaluation.earlyStopping", "set evaluation.strategy to auto, steps or epoch"),
+    Case("steps-without-every-steps", "ftj", spec(evaluation={"strategy": "steps"}), "spec.evaluation.everySteps",
+         "evaluation.strategy steps needs evaluation.everySteps"),
+    Case("unknown-metric", "ftj", spec(evaluation={"metrics": ["perplexity", "bleurt"]}), "spec.evaluation.metrics[1]",
+         "bleu", server="supported values", client="Input should be"),
+    # ---- storage and outputs ----
+    Case("storage-not-s3", "ftj", spec(storage={"uri": "https://bucket.example.com/runs"}), "spec.storage.uri",
+         "storage.uri must look like s3://bucket or s3://bucket/prefix"),
+    Case("storage-bucket-uppercase", "ftj", spec(storage={"uri": "s3://My_Bucket/runs"}), "spec.storage.uri",
+         "storage.uri must look like s3://bucket"),
+    Case("storage-missing", "ftj", spec(storage=DELETE), "spec.storage", "required",
+         server="Required value", client="Field required"),
+    Case("endpoint-without-scheme", "ftj", spec(storage={"endpoint": "minio:9000"}), "spec.storage.endpoint",
+         "storage.endpoint must be an http:// or https:// URL"),
+    Case("secret-name-invalid", "ftj", spec(storage={"secretRef": {"name": "S3_Creds"}}),
+         "spec.storage.secretRef.name", "secretRef.name must be the name of a Secret"),
+    Case("base-model-bad-scheme", "ftj", spec(baseModel={"uri": "gs://models/llama"}), "spec.baseModel.uri",
+         "baseModel.uri must be hf://org/name, s3://bucket/path, pvc://claim/path or file:///path"),
+    Case("merged-model-with-prefix", "ftj", spec(method={"type": "prefix"}, output={"mergedModel": True}),
+         "spec.output.mergedModel", "works only with method.type lora or qlora"),
+    # ---- pods and policy ----
+    Case("reserved-env-name", "ftj", spec(env=[{"name": "KUBETUNE_CONFIG", "value": "x"}]), "spec.env[0].name",
+         "env names starting with KUBETUNE_ are reserved"),
+    Case("env-value-and-value-from", "ftj",
+         spec(env=[{"name": "TOKEN", "value": "x", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]),
+         "spec.env[0]", "takes value or valueFrom, not both"),
+    Case("queue-name-invalid", "ftj", spec(runPolicy={"queueName": "Team A"}), "spec.runPolicy.queueName",
+         "must be the name of a Kueue LocalQueue"),
+    Case("too-many-restarts", "ftj", spec(runPolicy={"maxRestarts": 101}), "spec.runPolicy.maxRestarts",
+         "less than or equal to 100"),
+    Case("job-name-too-long", "ftj", {"metadata": {"name": LONG_NAME}}, "metadata.name",
+         "must be at most 63 characters"),
+    # ---- AdapterDeployment ----
+    Case("duplicate-adapter-names", "adep",
+         spec(adapters=[{"name": "a", "source": "s3://x/a/"}, {"name": "a", "source": "s3://x/b/"}]),
+         "spec.adapters", "adapter names must be unique"),
+    Case("adapter-with-both-sources", "adep",
+         spec(adapters=[{"name": "a", "source": "s3://x/a/", "fineTuneJobRef": {"name": "job"}}]),
+         "spec.adapters[0]", "each adapter needs exactly one of source"),
+    Case("adapter-without-source", "adep", spec(adapters=[{"name": "a"}]), "spec.adapters[0]",
+         "each adapter needs exactly one of source"),
+    Case("adapter-name-not-dns", "adep", spec(adapters=[{"name": "Support_Bot", "source": "s3://x/a/"}]),
+         "spec.adapters[0].name", "adapter name must be a DNS-1123 label"),
+    Case("adapter-source-ftp", "adep", spec(adapters=[{"name": "a", "source": "ftp://x/a/"}]),
+         "spec.adapters[0].source", "adapter source must be s3://bucket/path"),
+    Case("replicas-and-autoscaling", "adep", spec(replicas=2, autoscaling={"maxReplicas": 4}), "spec.replicas",
+         "set replicas or autoscaling, not both"),
+    Case("autoscaling-max-below-min", "adep", spec(autoscaling={"minReplicas": 3, "maxReplicas": 2}),
+         "spec.autoscaling.maxReplicas", "maxReplicas must be >= autoscaling.minReplicas"),
+    Case("vllm-without-gpu", "adep", spec(runtime="vllm"), "spec.resources.gpus", "runtime vllm needs a GPU"),
+    Case("vllm-block-with-builtin", "adep", spec(vllm={"maxLoras": 2}), "spec.vllm",
+         "spec.vllm only applies to runtime vllm"),
+    Case("service-port-out-of-range", "adep", spec(service={"port": 70000}), "spec.service.port",
+         "less than or equal to 65535"),
+    Case("adapterdeployment-name-too-long", "adep", {"metadata": {"name": LONG_NAME}}, "metadata.name",
+         "must be at most 63 characters"),
+]  # fmt: skip
+
+LOADERS = {"ftj": load_finetunejob, "adep": load_adapterdeployment}
+
+
+def client_error(case: Case) -> str:
+    with pytest.raises(InvalidManifestError) as info:
+        LOADERS[case.kind](case.manifest())
+    return str(info.value)
+
+
+def test_table_is_big_and_ids_unique() -> None:
+    assert len(INVALID) >= 30
+    assert len({c.id for c in INVALID}) == len(INVALID)
+
+
+def test_the_valid_bases_are_valid() -> None:
+    load_finetunejob(finetunejob())
+    load_adapterdeployment(adapterdeployment())
+
+
+@pytest.mark.parametrize("case", INVALID, ids=lambda c: c.id)
+def test_client_rejects_naming_field_and_fix(case: Case) -> None:
+    message = client_error(case)
+    # Lines read "  <field path>: <message>", like the API server's.
+    assert f"  {case.path}: " in message, message
+    assert (case.client or case.fix) in message, message

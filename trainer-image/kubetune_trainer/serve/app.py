@@ -1,0 +1,486 @@
+"""The HTTP API: OpenAI-compatible completions, chat, models; vLLM's adapter endpoints; probes.
+
+Handlers parse and validate on the event loop (tokenizing is fast), hand rows to the engine and
+await their events on an asyncio queue; nothing here waits on torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kubetune_trainer.data import chat_template_for
+
+from .config import check_adapter_name
+from .errors import NOT_FOUND, SERVER_ERROR, APIError, from_validation_error
+from .metrics import UNKNOWN_MODEL
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoraAdapterRequest,
+    UnloadLoraAdapterRequest,
+    Unsupported,
+)
+from .rows import Failed, Finished, ModelNotLoadedError, Row, RowEvent, TextDelta
+from .sources import SourceError, SourceNotFoundError
+
+if TYPE_CHECKING:
+    from .server import ModelServer
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def _error(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _parse(request: Request, model: type[M]) -> M:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+class _Generation:
+    """One completion/chat request: its rows, their events, and the response it builds."""
+
+    def __init__(self, server: ModelServer, endpoint: str, model_name: str, stream: bool):
+        self.server = server
+        self.endpoint = endpoint
+        self.model_name = model_name
+        self.stream = stream
+        self.id = ("chatcmpl-" if endpoint == CHAT else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.start = time.monotonic()
+        self.first_token_at: float | None = None
+        self.rows: list[Row] = []
+        self.queue: asyncio.Queue[tuple[int, RowEvent]] = asyncio.Queue()
+        self.loop = asyncio.get_running_loop()
+
+    def add_row(self, **kwargs: Any) -> None:
+        index = len(self.rows)
+
+        def sink(event: RowEvent) -> None:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+
+        self.rows.append(Row(sink=sink, **kwargs))
+
+    def submit(self) -> None:
+        for row in self.rows:
+            self.server.engine.submit(row)
+
+    def cancel(self) -> None:
+        for row in self.rows:
+            if not row.done:
+                row.cancelled = True
+
+    def note_text(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+            self.server.metrics.ttft.labels(self.model_name).observe(self.first_token_at - self.start)
+
+    def record(self, status: int, usage: dict[str, int] | None) -> None:
+        m = self.server.metrics
+        m.requests.labels(self.model_name, self.endpoint, str(status)).inc()
+        m.latency.labels(self.model_name, self.endpoint).observe(time.monotonic() - self.start)
+        if usage:
+            m.prompt_tokens.labels(self.model_name).inc(usage["prompt_tokens"])
+            m.completion_tokens.labels(self.model_name).inc(usage["completion_tokens"])
+
+
+def _row_error(exc: BaseException, model: str) -> APIError:
+    if isinstance(exc, ModelNotLoadedError):
+        return APIError(
+            404,
+            f"The model '{model}' was unloaded while the request waited.",
+            type=NOT_FOUND,
+            code="model_not_found",
+        )
+    return APIError(500, f"generation failed: {exc}", type=SERVER_ERROR)
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def build_app(server: ModelServer) -> FastAPI:
+    app = FastAPI(title="kubetune model server", docs_url=None, redoc_url=None, openapi_url=None)
+    admin_lock = asyncio.Lock()  # load/unload requests run one at a time: each is short, order matters
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = NOT_FOUND if exc.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return _error(APIError(exc.status_code, message, type=kind))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(APIError(400, f"invalid request: {exc.errors()[0].get('msg')}"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        return _error(APIError(500, f"internal server error: {exc}", type=SERVER_ERROR))
+
+    # ---------------------------------------------------------------- probes and metrics
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if server.fatal is not None:
+            return JSONResponse({"status": "failed", "error": str(server.fatal)}, status_code=503)
+        if not server.engine.running:
+            return JSONResponse(
+                {"status": "failed", "error": "the engine thread is not running"}, status_code=503
+            )
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        ok, detail = server.readiness()
+        return JSONResponse(detail, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # ---------------------------------------------------------------- models
+
+    def cards() -> list[dict[str, Any]]:
+        with server._lock:
+            out = []
+            max_len = server.lm.max_model_len if server.lm is not None else None
+            if server.base_name and server.lm is not None:
+                out.append(_card(server.base_name, server.created, server.base_source, None, max_len))
+            for name, s in sorted(server.adapters.items()):
+                if s.loaded:
+                    out.append(_card(name, server.created, s.source, server.base_name, max_len))
+            return out
+
+    @app.get("/v1/models")
+    async def list_models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": cards()})
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str) -> JSONResponse:
+        for card in cards():
+            if card["id"] == model_id:
+                return JSONResponse(card)
+        raise _unknown_model(model_id)
+
+    def _unknown_model(name: str | None) -> APIError:
+        available = ", ".join(server.model_names()) or "none (still loading)"
+        if name is None:
+            return APIError(
+                400, f"no model given and no default model: set 'model' to one of: {available}", param="model"
+            )
+        return APIError(
+            404,
+            f"The model '{name}' does not exist. Available models: {available}",
+            type=NOT_FOUND,
+            param="model",
+            code="model_not_found",
+        )
+
+    # ---------------------------------------------------------------- generation
+
+    def _limits(
+        gen: _Generation, ids: list[int], max_tokens: int | None, default: int | None, index: int
+    ) -> int:
+        lm = server.lm
+        limit = lm.max_model_len
+        where = f"prompt {index}" if index else "the prompt"
+        if not ids:
+            raise APIError(400, f"{where} is empty: it encodes to no tokens", param="prompt")
+        bad = next((t for t in ids if not 0 <= t < lm.vocab_size), None)
+        if bad is not None:
+            raise APIError(
+                400,
+                f"{where} has token id {bad}, outside the vocabulary (0..{lm.vocab_size - 1})",
+                param="prompt",
+            )
+        room = limit - len(ids)
+        if max_tokens is None:
+            max_tokens = min(default, room) if default is not None else room
+            if room < 1:
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {limit} tokens, and {where} already has "
+                    f"{len(ids)} tokens: shorten it",
+                    param="messages" if gen.endpoint == CHAT else "prompt",
+                    code="context_length_exceeded",
+                )
+        elif len(ids) + max_tokens > limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(ids) + max_tokens} tokens ({len(ids)} in {where}, {max_tokens} for the completion). "
+                "Reduce the prompt or max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return max_tokens
+
+    async def _start(
+        request: Request, endpoint: str, cls: type[Any], label: list[str]
+    ) -> tuple[_Generation, Any]:
+        req = await _parse(request, cls)
+        try:
+            req.check_supported()
+        except Unsupported as exc:
+            raise APIError(400, str(exc), param=exc.param, code="unsupported_parameter") from None
+        target = server.resolve_model(req.model)
+        if target is None:
+            raise _unknown_model(req.model)
+        name = server.engine.label(target)  # the adapter name, or the base model's served name
+        label[0] = name
+        gen = _Generation(server, endpoint, name, req.stream)
+        tok = server.lm.tokenizer
+        if endpoint == CHAT:
+            messages = [{"role": m.role, "content": m.content} for m in req.messages]
+            try:
+                text = tok.apply_chat_template(
+                    messages, chat_template=chat_template_for(tok), add_generation_prompt=True, tokenize=False
+                )
+            except Exception as exc:  # jinja errors and templates' raise_exception(...)
+                raise APIError(
+                    400, f"the model's chat template rejected the messages: {exc}", param="messages"
+                ) from None
+            # The template writes BOS and role markers itself (as training rendered chats).
+            prompts: list[list[int]] = [tok(text, add_special_tokens=False).input_ids]
+            default = None
+        else:
+            prompts = [tok(p).input_ids if isinstance(p, str) else p for p in req.prompt]
+            default = DEFAULT_COMPLETION_MAX_TOKENS
+        for i, ids in enumerate(prompts):
+            max_tokens = _limits(gen, ids, req.max_tokens, default, i)
+            gen.add_row(
+                prompt_ids=ids,
+                model=target,
+                max_tokens=max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                seed=req.seed,
+                stop=req.stop,
+                ignore_eos=req.ignore_eos,
+            )
+        return gen, req
+
+    async def _generate(request: Request, endpoint: str, cls: type[Any]) -> Response:
+        label = [UNKNOWN_MODEL]  # until the model is known (bad JSON, unknown model ...)
+        try:
+            gen, req = await _start(request, endpoint, cls, label)
+        except APIError as exc:
+            server.metrics.requests.labels(label[0], endpoint, str(exc.status)).inc()
+            raise
+        gen.submit()
+        if req.stream:
+            return StreamingResponse(
+                _stream(gen, req, endpoint == CHAT),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        return await _complete(gen, endpoint == CHAT)
+
+    @app.post(COMPLETIONS)
+    async def completions(request: Request) -> Response:
+        return await _generate(request, COMPLETIONS, CompletionRequest)
+
+    @app.post(CHAT)
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(request, CHAT, ChatCompletionRequest)
+
+    # ---------------------------------------------------------------- adapters (vLLM's endpoints)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> Response:
+        req = await _parse(request, LoadLoraAdapterRequest)
+        if not req.lora_name or not req.lora_path:
+            raise APIError(400, "Both 'lora_name' and 'lora_path' must be provided.", type="InvalidUserInput")
+        try:
+            check_adapter_name(req.lora_name, field="lora_name")
+        except ValueError as exc:
+            raise APIError(400, str(exc), type="InvalidUserInput", param="lora_name") from None
+        async with admin_lock:
+            state = server.adapters.get(req.lora_name)
+            if state is not None and state.loaded and not req.load_inplace:
+                raise APIError(
+                    400,
+                    f"The lora adapter '{req.lora_name}' has already been loaded.",
+                    type="InvalidUserInput",
+                    param="lora_name",
+                )
+            try:
+                await asyncio.to_thread(
+                    server.load_adapter, req.lora_name, req.lora_path, replace=req.load_inplace
+                )
+            except SourceNotFoundError as exc:
+                raise APIError(404, str(exc), type=NOT_FOUND, param="lora_path") from None
+            except (SourceError, ValueError) as exc:
+                raise APIError(400, str(exc), type="BadRequestError", param="lora_path") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> Response:
+        req = await _parse(request, UnloadLoraAdapterRequest)
+        if not req.lora_name:
+            raise APIError(400, "'lora_name' must be provided.", type="InvalidUserInput", param="lora_name")
+        async with admin_lock:
+            try:
+                await asyncio.to_thread(server.unload_adapter, req.lora_name)
+            except KeyError:
+                raise APIError(
+                    404,
+                    f"The lora adapter '{req.lora_name}' cannot be found.",
+                    type=NOT_FOUND,
+                    param="lora_name",
+                ) from None
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
+
+    return app
+
+
+def _card(
+    name: str, created: int, root: str | None, parent: str | None, max_len: int | None
+) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "kubetune",
+        "root": root,
+        "parent": parent,
+        "max_model_len": max_len,
+    }
+
+
+async def _complete(gen: _Generation, chat: bool) -> Response:
+    texts: list[list[str]] = [[] for _ in gen.rows]
+    finished: dict[int, Finished] = {}
+    status, usage = 500, None
+    try:
+        while len(finished) < len(gen.rows):
+            index, event = await gen.queue.get()
+            if isinstance(event, TextDelta):
+                gen.note_text()
+                texts[index].append(event.text)
+            elif isinstance(event, Finished):
+                finished[index] = event
+            elif isinstance(event, Failed):
+                err = _row_error(event.error, gen.model_name)
+                status = err.status
+                return _error(err)
+        usage = _usage(
+            sum(f.prompt_tokens for f in finished.values()),
+            sum(f.completion_tokens for f in finished.values()),
+        )
+        choices: list[dict[str, Any]]
+        if chat:
+            choices = [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(texts[0])},
+                    "logprobs": None,
+                    "finish_reason": finished[0].reason,
+                }
+            ]
+            obj = "chat.completion"
+        else:
+            choices = [
+                {"index": i, "text": "".join(texts[i]), "logprobs": None, "finish_reason": finished[i].reason}
+                for i in range(len(gen.rows))
+            ]
+            obj = "text_completion"
+        status = 200
+        return JSONResponse(
+            {
+                "id": gen.id,
+                "object": obj,
+                "created": gen.created,
+                "model": gen.model_name,
+                "choices": choices,
+                "usage": usage,
+            }
+        )
+    finally:
+        gen.cancel()
+        gen.record(status, usage if status == 200 else None)
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def _stream(gen: _Generation, req: Any, chat: bool) -> AsyncIterator[str]:
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    head = {"id": gen.id, "object": obj, "created": gen.created, "model": gen.model_name}
+
+    def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> str:
+        if chat:
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        body = {**head, "choices": [choice]}
+        if req.include_usage:
+            body["usage"] = None
+        return _sse(body)
+
+    status, prompt_tokens, completion_tokens = 200, 0, 0
+    done = 0
+    try:
+        if chat:
+            yield chunk(0, "", None, role=True)
+        while done < len(gen.rows):
+            index, event = await gen.queue.get()
+            if isinstance(event, TextDelta):
+                gen.note_text()
+                yield chunk(index, event.text, None)
+            elif isinstance(event, Finished):
+                done += 1
+                prompt_tokens += event.prompt_tokens
+                completion_tokens += event.completion_tokens
+                yield chunk(index, "" if not chat else None, event.reason)
+            elif isinstance(event, Failed):
+                err = _row_error(event.error, gen.model_name)
+                status = err.status
+                yield _sse(err.body())
+                break
+        if status == 200 and req.include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+        yield "data: [DONE]\n\n"
+    finally:
+        # Also runs when the client disconnects: the engine drops the rest of its rows.
+        gen.cancel()
+        usage = _usage(prompt_tokens, completion_tokens) if status == 200 and done == len(gen.rows) else None
+        gen.record(status if done == len(gen.rows) or status != 200 else 499, usage)

@@ -1,0 +1,227 @@
+"""The engine: one worker thread that owns the model, collects rows into batches and runs them.
+
+Nothing else touches the model once serving starts: HTTP handlers put rows (and commands such
+as "load this adapter") on a queue and wait on asyncio queues/futures, so the event loop never
+blocks on torch, and loading an adapter never races a batch.
+
+Batching: the worker takes the first queued row, then keeps taking rows until ``max_batch_size``,
+until no new row has arrived for ``batch_window_ms``, or until the first row has waited
+``batch_max_wait_ms``. Rows that piled up while the previous batch ran start at once; a burst of
+requests (clients that all got their answers from the last batch) is collected even when its
+arrivals are spread over more than one window, and a lone request waits one window. With
+``scheduling="mixed"`` the whole batch is one ``generate()`` call whatever adapters its rows use
+(PEFT's ``adapter_names``); the other modes are the baselines the benchmark compares against.
+
+Isolation: a row whose adapter was unloaded meanwhile fails alone before the batch starts. If
+``generate()`` raises for a batch, each row that has not produced output yet is retried alone,
+so only the row that causes the error fails.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .config import BASE_ROW, Scheduling
+from .metrics import ServerMetrics
+from .rows import Failed, ModelNotLoadedError, Row
+
+if TYPE_CHECKING:
+    from .model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Command:
+    fn: Callable[[], Any]
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+_STOP = object()
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        max_batch_size: int = 16,
+        batch_window_ms: float = 10.0,
+        batch_max_wait_ms: float = 100.0,
+        scheduling: Scheduling = "mixed",
+        metrics: ServerMetrics | None = None,
+    ):
+        self.max_batch_size = max_batch_size
+        self.window_s = batch_window_ms / 1000.0
+        self.max_wait_s = max(batch_max_wait_ms, batch_window_ms) / 1000.0
+        self.scheduling = scheduling
+        self.metrics = metrics or ServerMetrics()
+        self.lm: LoadedModel | None = None
+        self.base_name = BASE_ROW  # label used for base-model rows in metrics
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        # Whoever touches the model holds this: the worker, or a caller running a command inline
+        # before the worker starts (several loader threads may do that at once).
+        self._model_lock = threading.Lock()
+        self.batches_run = 0
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="kubetune-engine", daemon=True)
+            self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+            self._thread = None
+
+    # ------------------------------------------------------------------ client side (any thread)
+
+    def submit(self, row: Row) -> None:
+        self._queue.put(row)
+        self.metrics.queue_depth.inc()
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the worker thread between batches (directly when the worker is not running)."""
+        cmd = _Command(fn)
+        if not self.running:
+            self._run_command(cmd)
+        else:
+            self._queue.put(cmd)
+            self.metrics.queue_depth.inc()
+        return cmd.future
+
+    def label(self, model: str) -> str:
+        return self.base_name if model == BASE_ROW else model
+
+    # ------------------------------------------------------------------ worker thread
+
+    def _take(self, **kwargs: Any) -> Any:
+        item = self._queue.get(**kwargs)
+        if item is not _STOP:
+            self.metrics.queue_depth.dec()
+        return item
+
+    def _loop(self) -> None:
+        while True:
+            item = self._take()
+            if item is _STOP:
+                return
+            if isinstance(item, _Command):
+                self._run_command(item)
+                continue
+            batch: list[Row] = [item]
+            after: Any = None
+            cap = item.enqueued_at + self.max_wait_s
+            last_arrival = item.enqueued_at
+            while len(batch) < self.max_batch_size:
+                wait = min(cap, last_arrival + self.window_s) - time.monotonic()
+                try:
+                    nxt = self._take(timeout=wait) if wait > 0 else self._take(block=False)
+                except queue.Empty:
+                    break
+                if isinstance(nxt, Row):
+                    batch.append(nxt)
+                    last_arrival = max(last_arrival, nxt.enqueued_at)
+                else:  # a command or stop: run the batch first, then it
+                    after = nxt
+                    break
+            try:
+                with self._model_lock:
+                    self._run_batch(batch)
+            except BaseException:  # never let one batch kill the worker
+                log.exception("batch failed unexpectedly")
+                for row in batch:
+                    row.send(Failed(RuntimeError("internal error while generating")))
+            if after is _STOP:
+                return
+            if after is not None:
+                self._run_command(after)
+
+    def _run_command(self, cmd: _Command) -> None:
+        if not cmd.future.set_running_or_notify_cancel():
+            return
+        try:
+            with self._model_lock:
+                result = cmd.fn()
+        except BaseException as exc:
+            cmd.future.set_exception(exc)
+        else:
+            cmd.future.set_result(result)
+
+    def _run_batch(self, rows: list[Row]) -> None:
+        now = time.monotonic()
+        live: list[Row] = []
+        for row in rows:
+            if row.cancelled:
+                continue
+            if self.lm is None or not self.lm.has(row.model):
+                self._fail(
+                    row, ModelNotLoadedError(f"model '{self.label(row.model)}' is not loaded any more")
+                )
+                continue
+            self.metrics.queue_wait.observe(now - row.enqueued_at)
+            live.append(row)
+        if not live:
+            return
+        self.batches_run += 1
+        try:
+            self._generate(live)
+        except Exception as exc:
+            if len(live) == 1:
+                self._fail(live[0], exc)
+                return
+            log.warning("a batch of %d failed (%s): retrying its rows one by one", len(live), exc)
+            for row in live:
+                if row.emitted:  # text already went out: a retry would repeat it
+                    self._fail(row, exc)
+                    continue
+                try:
+                    self._generate([row])
+                except Exception as row_exc:
+                    self._fail(row, row_exc)
+
+    def _fail(self, row: Row, exc: BaseException) -> None:
+        if row.done:
+            return
+        if not isinstance(exc, ModelNotLoadedError):
+            log.error("request for model %s failed: %s", self.label(row.model), exc, exc_info=exc)
+        self.metrics.row_failures.labels(self.label(row.model)).inc()
+        row.send(Failed(exc))
+
+    def _generate(self, rows: list[Row]) -> None:
+        from .decoding import generate_rows  # torch: imported by the worker, not at import time
+
+        lm = self.lm
+        assert lm is not None
+        common: dict[str, Any] = {"device": lm.device, "eos_ids": lm.eos_ids, "pad_id": lm.pad_id}
+        if self.scheduling == "mixed":
+            names = [r.model for r in rows] if lm.is_peft else None
+            self.metrics.observe_batch(self.label(r.model) for r in rows)
+            generate_rows(lm.model, lm.tokenizer, rows, adapter_names=names, **common)
+            return
+        groups: list[list[Row]]
+        if self.scheduling == "per_adapter":
+            by_model: dict[str, list[Row]] = {}
+            for r in rows:
+                by_model.setdefault(r.model, []).append(r)
+            groups = list(by_model.values())
+        else:  # sequential: one request at a time, switching the active adapter each time
+            groups = [[r] for r in rows]
+        for group in groups:
+            self.metrics.observe_batch(self.label(r.model) for r in group)
+            with lm.activated(group[0].model):
+                generate_rows(lm.model, lm.tokenizer, group, **common)

@@ -1,0 +1,204 @@
+"""Request bodies of the OpenAI (and vLLM adapter) endpoints, validated with pydantic.
+
+Types are strict (a number where a string belongs is an error, not coerced), fields clients
+commonly send that the server does not act on (``user``) are ignored, and parameters the server
+does not implement are rejected when set to anything but their neutral value, so a request
+never silently gets a different behaviour than it asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_SEQUENCES = 16
+
+
+class Unsupported(ValueError):
+    """A parameter the server does not implement was set; ``param`` names it."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = Field(None, description="adapter name or base model name; default: see set_adapter")
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = 1
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: Any = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, Any] | None = None
+    user: str | None = None
+    ignore_eos: bool = Field(False, description="vLLM extension: generate max_tokens tokens even after EOS")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, value: Any) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise ValueError("must be a string or an array of strings")
+        if any(s == "" for s in items):
+            raise ValueError("stop sequences must not be empty strings")
+        if len(items) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are supported, got {len(items)}")
+        return tuple(items)
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and not isinstance(value.get("include_usage", False), bool):
+            raise ValueError("include_usage must be a boolean")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+    def check_supported(self) -> None:
+        """Reject parameters the server cannot honour (400 naming the parameter)."""
+        if self.n != 1:
+            raise Unsupported(
+                "n", f"n={self.n} is not supported: this server returns one choice per prompt (n=1)"
+            )
+        if self.presence_penalty or self.frequency_penalty:
+            param = "presence_penalty" if self.presence_penalty else "frequency_penalty"
+            raise Unsupported(param, f"{param} is not supported by this server: leave it at 0")
+        if self.logit_bias:
+            raise Unsupported("logit_bias", "logit_bias is not supported by this server")
+        if self.stream_options is not None and not self.stream:
+            raise Unsupported("stream_options", "stream_options is only allowed with stream=true")
+
+
+class CompletionRequest(_Request):
+    prompt: Any = Field(..., description="a string, an array of strings, or token ids")
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value: Any) -> list[str | list[int]]:
+        msg = "must be a string, an array of strings, an array of token ids, or an array of such arrays"
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list) or not value:
+            raise ValueError(msg if not isinstance(value, list) else "must not be an empty array")
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+            return [list(value)]
+        out: list[str | list[int]] = []
+        for item in value:
+            if isinstance(item, str):
+                out.append(item)
+            elif (
+                isinstance(item, list)
+                and item
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in item)
+            ):
+                out.append(list(item))
+            else:
+                raise ValueError(msg)
+        return out
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise Unsupported("echo", "echo is not supported by this server")
+        if self.logprobs is not None:
+            raise Unsupported("logprobs", "logprobs is not supported by this server")
+        if self.best_of not in (None, 1):
+            raise Unsupported("best_of", f"best_of={self.best_of} is not supported (only 1)")
+        if self.suffix:
+            raise Unsupported("suffix", "suffix (insertion) is not supported by this server")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: str
+    content: Any = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, value: Any) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            parts = []
+            for part in value:
+                if (
+                    not isinstance(part, dict)
+                    or part.get("type") != "text"
+                    or not isinstance(part.get("text"), str)
+                ):
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise ValueError(f"only text content parts are supported, got {kind!r}")
+                parts.append(part["text"])
+            return "".join(parts)
+        raise ValueError("must be a string or an array of text content parts")
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _max_tokens_alias(self) -> ChatCompletionRequest:
+        # max_completion_tokens is the newer name of max_tokens in OpenAI's chat API.
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs or self.top_logprobs:
+            raise Unsupported("logprobs", "logprobs is not supported by this server")
+        if self.tools:
+            raise Unsupported("tools", "tool calling is not supported by this server")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise Unsupported("response_format", "only response_format type 'text' is supported")
+        for i, m in enumerate(self.messages):
+            role = "system" if m.role == "developer" else m.role  # OpenAI's newer name for system
+            if role not in CHAT_ROLES:
+                raise Unsupported(
+                    f"messages[{i}].role",
+                    f"messages[{i}].role {m.role!r} is not supported: use system, user or assistant",
+                )
+            m.role = role
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    lora_name: str = ""
+    lora_path: str = ""
+    load_inplace: bool = False
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    lora_name: str = ""
+    lora_int_id: int | None = None
