@@ -56,12 +56,6 @@ def baseline_job(ns: str, name: str) -> dict:
     job = builders.job(parent, 1, Settings())
     job["metadata"].pop("ownerReferences")
     job["metadata"]["name"] = name
-    # Not kubetune's: without the operator's labels it neither watches nor caches these.
-    for m in (job["metadata"], job["spec"]["template"]["metadata"]):
-        m["labels"] = {
-            k: v for k, v in m["labels"].items() if not k.startswith(("kubetune.io/", "app.kubernetes.io/"))
-        }
-    job["spec"]["template"]["metadata"]["labels"]["bench"] = "baseline"
     # The operator also creates the per-job ServiceAccount; the bare client uses the default one.
     job["spec"]["template"]["spec"]["serviceAccountName"] = "default"
     return job
@@ -145,9 +139,7 @@ def main() -> int:
             try:
                 for crd in sorted((REPO / "crds").glob("*.yaml")):
                     cp.kubectl("apply", "--server-side", "-f", str(crd))
-                cp.kubectl(
-                    "wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s"
-                )
+                cp.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
                 base = run_baseline(cp, n, args.threads)
                 op = OperatorProcess(cp.kubeconfig, Path(tmp) / "operator", resync_seconds=300).start()
                 try:
@@ -157,19 +149,11 @@ def main() -> int:
                     op.stop()
             finally:
                 cp.stop()
-        row = {
-            "n": n,
-            "baseline_s": round(base, 2),
-            "operator_s": round(opt, 2),
-            "ratio": round(opt / base, 2),
-            "operator_peak_rss_mb": round(rss, 1),
-        }
+        row = {"n": n, "baseline_s": round(base, 2), "operator_s": round(opt, 2), "ratio": round(opt / base, 2),
+               "operator_peak_rss_mb": round(rss, 1)}
         results.append(row)
-        print(
-            f"N={n:5d}  baseline {base:7.1f}s  operator {opt:7.1f}s  ratio {opt / base:5.2f}  "
-            f"operator peak RSS {rss:6.1f} MB",
-            flush=True,
-        )
+        print(f"N={n:5d}  baseline {base:7.1f}s  operator {opt:7.1f}s  ratio {opt / base:5.2f}  "
+              f"operator peak RSS {rss:6.1f} MB", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
