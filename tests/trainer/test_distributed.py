@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -158,12 +159,25 @@ def test_deepspeed_zero_lora_on_two_cpu_processes(
     if stage == 3:
         # Resume under ZeRO-3 from the sharded checkpoint of the first run.
         res = _torchrun(
-            _job(tiny_model_dir, dist_data, out, deepspeed={"zero_stage": 3}, max_steps=6, resume="auto"),
+            _job(
+                tiny_model_dir,
+                dist_data,
+                out,
+                deepspeed={"zero_stage": 3},
+                max_steps=6,
+                resume="auto",
+                # Generation under ZeRO-3 needs every rank in each forward (synced_gpus).
+                metrics=["perplexity", "exact_match"],
+                eval_max_examples=4,
+                eval_max_new_tokens=6,
+            ),
             tmp_path,
             "z3b",
         )
         assert "resuming from local checkpoint" in res.stderr + res.stdout
         assert (out / "checkpoints" / "checkpoint-6").is_dir()
+        metrics = json.loads((out / "metrics.json").read_text())["eval"]
+        assert 0.0 <= metrics["eval_exact_match"] <= 1.0 and metrics["eval_perplexity"] > 1.0
         _assert_complete_adapter(out, tiny_model_dir)
 
 

@@ -519,7 +519,7 @@ def load_job_file(path: str | os.PathLike[str]) -> FinetuningConfig:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if isinstance(data, dict) and data.get("kind") == "FineTuneJob":
         try:
-            from kubetune_operator.convert import finetunejob_to_config  # type: ignore[import-not-found]
+            from kubetune_operator.convert import finetunejob_to_config
         except ImportError:
             raise ConfigError(
                 f"{p} is a FineTuneJob manifest, and converting manifests needs the operator package "

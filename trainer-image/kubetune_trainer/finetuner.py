@@ -78,7 +78,7 @@ class ModelFinetuner:
 
         cfg = self.config
         check_supported(cfg)  # before any download: QLoRA without a GPU fails here (exit 4)
-        self.precision = resolve_precision(cfg)
+        self.precision = precision = resolve_precision(cfg)
         init_distributed(use_deepspeed=cfg.deepspeed is not None)
         if cfg.deepspeed is not None and cfg.deepspeed.zero_stage == 3:
             # TrainingArguments with a ZeRO-3 config must exist before from_pretrained so the
@@ -93,7 +93,7 @@ class ModelFinetuner:
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 self.base_model_path,
-                **model_load_kwargs(cfg, self.precision),  # type: ignore[arg-type]
+                **model_load_kwargs(cfg, precision),
             )
         except OSError as exc:
             raise ConfigError(
@@ -179,7 +179,9 @@ class ModelFinetuner:
             log.info("replay data given without replay_fraction: using %.2f", replay_fraction)
         with _local_main_first(self.dist):
             # s3:// data files are downloaded once per node (local rank 0), then read by every rank.
-            train = [DataSource(_localise(s.path, scratch, self.dist), s.format, s.weight) for s in train]
+            train = [
+                DataSource(_localise(s.path, scratch, self.dist) or s.path, s.format, s.weight) for s in train
+            ]
             val_path = _localise(cfg.validation_file, scratch, self.dist)
             test_path = _localise(cfg.test_file, scratch, self.dist)
             replay_path = _localise(replay_path, scratch, self.dist)
@@ -301,7 +303,7 @@ class ModelFinetuner:
         cfg = self.config
         replay = prepare_datasets(
             self.tokenizer,
-            [DataSource(self._replay_path)],
+            [DataSource(str(self._replay_path))],
             DataOptions(max_seq_length=cfg.max_seq_length, dedupe=cfg.dedupe, seed=cfg.seed),
         ).train
         import torch
@@ -378,6 +380,9 @@ class ModelFinetuner:
                 if self.dist.is_local_rank0:
                     restored = store.restore_latest(local_root)
                     step = restored[0] if restored else None
+                    if self.dist.is_global_rank0:
+                        # Half-uploaded checkpoints of a killed attempt: this attempt will redo them.
+                        store.discard_incomplete(after_step=step)
                     local_root.mkdir(parents=True, exist_ok=True)
                     marker.write_text(json.dumps({"step": step}))
                 else:
@@ -452,7 +457,7 @@ class ModelFinetuner:
         )
         prepared = prepare_datasets(
             self.tokenizer,
-            [DataSource(path, cfg.data_format)],
+            [DataSource(str(path), cfg.data_format)],
             DataOptions(
                 max_seq_length=cfg.max_seq_length,
                 dedupe="none",
@@ -597,7 +602,7 @@ class ModelFinetuner:
             )
             return
         base = AutoModelForCausalLM.from_pretrained(
-            self.base_model_path, dtype=_dtype(self.precision or "fp32")
+            str(self.base_model_path), dtype=_dtype(self.precision or "fp32")
         )
         merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
         merged.save_pretrained(str(out / MERGED_SUBDIR))
@@ -902,7 +907,9 @@ def _stats_dict(data: Any) -> Any:
         return stats.to_dict()
     import dataclasses
 
-    return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else str(stats)
+    if dataclasses.is_dataclass(stats) and not isinstance(stats, type):
+        return dataclasses.asdict(stats)
+    return str(stats)
 
 
 def _link_or_copy(src: str, dst: str) -> str:

@@ -114,19 +114,17 @@ def model_load_kwargs(config: FinetuningConfig, precision: ResolvedPrecision) ->
 def linear_module_names(model: torch.nn.Module) -> set[str]:
     """Leaf names (``q_proj``) of Linear-like layers, excluding the output embedding."""
     import torch
+    from transformers.pytorch_utils import Conv1D  # GPT-2 style "linear" layers
 
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        Conv1D = ()
-    linear_types: tuple[type, ...] = (torch.nn.Linear, Conv1D) if Conv1D else (torch.nn.Linear,)
+    linear_types: tuple[type, ...] = (torch.nn.Linear, Conv1D)
     try:  # bitsandbytes layers are Linear subclasses already; quantised 4-bit ones too
-        import bitsandbytes as bnb  # type: ignore[import-not-found]
+        import bitsandbytes as bnb
 
         linear_types = (*linear_types, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     except ImportError:
         pass
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
     names = set()
     for full_name, module in model.named_modules():
         if isinstance(module, linear_types) and module is not output:
@@ -159,7 +157,7 @@ def detect_lora_targets(model: torch.nn.Module) -> list[str]:
     )
 
 
-def build_peft_config(config: FinetuningConfig, model: torch.nn.Module) -> PeftConfig | None:
+def build_peft_config(config: FinetuningConfig, model: Any) -> PeftConfig | None:
     """The PEFT config for ``config.method`` (None for full fine-tuning)."""
     from peft import (
         LoraConfig,
@@ -187,7 +185,7 @@ def build_peft_config(config: FinetuningConfig, model: torch.nn.Module) -> PeftC
         log.info("LoRA r=%d alpha=%s on %s", lo.r, lo.alpha, targets)
         return LoraConfig(
             r=lo.r,
-            lora_alpha=lo.alpha,
+            lora_alpha=lo.alpha,  # type: ignore[arg-type]  # PEFT scales by alpha / r: floats work
             lora_dropout=lo.dropout,
             target_modules=targets,
             bias=lo.bias,

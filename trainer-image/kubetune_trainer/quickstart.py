@@ -210,4 +210,4 @@ def run_quickstart(
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run_quickstart(*sys.argv[1:2]))
+    sys.exit(run_quickstart(sys.argv[1] if len(sys.argv) > 1 else "quickstart-output"))

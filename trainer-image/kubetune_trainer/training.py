@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from kubetune_trainer.config import FinetuningConfig
@@ -137,7 +138,7 @@ class KubetuneTrainer(Trainer):
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
-    ):  # type: ignore[no-untyped-def]
+    ):
         output = super().evaluation_loop(
             dataloader,
             description,
@@ -145,6 +146,7 @@ class KubetuneTrainer(Trainer):
             ignore_keys=ignore_keys,
             metric_key_prefix=metric_key_prefix,
         )
+        assert output.metrics is not None
         loss = output.metrics.get(f"{metric_key_prefix}_loss")
         if loss is not None:
             output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(float(loss))
@@ -157,13 +159,14 @@ class KubetuneTrainer(Trainer):
                     output.metrics[f"{metric_key_prefix}_{name}"] = value
         return output
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
         if self.ewc is None or not model.training:
             return result
         loss, outputs = result if return_outputs else (result, None)
+        assert isinstance(loss, torch.Tensor)
         penalty = self.ewc.penalty(self.accelerator.unwrap_model(model))
         # Match the Trainer's accumulation scaling: when the loss is already normalised over the
         # whole accumulated batch, the per-micro-batch penalty must be divided by the steps too.

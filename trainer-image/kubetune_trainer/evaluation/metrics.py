@@ -118,16 +118,18 @@ def classification_report(predictions: Sequence[str], references: Sequence[str])
     matrix = [[0] * len(columns) for _ in labels]
     for p, r in zip(preds, refs, strict=True):
         matrix[labels.index(r)][columns.index(p)] += 1
-    precisions, recalls, f1s = [], [], []
+    precisions: list[float] = []
+    recalls: list[float] = []
+    f1s: list[float] = []
     for i in range(len(labels)):
         tp = matrix[i][i]
         predicted = sum(row[i] for row in matrix)
         actual = sum(matrix[i])
-        p = tp / predicted if predicted else 0.0
-        r = tp / actual if actual else 0.0
-        precisions.append(p)
-        recalls.append(r)
-        f1s.append(2 * p * r / (p + r) if p + r else 0.0)
+        prec = tp / predicted if predicted else 0.0
+        rec = tp / actual if actual else 0.0
+        precisions.append(prec)
+        recalls.append(rec)
+        f1s.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
     n = len(labels)
     return {
         "accuracy": sum(p == r for p, r in zip(preds, refs, strict=True)) / len(refs),
@@ -155,7 +157,7 @@ def semantic_similarity(
             "metric 'semantic_similarity' needs an embedding model: pass "
             "ModelEvaluator(semantic_model='path/to/sentence-transformer')"
         )
-    from sentence_transformers import SentenceTransformer  # type: ignore[import-not-found]
+    from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(model_name_or_path)
     a = model.encode(list(predictions), convert_to_tensor=True, normalize_embeddings=True)
