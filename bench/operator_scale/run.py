@@ -139,7 +139,9 @@ def main() -> int:
             try:
                 for crd in sorted((REPO / "crds").glob("*.yaml")):
                     cp.kubectl("apply", "--server-side", "-f", str(crd))
-                cp.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+                cp.kubectl(
+                    "wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s"
+                )
                 base = run_baseline(cp, n, args.threads)
                 op = OperatorProcess(cp.kubeconfig, Path(tmp) / "operator", resync_seconds=300).start()
                 try:
@@ -149,11 +151,19 @@ def main() -> int:
                     op.stop()
             finally:
                 cp.stop()
-        row = {"n": n, "baseline_s": round(base, 2), "operator_s": round(opt, 2), "ratio": round(opt / base, 2),
-               "operator_peak_rss_mb": round(rss, 1)}
+        row = {
+            "n": n,
+            "baseline_s": round(base, 2),
+            "operator_s": round(opt, 2),
+            "ratio": round(opt / base, 2),
+            "operator_peak_rss_mb": round(rss, 1),
+        }
         results.append(row)
-        print(f"N={n:5d}  baseline {base:7.1f}s  operator {opt:7.1f}s  ratio {opt / base:5.2f}  "
-              f"operator peak RSS {rss:6.1f} MB", flush=True)
+        print(
+            f"N={n:5d}  baseline {base:7.1f}s  operator {opt:7.1f}s  ratio {opt / base:5.2f}  "
+            f"operator peak RSS {rss:6.1f} MB",
+            flush=True,
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
