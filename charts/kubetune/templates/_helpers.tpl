@@ -38,6 +38,12 @@ app.kubernetes.io/component: operator
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/status, adapterdeployments/status]
   verbs: [get, patch]
+# Children's ownerReferences set blockOwnerDeletion, which clusters with the
+# OwnerReferencesPermissionEnforcement admission plugin (e.g. OpenShift) allow only to
+# whoever may update the owner's finalizers. The operator never sets a finalizer.
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs/finalizers, adapterdeployments/finalizers]
+  verbs: [update]
 # Children (created and converged with server-side apply).
 - apiGroups: [batch]
   resources: [jobs]
