@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -162,9 +163,10 @@ class KubeletHarness:
 
     @staticmethod
     def _map(text: str, mounts: dict[str, Path]) -> str:
-        for path in sorted(mounts, key=len, reverse=True):
-            text = text.replace(path, str(mounts[path]))
-        return text
+        # One pass, longest mount first, whole path components only: a mapped path may itself
+        # live under a mount path (/tmp) and must not be mapped twice.
+        pattern = "|".join(re.escape(p) for p in sorted(mounts, key=len, reverse=True))
+        return re.sub(f"(?<![\\w/.-])({pattern})(?=/|$|[^\\w.-])", lambda m: str(mounts[m.group(1)]), text)
 
     def _env(self, pod: Any, container: Any, mounts: dict[str, Path]) -> dict[str, str]:
         env = {

@@ -198,7 +198,8 @@ def test_error_comes_before_any_tokenisation(tokenizer, tmp_path):
         ({"max_seq_length": 1}, "max_seq_length must be an integer >= 2"),
         ({"dedupe": "fuzzy"}, "dedupe must be one of none, exact, normalized"),
         ({"validation_split": 1.0}, "validation_split must be between 0 and 1"),
-        ({"replay_fraction": -0.1}, "replay_fraction must be >= 0"),
+        ({"replay_fraction": -0.1}, "replay_fraction must be >= 0 and < 1"),
+        ({"replay_fraction": 1.0}, "replay_fraction must be >= 0 and < 1"),
     ],
 )
 def test_invalid_options(options, message):

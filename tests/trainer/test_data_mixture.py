@@ -9,7 +9,7 @@ import pytest
 
 from kubetune_trainer.data import DataOptions, DataSource, prepare_datasets
 from kubetune_trainer.data.mixture import mix, mixture_counts
-from kubetune_trainer.data.replay import add_replay
+from kubetune_trainer.data.replay import add_replay, replay_count
 from kubetune_trainer.tiny_model import build_tokenizer
 
 
@@ -62,20 +62,28 @@ def test_prepared_mixture_proportions(tokenizer, tmp_path):
     assert 100 < first_half[math] < 200
 
 
-def test_replay_fraction_of_the_train_size(tokenizer, tmp_path):
-    new, old = task_file(tmp_path, "new", 200), task_file(tmp_path, "old", 30)
+def test_replay_fraction_is_the_share_of_the_training_set(tokenizer, tmp_path):
+    new, old = task_file(tmp_path, "new", 150), task_file(tmp_path, "old", 30)
     data = prepare_datasets(
         tokenizer, [DataSource(new)], DataOptions(replay_fraction=0.25), replay=DataSource(old)
     )
     sources = Counter(ex.source for ex in data.train.examples)
-    assert sources == {new: 200, old: 50}  # 0.25 x 200 new examples; the 30 old ones are repeated
+    assert sources == {new: 150, old: 50}  # 50 of 200 = 25% replay; the 30 old ones are repeated
     assert data.stats.replay_examples == 50 and data.stats.source(old, "replay").used == 50
-    assert data.stats.train_examples == 250
+    assert data.stats.train_examples == 200
     assert data.replay is not None and len(data.replay) == 30  # all of the old task, e.g. for EWC
 
 
+def test_replay_count_rounds_to_the_requested_share():
+    assert replay_count(1000, 0.2) == 250  # 250 / 1250 = 20%
+    assert replay_count(100, 0.5) == 100
+    assert replay_count(7, 0.0) == 0
+    with pytest.raises(ValueError, match="replay_fraction must be in"):
+        replay_count(10, 1.0)
+
+
 def test_replay_is_deterministic_and_sampled_without_repeats_when_possible():
-    train, replay = list(range(100)), [f"r{i}" for i in range(100)]
+    train, replay = list(range(90)), [f"r{i}" for i in range(100)]
     mixed, added = add_replay(train, replay, 0.1, seed=1)
     assert added == 10 and add_replay(train, replay, 0.1, seed=1) == (mixed, added)
     picked = [x for x in mixed if isinstance(x, str)]

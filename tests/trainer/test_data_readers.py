@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -66,8 +66,10 @@ def test_chat_in_csv_is_explained(tmp_path):
     assert "JSON Lines" in err.value.fix
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is not None, reason="pyarrow is installed")
-def test_parquet_without_pyarrow_says_what_to_install(tmp_path):
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
+    # pyarrow is in the train extra; an install without it must still fail with a fix, not a traceback.
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     path = tmp_path / "train.parquet"
     path.write_bytes(b"PAR1")
     with pytest.raises(DataError) as err:
@@ -75,8 +77,16 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path):
     assert "train.parquet" in str(err.value) and "pip install pyarrow" in err.value.fix
 
 
+def test_corrupt_parquet_names_the_file(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(DataError) as err:
+        read_records(path)
+    assert "broken.parquet" in str(err.value) and "cannot read Parquet" in str(err.value)
+
+
 def test_parquet_rows(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = tmp_path / "train.parquet"
@@ -86,3 +96,28 @@ def test_parquet_rows(tmp_path):
         (1, "row", {"text": "a"}),
         (2, "row", {"text": "b"}),
     ]
+
+
+def test_parquet_instruction_data_goes_through_the_pipeline(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    rows = {"instruction": ["add 2 and 3", "add 4 and 4"], "output": ["5", "8"]}
+    pq.write_table(pa.table(rows), path)
+    data = prepare_datasets(build_tokenizer(), [DataSource(str(path))], DataOptions())
+    assert data.stats.source(str(path), "train").format == "instruction"
+    assert len(data.train) == 2
+    for example in data.train.examples:  # loss on the response only
+        assert example.labels[0] == -100 and any(label != -100 for label in example.labels)
+
+
+def test_parquet_bad_field_names_the_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"instruction": ["a", "b"], "output": ["x", None]}), path)
+    with pytest.raises(DataError) as err:
+        prepare_datasets(build_tokenizer(), [DataSource(str(path))], DataOptions())
+    assert "bad.parquet, row 2, field 'output'" in str(err.value)

@@ -58,6 +58,7 @@ def test_guide_names_and_use_lora_mapping() -> None:
         ({"lr_scheduler_type": "cosine_annealing"}, "unknown lr_scheduler_type"),
         ({"lora": {"r": 8, "alpah": 16}}, "did you mean 'alpha'"),
         ({"lora": {"target_modules": []}}, "empty list"),
+        ({"lora": {"target_modules": ["all-linear", "q_proj"]}}, "give it alone"),
         ({"eval_strategy": "steps"}, "needs eval_steps"),
         ({"method": "qlora", "deepspeed": {"zero_stage": 3}}, "qlora cannot shard"),
     ],
@@ -69,6 +70,12 @@ def test_bad_config_names_field_and_fix(kwargs: dict, message: str) -> None:
     assert message in text
     assert text.startswith("job.yaml: invalid FinetuningConfig")
     assert err.value.exit_code == ExitCode.BAD_CONFIG
+
+
+def test_all_linear_as_a_list_is_the_peft_string() -> None:
+    """The FineTuneJob API spells it `targetModules: [all-linear]`; PEFT needs the string."""
+    config = FinetuningConfig(model_name="m", train_file="t", lora={"target_modules": ["all-linear"]})
+    assert config.lora.target_modules == "all-linear"
 
 
 def test_all_errors_are_listed_with_their_field() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from tests.conftest import eventually
 from tests.trainer.serve_fixtures import PHRASES, ServeModels, serve_models
 
 __all__ = ["serve_models"]
+CHAT = "/v1/chat/completions"
 
 
 def wait_ready(url: str, timeout: float = 120) -> dict:
@@ -216,11 +218,41 @@ def test_concurrent_requests_for_different_adapters_share_batches(
 
 
 def test_metrics_have_per_adapter_series(client: openai.OpenAI, http: httpx.Client) -> None:
+    before = metrics(http)
     for model in ("red", "num"):
         client.completions.create(model=model, prompt="go ->", max_tokens=3, temperature=0)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="go ->", max_tokens=3)
+    with pytest.raises(openai.BadRequestError):  # a known model's bad request counts under its name
+        client.completions.create(model="red", prompt="go ->", max_tokens=5000)
+    streamed = list(
+        client.chat.completions.create(
+            model="num",
+            messages=[{"role": "user", "content": "go"}],
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     values = metrics(http)
+    # Streams are counted too: status, time to first token, and the tokens their usage chunk reports.
+    assert metric(values, "kubetune_serve_requests_total", model="num", endpoint=CHAT, status="200") == (
+        metric(before, "kubetune_serve_requests_total", model="num", endpoint=CHAT, status="200") + 1
+    )
+    assert (
+        metric(values, "kubetune_serve_completion_tokens_total", model="num")
+        - metric(before, "kubetune_serve_completion_tokens_total", model="num")
+        == 3 + streamed[-1].usage.completion_tokens
+    )
+    assert metric(values, "kubetune_serve_time_to_first_token_seconds_count", model="num") > metric(
+        before, "kubetune_serve_time_to_first_token_seconds_count", model="num"
+    )
+    assert metric(
+        values, "kubetune_serve_requests_total", model="red", endpoint="/v1/completions", status="400"
+    ) == 1 + metric(
+        before, "kubetune_serve_requests_total", model="red", endpoint="/v1/completions", status="400"
+    )
     for model in ("red", "num"):
         assert (
             metric(
@@ -328,6 +360,14 @@ def test_openai_client_raises_typed_errors(client: openai.OpenAI) -> None:
         client.chat.completions.create(model="missing", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError, match="maximum context length is 2048"):
         client.completions.create(model="red", prompt="x", max_tokens=5000)
+    # A stream that cannot start is a plain HTTP error, which the client raises before iterating.
+    with pytest.raises(openai.NotFoundError, match="Available models"):
+        client.chat.completions.create(
+            model="missing", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model="red", prompt="x", temperature=5, stream=True)
+    assert bad.value.status_code == 400 and bad.value.body["param"] == "temperature"
 
 
 def test_a_bad_request_does_not_disturb_the_others(running: RunningServer, client: openai.OpenAI) -> None:
@@ -431,6 +471,34 @@ def test_readiness_waits_for_every_configured_adapter(serve_models: ServeModels,
     # After shutdown the engine is gone: health and readiness report it.
     ok, detail = server.readiness()
     assert not ok and "the engine is not running" in detail["missing"]
+
+
+def test_an_adapter_loading_through_the_api_keeps_the_server_ready(serve_models: ServeModels) -> None:
+    """Hot reload: every replica's sidecar loads a new adapter at about the same time, and a load
+    waits for the running batch; readiness must not drop meanwhile (the Service would lose the pods)."""
+    server = ModelServer(base_model=str(serve_models.base), base_model_name="tiny")
+    with (
+        server.start_background() as run,
+        httpx.Client(base_url=run.url, timeout=60) as h,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        wait_ready(run.url)
+        gate = threading.Event()
+        busy = server.engine.call(gate.wait)  # the worker is busy, as with a long batch
+        body = {"lora_name": "red", "lora_path": str(serve_models.adapters["red"])}
+        load = pool.submit(httpx.post, f"{run.url}/v1/load_lora_adapter", json=body, timeout=60)
+        try:
+            eventually(lambda: "red" in server.adapters, what="the load to start")
+            assert not load.done()
+            r = h.get("/ready")
+            assert r.status_code == 200, r.json()
+            assert "red" not in {m["id"] for m in h.get("/v1/models").json()["data"]}  # not served yet
+        finally:
+            gate.set()
+        busy.result(10)
+        assert load.result(60).status_code == 200
+        assert h.get("/ready").status_code == 200
+        assert "red" in {m["id"] for m in h.get("/v1/models").json()["data"]}
 
 
 def test_client_disconnect_mid_stream(running: RunningServer, http: httpx.Client) -> None:

@@ -102,7 +102,9 @@ def test_two_nodes_by_eight_gpus_renders_an_indexed_job_with_torchrun_rendezvous
     assert pod["subdomain"] == "llama-lora-workers"
     [c] = pod["containers"]
     assert c["command"] == [
-        "torchrun",
+        "python",
+        "-m",
+        "kubetune_trainer.launch",
         "--nnodes=2",
         "--nproc-per-node=8",
         "--node-rank=$(NODE_RANK)",
@@ -127,7 +129,9 @@ def test_two_nodes_by_eight_gpus_renders_an_indexed_job_with_torchrun_rendezvous
 
 def test_single_node_uses_standalone_rendezvous() -> None:
     [c] = fb.job(ftj(), 1, SETTINGS)["spec"]["template"]["spec"]["containers"]
-    assert c["command"][:4] == ["torchrun", "--nnodes=1", "--nproc-per-node=1", "--standalone"]
+    assert c["command"][:6] == [
+        "python", "-m", "kubetune_trainer.launch", "--nnodes=1", "--nproc-per-node=1", "--standalone",
+    ]  # fmt: skip
 
 
 def test_cpu_training_requests_no_gpu() -> None:

@@ -80,10 +80,18 @@ def _cmd_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, required=True, help="FinetuningConfig YAML file")
 
     def run(args: argparse.Namespace) -> int:
-        from kubetune_trainer.config import FinetuningConfig
-        from kubetune_trainer.finetuner import run_training
+        from kubetune_trainer import pod
 
-        run_training(FinetuningConfig.from_yaml(args.config))
+        try:
+            from kubetune_trainer.config import FinetuningConfig
+            from kubetune_trainer.finetuner import run_training
+
+            result = run_training(FinetuningConfig.from_yaml(args.config))
+        except Exception as exc:
+            # The operator shows this (pod status); the exit code below decides whether it retries.
+            pod.write_error(pod.error_message(exc, expected=exit_code_for(exc) != ExitCode.UNEXPECTED))
+            raise
+        pod.write_report(pod.report(result))
         return 0
 
     p.set_defaults(func=run)
@@ -154,6 +162,12 @@ def _cmd_fetch(sub: argparse._SubParsersAction) -> None:
     register_fetch(sub)
 
 
+def _cmd_adapter_sync(sub: argparse._SubParsersAction) -> None:
+    from kubetune_trainer.serve.cli import register_adapter_sync
+
+    register_adapter_sync(sub)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _cmd_make_tiny_model,
     _cmd_train,
@@ -161,6 +175,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _cmd_quickstart,
     _cmd_serve,
     _cmd_fetch,
+    _cmd_adapter_sync,
     _cmd_operator,
 ]
 

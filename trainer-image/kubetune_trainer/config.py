@@ -108,6 +108,14 @@ class LoraSettings(_Strict):
             raise ValueError(
                 "lora.target_modules is an empty list: give module names or omit it to auto-detect"
             )
+        if isinstance(v, list) and "all-linear" in v:
+            # The FineTuneJob API spells it as a list ([all-linear]); PEFT wants the bare string.
+            if len(v) > 1:
+                raise ValueError(
+                    "lora.target_modules: 'all-linear' already covers every Linear layer; "
+                    "give it alone or list module names instead"
+                )
+            return "all-linear"
         return v
 
 
@@ -259,7 +267,11 @@ class FinetuningConfig(_Strict):
     )
     replay_file: str | None = Field(None, description="data from earlier tasks mixed in (continual learning)")
     replay_fraction: float = Field(
-        0.0, ge=0, lt=1, description="fraction of each epoch drawn from replay_file"
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of the training set (so of every epoch) drawn from replay_file: "
+        "0.2 with 1,000 new examples adds 250 replay examples (20% of 1,250)",
     )
     ewc_lambda: float = Field(0.0, ge=0, description="elastic weight consolidation strength (0 = off)")
     ewc_samples: int = Field(64, ge=1, description="replay examples used to estimate the Fisher information")

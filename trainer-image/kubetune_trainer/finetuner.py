@@ -5,7 +5,8 @@
     ft.load_finetuned_model("./finetuned_model"); print(ft.generate("Hello", max_new_tokens=20))
 
 ``run_training(config)`` is the whole job as pods run it (``kubetune train --config``):
-load, train (resuming from the newest complete checkpoint), evaluate, test, save, upload.
+load, train (resuming from the newest complete checkpoint), evaluate, test, save, upload. It
+returns a ``TrainingResult``, from which ``kubetune_trainer.pod`` writes the operator's report.
 
 Output directory layout (the same under ``<storage root>/final/``)::
 
@@ -20,6 +21,7 @@ Output directory layout (the same under ``<storage root>/final/``)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -29,7 +31,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubetune_trainer.config import FinetuningConfig
 from kubetune_trainer.distributed import DistInfo, dist_info, init_distributed
@@ -41,6 +43,10 @@ from kubetune_trainer.methods import (
     parameter_counts,
     resolve_precision,
 )
+
+if TYPE_CHECKING:  # the data package imports tokenizers; loaded when first used
+    from kubetune_trainer.data import DataSource
+    from kubetune_trainer.data.options import SourceFormat
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,8 @@ class ModelFinetuner:
         self._callbacks: dict[str, Any] = {}
         self._deepspeed_args: Any = None  # keeps HfDeepSpeedConfig alive for ZeRO-3 loading
         self._adapter_loaded_from: str | None = None
+        self.merged_dir: Path | None = None  # set when save_model() wrote a merged model
+        self._replay: DataSource | None = None  # the replay source of the last prepare_data()
 
     # ------------------------------------------------------------------------- loading
 
@@ -179,12 +187,10 @@ class ModelFinetuner:
             log.info("replay data given without replay_fraction: using %.2f", replay_fraction)
         with _local_main_first(self.dist):
             # s3:// data files are downloaded once per node (local rank 0), then read by every rank.
-            train = [
-                DataSource(_localise(s.path, scratch, self.dist) or s.path, s.format, s.weight) for s in train
-            ]
-            val_path = _localise(cfg.validation_file, scratch, self.dist)
-            test_path = _localise(cfg.test_file, scratch, self.dist)
-            replay_path = _localise(replay_path, scratch, self.dist)
+            sources = [_local_source(s.path, scratch, self.dist, s.format, s.weight) for s in train]
+            val = _local_source(cfg.validation_file, scratch, self.dist, cfg.data_format)
+            test = _local_source(cfg.test_file, scratch, self.dist, cfg.data_format)
+            replay = _local_source(replay_path, scratch, self.dist)
         options = DataOptions(
             max_seq_length=cfg.max_seq_length,
             packing=cfg.packing,
@@ -196,13 +202,13 @@ class ModelFinetuner:
         )
         self.data = prepare_datasets(
             self.tokenizer,
-            train,
+            [s for s in sources if s is not None],
             options,
-            validation=DataSource(val_path, cfg.data_format) if val_path else None,
-            test=DataSource(test_path, cfg.data_format) if test_path else None,
-            replay=DataSource(replay_path) if replay_path else None,
+            validation=val,
+            test=test,
+            replay=replay,
         )
-        self._replay_path = replay_path
+        self._replay = replay
         return self.data
 
     # ------------------------------------------------------------------------- training
@@ -297,13 +303,14 @@ class ModelFinetuner:
             )
 
     def _estimate_ewc(self) -> Any:
-        from kubetune_trainer.data import DataOptions, DataSource, prepare_datasets
+        from kubetune_trainer.data import DataOptions, prepare_datasets
         from kubetune_trainer.ewc import EWCPenalty
 
         cfg = self.config
+        assert self._replay is not None  # ewc_lambda > 0 requires replay_file (config check)
         replay = prepare_datasets(
             self.tokenizer,
-            [DataSource(str(self._replay_path))],
+            [self._replay],
             DataOptions(max_seq_length=cfg.max_seq_length, dedupe=cfg.dedupe, seed=cfg.seed),
         ).train
         import torch
@@ -452,12 +459,17 @@ class ModelFinetuner:
         cfg = self.config
         if data is None and not cfg.test_file:
             raise ConfigError("no test data: pass test(data) or set test_file")
-        path = (
-            _materialise(data, Path(cfg.output_dir) / ".data", "test") if data is not None else cfg.test_file
-        )
+        scratch = Path(cfg.output_dir) / ".data"
+        if data is not None:
+            source = DataSource(_materialise(data, scratch, "test"), cfg.data_format)
+        else:
+            with _local_main_first(self.dist):  # s3:// test data: one download per node
+                local = _local_source(cfg.test_file, scratch, self.dist, cfg.data_format)
+            assert local is not None  # test_file is set (checked above)
+            source = local
         prepared = prepare_datasets(
             self.tokenizer,
-            [DataSource(str(path), cfg.data_format)],
+            [source],
             DataOptions(
                 max_seq_length=cfg.max_seq_length,
                 dedupe="none",
@@ -607,6 +619,7 @@ class ModelFinetuner:
         merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
         merged.save_pretrained(str(out / MERGED_SUBDIR))
         self.tokenizer.save_pretrained(str(out / MERGED_SUBDIR))
+        self.merged_dir = out / MERGED_SUBDIR
         log.info("merged model saved to %s", out / MERGED_SUBDIR)
 
     def _write_provenance(self, out: Path) -> None:
@@ -692,8 +705,22 @@ class ModelFinetuner:
 # ----------------------------------------------------------------------------- the job
 
 
-def run_training(config: FinetuningConfig) -> dict[str, Any]:
-    """What a training pod does: train, evaluate, test, save, upload. Returns the metrics."""
+@dataclasses.dataclass(frozen=True)
+class TrainingResult:
+    """What a finished run produced (global rank 0 has the URIs; other ranks get None there)."""
+
+    output_dir: Path
+    adapter_uri: str | None  # <storage root>/final/ when uploaded
+    merged_uri: str | None  # <storage root>/final/merged/ when a merged model was uploaded
+    trainable_parameters: int
+    total_parameters: int
+    train_metrics: dict[str, Any]
+    eval_metrics: dict[str, Any]
+    test_metrics: dict[str, Any]
+
+
+def run_training(config: FinetuningConfig) -> TrainingResult:
+    """What a training pod does: train, evaluate, test, save, upload."""
     ft = ModelFinetuner(config)
     try:
         ft.load_model()
@@ -703,12 +730,22 @@ def run_training(config: FinetuningConfig) -> dict[str, Any]:
         if config.test_file:
             ft.test()
         ft.save_model()
-        metrics = ft.write_metrics()
+        ft.write_metrics()
         uri = ft.upload_final()
         if ft.dist.is_global_rank0:
             where = uri or str(Path(config.output_dir).resolve())
             print(f"done: output in {where}", flush=True)
-        return metrics
+        trainable, total = parameter_counts(ft.model)
+        return TrainingResult(
+            output_dir=Path(config.output_dir),
+            adapter_uri=uri,
+            merged_uri=f"{uri}{MERGED_SUBDIR}/" if uri and ft.merged_dir is not None else None,
+            trainable_parameters=trainable,
+            total_parameters=total,
+            train_metrics=ft.train_metrics,
+            eval_metrics=ft.eval_metrics,
+            test_metrics=ft.test_metrics,
+        )
     finally:
         ft.close()
 
@@ -806,10 +843,21 @@ def load_tokenizer(path: str, config: FinetuningConfig) -> Any:
     return tok
 
 
-def _localise(path: str | None, scratch: Path, dist: DistInfo) -> str | None:
-    """A local path for a data file: ``s3://`` objects are downloaded into ``scratch``."""
-    if path is None or not path.startswith("s3://"):
-        return path
+def _local_source(
+    path: str | None, scratch: Path, dist: DistInfo, fmt: SourceFormat = "auto", weight: float = 1.0
+) -> DataSource | None:
+    """A ``DataSource`` readable from disk (None for an unset file).
+
+    An ``s3://`` object is downloaded into ``scratch`` by local rank 0 (call this under
+    ``_local_main_first``); its URI stays as the source's ``origin``, which errors and the
+    provenance name instead of the local copy.
+    """
+    from kubetune_trainer.data import DataSource
+
+    if not path:
+        return None
+    if not path.startswith("s3://"):
+        return DataSource(path, fmt, weight)
     from kubetune_trainer.storage import S3Uri, s3_client_from_env
     from kubetune_trainer.storage.transfer import download_files
 
@@ -820,7 +868,7 @@ def _localise(path: str | None, scratch: Path, dist: DistInfo) -> str | None:
         tmp = local.with_name(local.name + ".partial")
         download_files(s3_client_from_env(), [(uri, tmp, None)], what=f"download of {path}")
         os.replace(tmp, local)
-    return str(local)
+    return DataSource(str(local), fmt, weight, origin=path)
 
 
 def _materialise(data: DataInput, scratch: Path, name: str) -> str:

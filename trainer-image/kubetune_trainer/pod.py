@@ -1,107 +1,115 @@
-"""What a training pod does around training: fetch s3:// data, report to the operator.
+"""The trainer's answer to the operator: the container's termination message.
 
-- Data files named by s3:// URIs are downloaded once per node (local rank 0; the others wait)
-  into the pod's workspace, and the config is rewritten to the local copies.
-- The result goes to the container's termination message (Kubernetes shows it in the pod
-  status, where the operator reads it): a JSON report on success, the error on failure. The
-  path is `$KUBETUNE_TERMINATION_MESSAGE_PATH`, else /dev/termination-log when it exists.
+Kubernetes copies the file at the container's ``terminationMessagePath`` into the pod status,
+where the operator reads it (``observe.trainer_report`` / ``observe.failure``) without S3 access:
+
+- success: global rank 0 writes a JSON report (:func:`report`) with the keys the operator copies
+  into ``status.output`` and ``status.metrics``;
+- failure: any rank writes its error (:func:`write_error`). The first message written wins: when
+  one worker fails, torchrun SIGTERMs the others, and their "stopped by SIGTERM" must not hide
+  the root cause.
+
+The path is ``$KUBETUNE_TERMINATION_MESSAGE_PATH``, else /dev/termination-log when it exists and is
+writable (the operator's pods); elsewhere nothing is written. s3:// data and models are fetched by
+the finetuner itself (``finetuner._local_source`` / ``_download_model``), so a pod and
+``kubetune run --local`` read the same inputs the same way.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kubetune_trainer.config import FinetuningConfig
+if TYPE_CHECKING:  # finetuner imports torch; this module must stay cheap for the CLI's error path
+    from kubetune_trainer.finetuner import TrainingResult
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 4096  # what the kubelet keeps of a termination message
+MAX_METRICS = 128  # status.metrics' maxProperties in the FineTuneJob CRD
+DEFAULT_PATH = Path("/dev/termination-log")
 
 
 def termination_path() -> Path | None:
     explicit = os.environ.get("KUBETUNE_TERMINATION_MESSAGE_PATH")
     if explicit:
         return Path(explicit)
-    default = Path("/dev/termination-log")
-    return default if default.exists() and os.access(default, os.W_OK) else None
+    return DEFAULT_PATH if DEFAULT_PATH.exists() and os.access(DEFAULT_PATH, os.W_OK) else None
 
 
 def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def write_report(report: dict[str, Any]) -> None:
-    """Rank 0 only: the success report (adapterUri, parameter counts, metrics)."""
+def scalar_metrics(*groups: dict[str, Any]) -> dict[str, float]:
+    """Finite numbers only (status.metrics is {name: number}; JSON has no NaN), without bookkeeping."""
+    out: dict[str, float] = {}
+    for group in groups:
+        for name, value in group.items():
+            if name == "epoch" or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if math.isfinite(value) and len(out) < MAX_METRICS:
+                out[name] = float(value)
+    return out
+
+
+def report(result: TrainingResult) -> dict[str, Any]:
+    """The success report: ``adapterUri``, ``mergedUri``, parameter counts and final metrics.
+
+    URIs are present only when the output was uploaded (``storage_uri`` set); without them the
+    operator falls back to the deterministic S3 layout.
+    """
+    doc: dict[str, Any] = {
+        "adapterUri": result.adapter_uri,
+        "mergedUri": result.merged_uri,
+        "trainableParameters": result.trainable_parameters,
+        "totalParameters": result.total_parameters,
+        "metrics": scalar_metrics(result.eval_metrics, result.test_metrics),
+    }
+    return {k: v for k, v in doc.items() if v is not None}
+
+
+def write_report(doc: dict[str, Any]) -> Path | None:
+    """Global rank 0 only: write the success report; returns where it went (None: not written)."""
     path = termination_path()
     if path is None or not _is_rank0():
-        return
-    text = json.dumps(report, separators=(",", ":"), default=float)
-    if len(text) > MAX_MESSAGE:  # keep what the operator needs most
-        text = json.dumps({k: v for k, v in report.items() if k != "metrics"}, separators=(",", ":"))
-    path.write_text(text)
+        return None
+    text = json.dumps(doc, separators=(",", ":"))
+    if len(text) > MAX_MESSAGE:  # the URIs and counts matter more than a long metrics list
+        text = json.dumps({k: v for k, v in doc.items() if k != "metrics"}, separators=(",", ":"))
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:  # the adapter is uploaded; the operator falls back to the S3 layout
+        log.warning("could not write the termination report to %s: %s", path, e)
+        return None
+    return path
 
 
-def write_error(message: str) -> None:
-    """Any rank: why this process failed (the operator shows the failed pod's message)."""
+def error_message(exc: BaseException, expected: bool) -> str:
+    """One line for the operator: the user-facing message; unexpected errors also name their type."""
+    text = str(exc).strip()
+    if expected and text:  # config, data and hardware errors already say what and how to fix
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def write_error(message: str) -> Path | None:
+    """Any rank: why this process failed, unless another rank already wrote its error first."""
     path = termination_path()
     if path is None:
-        return
+        return None
     try:
-        path.write_text(message[-MAX_MESSAGE:])
+        with path.open("a", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # ranks of one pod share the file
+            if f.tell() > 0:
+                return None  # first error wins (see module docstring)
+            f.write(message[-MAX_MESSAGE:])
     except OSError as e:  # never hide the real error behind this one
         log.warning("could not write the termination message to %s: %s", path, e)
-
-
-def stage_inputs(config: FinetuningConfig, dest: Path) -> FinetuningConfig:
-    """Download s3:// data files once per node; return the config pointing at the local copies."""
-    uris: dict[str, str] = {}
-
-    def local(value: str | None, name: str) -> str | None:
-        if not value or not value.startswith("s3://"):
-            return value
-        uris[value] = str(dest / name / value.rstrip("/").rsplit("/", 1)[-1])
-        return uris[value]
-
-    update: dict[str, Any] = {
-        key: local(getattr(config, key), key)
-        for key in ("train_file", "validation_file", "test_file", "replay_file")
-    }
-    update["mixture"] = [
-        m.model_copy(update={"path": local(m.path, f"mixture-{i}")}) for i, m in enumerate(config.mixture)
-    ]
-    if not uris:
-        return config
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        from kubetune_trainer.storage import S3Uri, s3_client_from_env
-        from kubetune_trainer.storage.retry import call_with_retry
-
-        client = s3_client_from_env()
-        for uri, path in uris.items():
-            target = Path(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            loc = S3Uri.parse(uri)
-            tmp = target.with_name(target.name + ".part")
-            log.info("fetching %s", uri)
-            call_with_retry(
-                lambda loc=loc, tmp=tmp: client.download_file(loc.bucket, loc.key, str(tmp)),
-                f"download {uri}",
-            )
-            tmp.rename(target)
-        (dest / ".staged").write_text("\n".join(uris))
-    else:
-        _wait_for(dest / ".staged")
-    return config.model_copy(update=update)
-
-
-def _wait_for(marker: Path, timeout_s: float = 3600) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while not marker.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"local rank 0 did not finish downloading the data within {timeout_s:.0f}s")
-        time.sleep(0.5)
+        return None
+    return path

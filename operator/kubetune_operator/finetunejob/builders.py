@@ -119,7 +119,9 @@ def torchrun_command(ftj: Body, attempt: int, settings: Settings) -> list[str]:
     nodes = int(res.get("nodes", 1))
     gpus = int(res.get("gpusPerNode", 1))
     nproc = gpus if gpus > 0 else 1
-    cmd = ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={nproc}"]
+    # kubetune_trainer.launch is torchrun that exits with the trainer's own exit code
+    # (plain torchrun exits 1 and would hide the non-retryable codes 2/3/4).
+    cmd = ["python", "-m", "kubetune_trainer.launch", f"--nnodes={nodes}", f"--nproc-per-node={nproc}"]
     if nodes == 1:
         cmd.append("--standalone")
     else:

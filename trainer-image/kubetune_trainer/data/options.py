@@ -16,24 +16,33 @@ SourceFormat = Literal["auto", "text", "instruction", "chat", "completion"]
 
 @dataclass(frozen=True)
 class DataSource:
-    """A data file. ``weight`` is its share of the training set when several train sources are mixed."""
+    """A data file. ``weight`` is its share of the training set when several train sources are mixed.
+
+    ``origin`` is where a downloaded file came from (an s3:// URI): errors, statistics and the
+    provenance name it rather than the local copy the user never saw.
+    """
 
     path: str
     format: SourceFormat = "auto"
     weight: float = 1.0
+    origin: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.origin or self.path
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", str(Path(self.path)) if isinstance(self.path, Path) else self.path)
         if self.format != "auto" and self.format not in FORMATS:
             raise DataError(
-                self.path,
+                self.name,
                 f"unknown format '{self.format}'",
                 f"set format to 'auto' or one of {', '.join(repr(f) for f in FORMATS)}",
                 field="format",
             )
         if not isinstance(self.weight, int | float) or not math.isfinite(self.weight) or self.weight <= 0:
             raise DataError(
-                self.path,
+                self.name,
                 f"weight must be a positive number, got {self.weight!r}",
                 "set weight > 0",
                 field="weight",
@@ -64,5 +73,8 @@ class DataOptions:
                 f"validation_split must be between 0 and 1 (exclusive), got {self.validation_split!r}; "
                 "use None for no split"
             )
-        if not math.isfinite(self.replay_fraction) or self.replay_fraction < 0:
-            raise ValueError(f"replay_fraction must be >= 0, got {self.replay_fraction!r}")
+        if not math.isfinite(self.replay_fraction) or not 0 <= self.replay_fraction < 1:
+            raise ValueError(
+                f"replay_fraction must be >= 0 and < 1 (the share of the training set that is replay), "
+                f"got {self.replay_fraction!r}"
+            )

@@ -113,8 +113,8 @@ def _load(
     options: DataOptions,
     deduper: Deduper,
 ) -> tuple[list[Example], SourceStats]:
-    stats = SourceStats(file=source.path, split=split, weight=source.weight if split == "train" else None)
-    records = read_records(source.path)
+    stats = SourceStats(file=source.name, split=split, weight=source.weight if split == "train" else None)
+    records = read_records(source.path, name=source.name)
     fmt: Format = detect_format(records[0]) if source.format == "auto" else source.format
     stats.format = fmt
     stats.read = len(records)
@@ -143,12 +143,12 @@ def _load(
             continue
         if len(fitted[0]) < len(input_ids):
             stats.truncated += 1
-        examples.append(Example(source.path, record.line, fmt, dedupe_key(parts, "exact", fmt), r, *fitted))
+        examples.append(Example(source.name, record.line, fmt, dedupe_key(parts, "exact", fmt), r, *fitted))
     stats.kept = len(examples)
     stats.tokens = sum(len(ex.input_ids) for ex in examples)
     if not examples:
         raise DataError(
-            source.path,
+            source.name,
             f"no examples left after filtering ({stats.dropped_summary()})",
             "check the file's content, raise max_seq_length, or set drop_too_long to false to truncate",
         )
@@ -181,7 +181,7 @@ def prepare_datasets(
     def load(source: DataSource, split: str, deduper: Deduper) -> list[Example]:
         examples, source_stats = _load(tokenizer, encoder, source, split, options, deduper)
         stats.sources.append(source_stats)
-        fingerprints[source.path] = file_sha256(source.path)
+        fingerprints[source.name] = file_sha256(source.path)
         return examples
 
     groups = [load(s, "train", train_deduper) for s in train]

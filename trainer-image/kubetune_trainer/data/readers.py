@@ -1,7 +1,7 @@
 """Reading data files into records that remember where they came from (file, line).
 
-Supported: JSON arrays of objects, JSON Lines, CSV (header row) and Parquet (when pyarrow is
-installed). JSON files are recognised by their content, not their extension: a ``.json`` file that
+Supported: JSON arrays of objects, JSON Lines, CSV (header row) and Parquet (pyarrow, in the train
+extra). JSON files are recognised by their content, not their extension: a ``.json`` file that
 holds one object per line is read as JSON Lines, which is how many datasets are shipped.
 """
 
@@ -43,9 +43,12 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_records(path: str | Path) -> list[Record]:
-    """All records of a data file; raises DataError for anything unreadable or empty."""
-    name = str(path)
+def read_records(path: str | Path, name: str | None = None) -> list[Record]:
+    """All records of a data file; raises DataError for anything unreadable or empty.
+
+    ``name`` is what errors call the file (default: the path), e.g. the s3:// URI it came from.
+    """
+    name = name or str(path)
     p = Path(path)
     if not p.is_file():
         raise DataError(

@@ -1,8 +1,9 @@
 """Replay for continual learning: examples of earlier tasks mixed into the new training set.
 
-``replay_fraction`` is relative to the new training set: with 1,000 new examples and a fraction of
-0.2, 200 replay examples are added (1,200 in all; replay is then 1/6 of the mixture). The replay
-examples are a seeded sample of the replay source, repeated if the source is smaller than needed.
+``replay_fraction`` is the share of the mixed training set (so of every epoch) that is replay, the
+way mixture weights are shares: with 1,000 new examples and a fraction of 0.2, 250 replay examples
+are added (1,250 in all, of which 20% replay). The replay examples are a seeded sample of the replay
+source, repeated if the source is smaller than needed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ T = TypeVar("T")
 
 
 def replay_count(train_size: int, fraction: float) -> int:
-    return round(train_size * fraction)
+    """Replay examples to add so they make up ``fraction`` (0 <= fraction < 1) of the result."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"replay_fraction must be in [0, 1), got {fraction}")
+    return round(train_size * fraction / (1 - fraction))
 
 
 def add_replay(train: Sequence[T], replay: Sequence[T], fraction: float, seed: int) -> tuple[list[T], int]:

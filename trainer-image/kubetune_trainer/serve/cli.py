@@ -1,9 +1,9 @@
-"""``kubetune serve`` and ``kubetune fetch``.
+"""``kubetune serve``, ``kubetune fetch`` and ``kubetune adapter-sync``.
 
-``register_serve(sub)`` and ``register_fetch(sub)`` add the subcommands to an argparse
-subparsers object (the main ``kubetune`` CLI lists them with its own commands); each sets
-``func`` to a handler returning the exit code. ``python -m kubetune_trainer.serve`` runs
-:func:`main`, which offers the same two subcommands.
+``register_serve(sub)``, ``register_fetch(sub)`` and ``register_adapter_sync(sub)`` add the
+subcommands to an argparse subparsers object (the main ``kubetune`` CLI lists them with its own
+commands); each sets ``func`` to a handler returning the exit code. ``python -m
+kubetune_trainer.serve`` runs :func:`main`, which offers the same subcommands.
 """
 
 from __future__ import annotations
@@ -166,12 +166,82 @@ def run_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def register_adapter_sync(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "adapter-sync",
+        help="keep a running server's LoRA adapters equal to an adapter-set file (hot-reload sidecar)",
+        description="Watch the adapter-set file (the AdapterDeployment's ConfigMap) and make the server's "
+        "loaded adapters match it: fetch new ones (s3:// or local) into --dest and call "
+        "/v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM or kubetune serve). Level-based: "
+        "re-checks every --interval seconds and converges after a restart of either side; SIGTERM "
+        "stops it. Credentials come from the standard AWS_* environment; a bearer token for the "
+        "server from KUBETUNE_SERVER_API_KEY or VLLM_API_KEY.",
+    )
+    p.add_argument(
+        "--adapter-set",
+        required=True,
+        type=Path,
+        help='JSON file {"adapters": [{"name": ..., "uri": ...}]} (re-read on every pass)',
+    )
+    p.add_argument("--server", default="http://127.0.0.1:8000", help="the server's base URL")
+    p.add_argument(
+        "--dest", required=True, type=Path, help="where adapters are fetched (shared with the server)"
+    )
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between passes (default 2)")
+    p.add_argument(
+        "--status-file",
+        type=Path,
+        help="JSON status written after every pass (default DEST/.kubetune-sync/status.json)",
+    )
+    p.set_defaults(func=run_adapter_sync)
+
+
+def run_adapter_sync(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    import httpx
+
+    from .adapter_sync import AdapterSync, ServerClient, api_key_from_env
+
+    if not args.interval > 0:
+        raise ConfigError(f"--interval {args.interval}: give a number of seconds > 0, e.g. 2")
+    url = httpx.URL(args.server)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(f"--server {args.server!r}: give the server's URL, e.g. http://127.0.0.1:8000")
+    try:
+        args.dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"--dest {args.dest}: cannot create it ({exc.strerror}): give a writable directory"
+        ) from None
+    # httpx logs every request at INFO (a line per poll, with the full URL, userinfo included).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logging.getLogger("kubetune.adapter_sync").info("stopping on %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server = ServerClient(args.server, api_key=api_key_from_env())
+    try:
+        AdapterSync(
+            args.adapter_set, server, args.dest, interval=args.interval, status_file=args.status_file
+        ).run(stop)
+    finally:
+        server.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kubetune_trainer.serve", description="kubetune serving")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_serve(sub)
     register_fetch(sub)
+    register_adapter_sync(sub)
     return parser
 
 

@@ -52,6 +52,9 @@ class AdapterState:
     error: str | None = None
     path: str | None = None
     rank: int | None = None
+    # First load through the API in progress: not part of the set /ready waits for until it succeeds
+    # (a hot load waits for the running batch; every replica doing one must not turn unready).
+    adding: bool = False
 
 
 def default_served_name(source: str) -> str:
@@ -323,7 +326,7 @@ class ModelServer:
             self._load_base(self._base_for_adapter(name, source), self.config.base_model_name)
         with self._lock:
             known = name in self.adapters
-            self.adapters.setdefault(name, AdapterState(source=source))
+            self.adapters.setdefault(name, AdapterState(source=source, adding=True))
         try:
             self._load_adapter_now(name, source, replace)
         except Exception:
@@ -372,6 +375,7 @@ class ModelServer:
                 str(path),
                 info.rank,
             )
+            state.adding = False
         self.metrics.adapter_loaded.labels(name).set(1)
         log.info("adapter %s loaded from %s (rank %s)", name, source, info.rank)
 
@@ -416,7 +420,7 @@ class ModelServer:
             adapters = {}
             for name, s in sorted(self.adapters.items()):
                 adapters[name] = {"loaded": s.loaded, "source": s.source, "error": s.error}
-                if not s.loaded:
+                if not s.loaded and not s.adding:
                     missing.append(f"adapter {name} ({s.error or 'loading'})")
             if not self.engine.running:
                 missing.append("the engine is not running")

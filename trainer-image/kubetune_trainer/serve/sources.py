@@ -19,6 +19,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
+# fetch() records where a directory came from, so `kubetune adapter-sync` can tell which URI a
+# running server's adapter (listed by its local path) was loaded from.
+SOURCE_MARKER = ".kubetune-source.json"
 # Mixed-adapter batches are a LoRA-family feature of PEFT (adapter_names= in forward/generate).
 MIXABLE_PEFT_TYPES = frozenset({"LORA"})
 
@@ -139,8 +142,9 @@ def read_adapter_config(path: Path, name: str) -> AdapterInfo:
 def fetch(pairs: dict[str, str], dest: str | os.PathLike[str], *, s3_client: Any = None) -> dict[str, Path]:
     """Put each ``name -> uri`` into ``dest/name`` (download s3://, copy local directories).
 
-    Used by ``kubetune fetch`` in init containers: the server then reads plain directories.
-    A partial download never takes the final name (downloads go to a temporary sibling first).
+    Used by ``kubetune fetch`` in init containers and by ``kubetune adapter-sync``: the server then
+    reads plain directories. A partial download never takes the final name (downloads go to a
+    temporary sibling first). Each directory gets a :data:`SOURCE_MARKER` naming its URI.
     """
     root = Path(dest)
     root.mkdir(parents=True, exist_ok=True)
@@ -154,6 +158,7 @@ def fetch(pairs: dict[str, str], dest: str | os.PathLike[str], *, s3_client: Any
             else:
                 src = materialize(uri, name, download_dir=root)
                 shutil.copytree(src, staging)
+            (staging / SOURCE_MARKER).write_text(json.dumps({"uri": uri}))
             if final.exists():
                 shutil.rmtree(final)
             staging.rename(final)
@@ -162,6 +167,15 @@ def fetch(pairs: dict[str, str], dest: str | os.PathLike[str], *, s3_client: Any
         log.info("fetched %s -> %s", uri, final)
         out[name] = final
     return out
+
+
+def fetched_source(path: str | os.PathLike[str]) -> str | None:
+    """The URI that :func:`fetch` put into ``path``, or None (not fetched by it, or unreadable)."""
+    try:
+        uri = json.loads((Path(path) / SOURCE_MARKER).read_text()).get("uri")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return uri if isinstance(uri, str) else None
 
 
 def fetch_one(uri: str, dest: str | os.PathLike[str], *, s3_client: Any = None) -> Path:
