@@ -26,6 +26,7 @@ import yaml
 from kubernetes import client
 
 from tests.testground.cluster import ControlPlane
+from tests.testground.procs import free_port
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -40,6 +41,7 @@ class PodProcess:
     termination_log: Path
     container: str
     image: str
+    ports: dict[int, int]  # container port -> the local port the process was given
     reported: bool = False
 
     def output(self) -> str:
@@ -59,20 +61,25 @@ class KubeletHarness:
 
     # ---- running a pod ---------------------------------------------------------------------------
 
-    def run_pod(self, namespace: str, name: str, port_map: dict[int, int] | None = None) -> PodProcess:
+    def run_pod(self, namespace: str, name: str) -> PodProcess:
+        """Start the pod's container command; its declared ports move to free local ports (`ports`)."""
         pod = self.core.read_namespaced_pod(name, namespace)
         spec = pod.spec
         [container] = spec.containers
         root = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir))
         mounts = self._materialise_mounts(pod, container, root)
+        # Every "pod" here shares the host's network: give each declared port a free one.
+        port_map = {p.container_port: free_port() for p in container.ports or []}
         env = self._env(pod, container, mounts)
+        env.update({k: str(port_map[int(v)]) for k, v in env.items() if v.isdigit() and int(v) in port_map})
         env["KUBECONFIG"] = str(self._kubeconfig(namespace, spec.service_account_name, root))
         termination_log = root / "termination-log"
         env["KUBETUNE_TERMINATION_MESSAGE_PATH"] = str(termination_log)
         argv = [self._map(a, mounts) for a in [*(container.command or []), *(container.args or [])]]
-        for old, new in (port_map or {}).items():
+        for old, new in port_map.items():
             argv = [
-                a.replace(str(old), str(new)) if a.isdigit() or a.endswith(f":{old}") else a for a in argv
+                str(new) if a == str(old) else a[: -len(str(old))] + str(new) if a.endswith(f":{old}") else a
+                for a in argv
             ]
         if argv and not Path(argv[0]).is_absolute() and (VENV_BIN / argv[0]).exists():
             argv[0] = str(VENV_BIN / argv[0])
@@ -81,7 +88,9 @@ class KubeletHarness:
             popen = subprocess.Popen(
                 argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True
             )
-        proc = PodProcess(name, namespace, popen, root, log, termination_log, container.name, container.image)
+        proc = PodProcess(
+            name, namespace, popen, root, log, termination_log, container.name, container.image, port_map
+        )
         self.processes[name] = proc
         return proc
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import urllib.request
 
 import pytest
@@ -132,6 +133,17 @@ def test_prometheus_metrics_are_served() -> None:
     # The server is gone after close().
     with pytest.raises(OSError):
         scrape(reporter.metrics_port or 0)
+
+
+def test_a_taken_metrics_port_costs_the_metrics_not_the_run(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with ProgressReporter(metrics_port=port, metrics_addr="127.0.0.1", show_bar=False) as reporter:
+            reporter.update(1, 10, 0.1, train_loss=1.0)
+            assert reporter.metrics_port is None
+    assert f"metrics endpoint not started on port {port}" in caplog.text
 
 
 def test_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:

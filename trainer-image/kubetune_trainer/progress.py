@@ -393,10 +393,18 @@ class ProgressReporter:
             from prometheus_client import start_http_server
 
             self.metrics = TrainerMetrics(registry)
-            self._server, _ = start_http_server(
-                metrics_port, addr=metrics_addr, registry=self.metrics.registry
-            )
-            self.metrics_port = int(self._server.server_address[1])
+            try:
+                self._server, _ = start_http_server(
+                    metrics_port, addr=metrics_addr, registry=self.metrics.registry
+                )
+                self.metrics_port = int(self._server.server_address[1])
+            except OSError as e:  # metrics are for watching the run: never worth losing it over
+                log.warning(
+                    "metrics endpoint not started on port %s (%s): training goes on without /metrics; "
+                    "set metrics_port (KUBETUNE_METRICS_PORT) to a free port to get it",
+                    metrics_port,
+                    e,
+                )
 
     def update(
         self,
