@@ -100,6 +100,9 @@ class ServeModels:
 
 
 _CACHE: dict[Path, ServeModels] = {}
+# Each test module imports the fixture, and pytest makes one session fixture per importing module:
+# without this, every module would build its own base model and train both adapters again.
+_SESSION: list[ServeModels] = []
 
 
 def build_serve_models(base: Path, root: Path) -> ServeModels:
@@ -114,7 +117,10 @@ def serve_models(tmp_path_factory: pytest.TempPathFactory) -> ServeModels:
     """The tiny base model and two trained adapters, "red" and "num"."""
     from kubetune_trainer.tiny_model import make_tiny_model
 
+    if _SESSION and _SESSION[0].base.is_dir():
+        return _SESSION[0]
     # Init range 0.1 (as the quickstart): with Llama's 0.02 the tiny model's logits stay near +-1 and
     # the test adapters' greedy answers are not confident enough to tell adapters apart reliably.
     base = make_tiny_model(tmp_path_factory.mktemp("serve-base"), initializer_range=0.1)
-    return build_serve_models(base, tmp_path_factory.mktemp("serve-adapters"))
+    _SESSION[:] = [build_serve_models(base, tmp_path_factory.mktemp("serve-adapters"))]
+    return _SESSION[0]

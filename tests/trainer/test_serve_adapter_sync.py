@@ -167,6 +167,17 @@ def test_bad_arguments_exit_2(tmp_path: Path) -> None:
     assert main(["adapter-sync", "--adapter-set", "x", "--dest", str(tmp_path / "file" / "d")]) == 2
 
 
+def test_the_sidecar_does_not_import_torch() -> None:
+    """The sidecar requests 128Mi: the command and its module must stay free of torch/transformers."""
+    code = (
+        "import sys; from kubetune_trainer.cli import build_parser; build_parser(); "
+        "import kubetune_trainer.serve.adapter_sync; "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 # ----------------------------------------------------------------------------- against real servers
 
 
@@ -179,17 +190,22 @@ def test_sidecar_first_then_server_starts_and_restarts(serve_models: ServeModels
     port = free_port()
     url = f"http://127.0.0.1:{port}"
 
-    def base_only_server() -> ModelServer:
-        return ModelServer(base_model=str(serve_models.base), base_model_name="tiny", cpu_threads=1)
+    def base_only_server(**configured: str) -> ModelServer:
+        return ModelServer(
+            base_model=str(serve_models.base), base_model_name="tiny", cpu_threads=1, adapters=configured
+        )
 
     # Credentials in the server URL (basic auth) must never reach the log, not even through httpx's.
     with sidecar(volume.path, f"http://kubetune:hunter2-pw@127.0.0.1:{port}", dest, log) as proc:
         eventually(lambda: sync_status(dest).get("phase") == "WaitingForServer", what="the sidecar to wait")
         assert "waiting for the server" in log.read_text()
-        with base_only_server().start_background(port=port):
+        # Started with an adapter that fails to load and is not in the set: /ready is 503 until it goes.
+        with base_only_server(ghost=str(tmp_path / "not-there")).start_background(port=port):
             models = converged(url, dest, {"red"}, log, proc)
             assert fetched_source(models["red"]) == str(serve_models.adapters["red"])  # its own copy
             assert answer(url, "red") == PHRASES["red"]
+            assert httpx.get(f"{url}/ready").status_code == 200
+            assert "unloaded adapter ghost" in log.read_text()
         assert log.read_text().count("loaded adapter red") == 1
 
         with base_only_server().start_background(port=port):  # the server container restarted

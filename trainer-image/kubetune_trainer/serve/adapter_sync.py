@@ -186,9 +186,12 @@ class ServerClient:
         if r.status_code != 503:
             return {}
         try:
-            adapters = r.json().get("adapters") or {}
+            adapters = r.json().get("adapters")
         except (ValueError, AttributeError):
             return {}
+        if not isinstance(adapters, dict):  # not the built-in server's /ready
+            return {}
+        adapters = {n: a for n, a in adapters.items() if isinstance(a, dict)}
         loading = sorted(n for n, a in adapters.items() if not a.get("loaded") and not a.get("error"))
         if loading:
             raise ServerUnavailable(f"the server is still loading adapters: {', '.join(loading)}")
