@@ -303,6 +303,25 @@ def test_vllm_runtime_fetches_adapters_in_an_init_container() -> None:
     assert args[args.index("--model") + 1] == "/models/base"
 
 
+def test_vllm_with_hot_reload_sizes_lora_slots_from_the_spec_not_the_adapter_list() -> None:
+    hot_a = ab.deployment(adep(runtime="vllm", hotReload=True), ADAPTERS, SETTINGS)
+    hot_b = ab.deployment(adep(runtime="vllm", hotReload=True), ADAPTERS[:1], SETTINGS)
+    assert hot_a["spec"]["template"] == hot_b["spec"]["template"]  # an adapter change does not roll
+    pod = hot_a["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["fetch-base-model"]
+    server, sync = pod["containers"]
+    assert sync["name"] == "adapter-sync"
+    args = server["args"]
+    assert "--lora-modules" not in args
+    assert args[args.index("--max-loras") + 1] == str(ab.HOT_RELOAD_MAX_LORAS)
+    assert args[args.index("--max-lora-rank") + 1] == "64"
+    sized = ab.deployment(
+        adep(runtime="vllm", hotReload=True, vllm={"maxLoras": 3, "maxLoraRank": 128}), ADAPTERS, SETTINGS
+    )
+    args = sized["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert (args[args.index("--max-loras") + 1], args[args.index("--max-lora-rank") + 1]) == ("3", "128")
+
+
 def test_autoscaling_hands_replicas_to_the_hpa() -> None:
     spec = adep(autoscaling={"minReplicas": 1, "maxReplicas": 4, "targetCPUUtilizationPercentage": 70})
     d = ab.deployment(spec, ADAPTERS, SETTINGS)

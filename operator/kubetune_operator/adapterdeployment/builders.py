@@ -171,6 +171,11 @@ def _container_security() -> Body:
     }
 
 
+# vLLM sizes its LoRA slots at start; with hot reload the adapters to come are unknown, so
+# spec.vllm.maxLoras / maxLoraRank decide, else these (rank 64: vLLM's largest common size).
+HOT_RELOAD_MAX_LORAS = 8
+
+
 def vllm_max_lora_rank(adapters: list[ResolvedAdapter], override: int | None = None) -> int:
     """vLLM needs the largest adapter rank up front, rounded up to a size it supports."""
     if override:
@@ -227,14 +232,17 @@ def deployment(adep: Body, adapters: list[ResolvedAdapter], settings: Settings) 
             )
             model = f"{MODELS_DIR}/base"
             mounts = [*mounts, {"name": "models", "mountPath": MODELS_DIR}]
-        if adapters:
+        # Hot reload: the adapter-sync sidecar fetches and loads adapters, and nothing in the pod
+        # template may depend on the adapter list (a change would roll the pods anyway).
+        started_with = [] if hot else adapters
+        if started_with:
             init_containers.append(
                 _fetch_container(
                     "fetch-adapters",
                     trainer_image,
                     settings,
                     env,
-                    [f"{a.name}={a.uri}" for a in adapters],
+                    [f"{a.name}={a.uri}" for a in started_with],
                     ADAPTERS_DIR,
                     mounts,
                 )
@@ -251,12 +259,12 @@ def deployment(adep: Body, adapters: list[ResolvedAdapter], settings: Settings) 
             str(SERVER_PORT),
             "--enable-lora",
             "--max-loras",
-            str(max(1, int(vllm.get("maxLoras") or len(adapters) or 1))),
+            str(int(vllm.get("maxLoras") or (HOT_RELOAD_MAX_LORAS if hot else len(adapters) or 1))),
             "--max-lora-rank",
-            str(vllm_max_lora_rank(adapters, vllm.get("maxLoraRank"))),
+            str(vllm_max_lora_rank(started_with, vllm.get("maxLoraRank"))),
         ]
-        if adapters:
-            args += ["--lora-modules", *[f"{a.name}={ADAPTERS_DIR}/{a.name}" for a in adapters]]
+        if started_with:
+            args += ["--lora-modules", *[f"{a.name}={ADAPTERS_DIR}/{a.name}" for a in started_with]]
         args += [str(a) for a in vllm.get("extraArgs") or []]
         main = {
             "name": "server",
