@@ -12,6 +12,7 @@ into the pod's status, as a kubelet would.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import signal
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 from kubernetes import client
 
@@ -95,8 +97,12 @@ class KubeletHarness:
         return proc
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        proc = self.processes[name]
-        os.killpg(proc.popen.pid, sig)
+        """Signal every process of the "container", as a container runtime does.
+
+        torchrun starts its workers in sessions of their own, so the launcher's process group
+        is not enough: walk the process tree.
+        """
+        _signal_tree(self.processes[name].popen.pid, sig)
 
     def wait_and_report(self, name: str, timeout: float) -> int:
         """Wait for the process, then write its end into the pod status like a kubelet."""
@@ -104,7 +110,7 @@ class KubeletHarness:
         try:
             code = proc.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.popen.pid, signal.SIGKILL)
+            _signal_tree(proc.popen.pid, signal.SIGKILL)
             proc.popen.wait()
             raise AssertionError(
                 f"pod {name}'s process ran past {timeout}s; output:\n{proc.output()[-4000:]}"
@@ -145,9 +151,8 @@ class KubeletHarness:
 
     def stop_all(self) -> None:
         for proc in self.processes.values():
-            if proc.popen.poll() is None:
-                os.killpg(proc.popen.pid, signal.SIGKILL)
-                proc.popen.wait()
+            _signal_tree(proc.popen.pid, signal.SIGKILL)
+            proc.popen.wait()
 
     # ---- the pod's environment -------------------------------------------------------------------
 
@@ -220,3 +225,14 @@ class KubeletHarness:
         path = root / "kubeconfig"
         path.write_text(yaml.safe_dump(cfg))
         return path
+
+
+def _signal_tree(pid: int, sig: int) -> None:
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
