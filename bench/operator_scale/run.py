@@ -1,14 +1,15 @@
 """Operator scale benchmark: N FineTuneJobs through the operator vs N Jobs from a bare client.
 
 For each N (default 200 and 1000), on a fresh local control plane with enough fake nodes:
-  baseline: a bare client creates N Indexed Jobs (the same template the operator renders);
-            time until every Job exists and every pod is Running.
+  baseline: a bare client creates N Indexed Jobs (the same template the operator renders, but
+            without kubetune's labels, so the operator started afterwards neither sees nor caches
+            them); time until every Job exists and every pod is Running.
   operator: kubectl-equivalent creation of N FineTuneJobs; time until every Job exists and
             every FineTuneJob's status.phase is Running (written by the operator).
 Both phases run in one process, one after the other, on the same cluster. Prints the ratio
 and the operator's peak RSS (VmHWM from /proc). Targets: ratio <= 2 at N = 1000, RSS <= 200 MB.
 
-    .venv/bin/python bench/operator_scale/run.py [--n 200 1000] [--json out.json]
+    .venv/bin/python -m bench.operator_scale.run [--n 200 1000] [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tests.testground.cluster import ControlPlane, node  # noqa: E402
 from tests.testground.operator import OperatorProcess  # noqa: E402
 
 HOLD = {"kwok.kubetune.io/outcome": "hold"}
+BASELINE = {"bench/baseline": "true"}
 
 
 def ftj_manifest(name: str) -> dict:
@@ -56,6 +58,11 @@ def baseline_job(ns: str, name: str) -> dict:
     job = builders.job(parent, 1, Settings())
     job["metadata"].pop("ownerReferences")
     job["metadata"]["name"] = name
+    # No kubetune labels on the Job or its pods: the operator must not see (and cache) the
+    # baseline's N Jobs and pods while it is measured.
+    job["metadata"]["labels"] = dict(BASELINE)
+    template = job["spec"]["template"]["metadata"]
+    template["labels"] = {**HOLD, **BASELINE}
     # The operator also creates the per-job ServiceAccount; the bare client uses the default one.
     job["spec"]["template"]["spec"]["serviceAccountName"] = "default"
     return job

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.config import FinetuningConfig
+from kubetune_trainer.config import EarlyStoppingSettings, FinetuningConfig
 
 Body = dict[str, Any]
 
@@ -158,11 +158,11 @@ def to_config_dict(ftj: Body, *, in_pod: bool = True, base_dir: Path | None = No
         if ev.get("strategy"):
             cfg["eval_strategy"] = ev["strategy"]
         es = ev.get("earlyStopping")
-        if es:
-            cfg["early_stopping"] = {
-                "metric": es.get("metric"),
-                "patience": es.get("patience"),
-                "threshold": es.get("threshold"),
+        if es is not None:
+            # Present means on, even as `{}` in a manifest the API server has not defaulted
+            # (`kubetune run --local`); the trainer's defaults are the CRD's.
+            cfg["early_stopping"] = EarlyStoppingSettings().model_dump() | {
+                k: es[k] for k in ("metric", "patience", "threshold") if es.get(k) is not None
             }
 
     if dist.get("strategy", "deepspeed") == "deepspeed":

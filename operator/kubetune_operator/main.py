@@ -54,6 +54,24 @@ def connection_info(cfg: Any) -> kopf.ConnectionInfo:
     )
 
 
+# Server-side label selectors for the child watches: the API server sends only the objects the
+# operator created (every child carries these labels, see meta.child_labels). Without them kopf
+# lists and streams every Job and Pod in the cluster, and keeps per-object state for each one
+# before the handlers' own label filters drop them.
+FINETUNEJOB_CHILDREN = f"{meta.LABEL_FINETUNEJOB},{meta.LABEL_MANAGED_BY}={meta.MANAGED_BY}"
+ADAPTERDEPLOYMENT_CHILDREN = f"{meta.LABEL_ADAPTERDEPLOYMENT},{meta.LABEL_MANAGED_BY}={meta.MANAGED_BY}"
+CHILD_WATCHES: dict[tuple[str, str], str] = {
+    ("batch", "jobs"): FINETUNEJOB_CHILDREN,
+    ("v1", "pods"): FINETUNEJOB_CHILDREN,
+    ("apps", "deployments"): ADAPTERDEPLOYMENT_CHILDREN,
+}
+
+
+def watch_only_owned_children(settings: kopf.OperatorSettings) -> None:
+    for resource, selector in CHILD_WATCHES.items():
+        settings.watching.label_selectors[resource] = selector
+
+
 def make_registry(
     controllers: dict[str, KindController], resync_seconds: float, api_client: Any, workers: int = 16
 ) -> kopf.OperatorRegistry:
@@ -79,6 +97,7 @@ def make_registry(
         settings.batching.idle_timeout = 0.5
         # Watch exactly the resources registered here: no CRD/namespace discovery, no extra RBAC.
         settings.scanning.disabled = True
+        watch_only_owned_children(settings)
         loop = asyncio.get_running_loop()
         for c in controllers.values():
             for _worker in range(workers):
@@ -92,22 +111,24 @@ def make_registry(
 
         _background.add(loop.create_task(resync()))
 
+    # The event handlers are coroutines on purpose: kopf runs plain functions in a thread pool,
+    # and the work queues (asyncio, not thread-safe) and the stores are written only on the event loop.
     @kopf.on.event(meta.GROUP, meta.VERSION, "finetunejobs", registry=registry)
-    def finetunejob_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    async def finetunejob_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         ftj.parent_event(type, dict(body))
 
     @kopf.on.event("batch", "v1", "jobs", labels={meta.LABEL_FINETUNEJOB: kopf.PRESENT}, registry=registry)
-    def job_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    async def job_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         ftj.child_event("Job", meta.LABEL_FINETUNEJOB, type, dict(body))
 
     @kopf.on.event("", "v1", "pods", labels={meta.LABEL_FINETUNEJOB: kopf.PRESENT}, registry=registry)
-    def ftj_pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    async def ftj_pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         ftj.child_event("Pod", meta.LABEL_FINETUNEJOB, type, dict(body))
 
     if adep is not None:
 
         @kopf.on.event(meta.GROUP, meta.VERSION, "adapterdeployments", registry=registry)
-        def adapterdeployment_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        async def adapterdeployment_event(type: str | None, body: kopf.Body, **_: Any) -> None:
             adep.parent_event(type, dict(body))
 
         @kopf.on.event(
@@ -117,14 +138,14 @@ def make_registry(
             labels={meta.LABEL_ADAPTERDEPLOYMENT: kopf.PRESENT},
             registry=registry,
         )
-        def deployment_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        async def deployment_event(type: str | None, body: kopf.Body, **_: Any) -> None:
             adep.child_event("Deployment", meta.LABEL_ADAPTERDEPLOYMENT, type, dict(body))
 
         # An AdapterDeployment that points at a FineTuneJob must hear when that job finishes.
         @kopf.on.event(
             meta.GROUP, meta.VERSION, "finetunejobs", registry=registry, id="finetunejob_for_adapters"
         )
-        def finetunejob_for_adapters(body: kopf.Body, **_: Any) -> None:
+        async def finetunejob_for_adapters(body: kopf.Body, **_: Any) -> None:
             ns = body["metadata"]["namespace"]
             for key in list(adep.store.parents):
                 if key[0] == ns:

@@ -27,40 +27,55 @@ def ns(cluster: ControlPlane, kubetune_crds: list[Path]) -> Iterator[str]:
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
-def leaves(node: Schema, path: str) -> Iterator[tuple[str, str]]:
-    """(explain path, description) of every leaf field below node; list items are transparent."""
+def objects(node: Schema, path: str) -> Iterator[tuple[str, Schema]]:
+    """(explain path, schema) of node and every object below it that has fields; list items
+    are transparent (kubectl explain spec.adapters shows the fields of one adapter)."""
     target = node.get("items", node) if node.get("type") == "array" else node
     props = target.get("properties") or {}
-    if not props:
-        yield path, node["description"]
+    if props:
+        yield path, {**target, "description": node["description"]}
     for key, sub in props.items():
-        yield from leaves(sub, f"{path}.{key}")
+        yield from objects(sub, f"{path}.{key}")
 
 
 def flat(text: str) -> str:
     return " ".join(text.split())
 
 
+def explain_problems(out: str, path: str, node: Schema) -> Iterator[str]:
+    if flat(node["description"]) not in flat(out):
+        yield f"{path}: its description is not printed"
+    for key, sub in node["properties"].items():
+        if not re.search(rf"^  {key}\t", out, re.M):
+            yield f"{path}: field {key} is not listed"
+        if flat(sub["description"]) not in flat(out):
+            yield f"{path}.{key}: description {sub['description']!r} is not printed"
+        # The listing shows the first four allowed values; explaining the field shows them all.
+        if "enum" in sub and f"enum: {', '.join(map(str, sub['enum'][:4]))}" not in out:
+            yield f"{path}.{key}: allowed values are not listed"
+
+
 @pytest.mark.parametrize(("model", "resource"), [(FineTuneJob, "finetunejob"), (AdapterDeployment, "adep")])
-def test_explain_prints_the_description_of_every_leaf_field(
+def test_explain_teaches_every_field(
     cluster: ControlPlane, kubetune_crds: list[Path], model: type, resource: str
 ) -> None:
-    spec = root_schema(model)["properties"]["spec"]
-    fields = list(leaves(spec, f"{resource}.spec"))
-    assert len(fields) > 40, fields  # down to leaf fields, not just the top level
-    missing = []
-    for path, description in fields:
+    """One `kubectl explain` per object lists each of its fields with the field's description:
+    together they print every field of spec and status, down to the leaves. Fields with allowed
+    values are explained on their own too, where kubectl prints all the values."""
+    schema = root_schema(model)["properties"]
+    nodes = [*objects(schema["spec"], f"{resource}.spec"), *objects(schema["status"], f"{resource}.status")]
+    assert sum(len(n["properties"]) for _, n in nodes) > 50  # down to leaf fields, not just the top level
+    problems = []
+    for path, node in nodes:
         out = cluster.kubectl("explain", path).stdout
-        if flat(description) not in flat(out):
-            missing.append(f"{path}: expected {description!r} in\n{out}")
-    assert not missing, "\n".join(missing[:5])
-
-
-def test_explain_spec_lists_the_top_level_blocks(cluster: ControlPlane, kubetune_crds: list[Path]) -> None:
-    out = cluster.kubectl("explain", "finetunejob.spec").stdout
-    for name in ("baseModel", "dataset", "method", "hyperparameters", "evaluation", "resources", "storage"):
-        assert name in out, out
-    assert "What to fine-tune, on which data, how" in flat(out)
+        problems += [f"{p}\n{out}" for p in explain_problems(out, path, node)]
+        for key, sub in node["properties"].items():
+            if "enum" in sub:
+                out = cluster.kubectl("explain", f"{path}.{key}").stdout
+                unlisted = [v for v in sub["enum"] if not re.search(rf"^\s+{v}$", out, re.M)]
+                if unlisted:
+                    problems.append(f"{path}.{key}: allowed values {unlisted} not printed\n{out}")
+    assert not problems, "\n".join(problems[:5])
 
 
 def test_published_openapi_has_a_description_on_every_property(
@@ -114,18 +129,19 @@ def test_finetunejob_printer_columns(cluster: ControlPlane, ns: str) -> None:
             "startTime": "2026-01-01T00:00:00Z",
             "conditions": [{"type": "Running", "status": "True", "reason": "PodsRunning", "message": "16 of 16",
                             "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}],
-            "progress": {"step": 420, "totalSteps": 1000, "epoch": 1.26, "percent": 42.0, "trainLoss": 1.2345,
+            "progress": {"step": 420, "totalSteps": 1000, "epoch": 1.26, "percent": 42.5, "trainLoss": 1.2345,
                          "evalLoss": 1.5, "learningRate": 0.0002, "tokensPerSecond": 5120.5, "etaSeconds": 3600,
                          "updatedAt": "2026-01-01T01:00:00Z"},
             "checkpoint": {"latest": "s3://runs/team-a/ns/columns/uid/checkpoints/checkpoint-400/", "step": 400,
                            "count": 2},
         },
     )  # fmt: skip
-    [row] = table(cluster, ns, "ftj", "columns")
+    [row] = table(cluster, ns, "finetunejobs", "columns")
+    assert list(row) == ["NAME", "PHASE", "PROGRESS", "LOSS", "ETA", "METHOD", "WORKERS", "AGE"]
     assert {k: row[k] for k in ("PHASE", "PROGRESS", "LOSS", "ETA", "METHOD", "WORKERS")} == {
-        "PHASE": "Running", "PROGRESS": "42", "LOSS": "1.2345", "ETA": "3600", "METHOD": "lora", "WORKERS": "2x8",
+        "PHASE": "Running", "PROGRESS": "42.5", "LOSS": "1.2345", "ETA": "3600", "METHOD": "lora", "WORKERS": "2x8",
     }  # fmt: skip
-    assert "ATTEMPT" not in row and row["AGE"]
+    assert re.fullmatch(r"\d+s", row["AGE"]), row
     [wide] = table(cluster, ns, "finetunejob", "columns", "-o", "wide")
     assert wide["ATTEMPT"] == "2" and wide["EVAL LOSS"] == "1.5"
 
@@ -141,6 +157,7 @@ def test_adapterdeployment_printer_columns(cluster: ControlPlane, ns: str) -> No
         },
     )  # fmt: skip
     [row] = table(cluster, ns, "adep", "serving")
+    assert list(row) == ["NAME", "PHASE", "READY", "ADAPTERS", "ENDPOINT", "AGE"]
     assert {k: row[k] for k in ("PHASE", "READY", "ADAPTERS", "ENDPOINT")} == {
         "PHASE": "Ready", "READY": "2", "ADAPTERS": "1/1", "ENDPOINT": "http://serving.ns.svc:8000/v1",
     }  # fmt: skip
@@ -148,11 +165,23 @@ def test_adapterdeployment_printer_columns(cluster: ControlPlane, ns: str) -> No
     assert wide["RUNTIME"] == "builtin"
 
 
-def test_category_lists_both_kinds(cluster: ControlPlane, ns: str) -> None:
+def test_short_names_and_the_kubetune_category(cluster: ControlPlane, ns: str) -> None:
     cluster.kubectl("apply", "-f", "-", input=json.dumps(finetunejob("in-category")), namespace=ns)
     cluster.kubectl("apply", "-f", "-", input=json.dumps(adapterdeployment("in-category")), namespace=ns)
     out = cluster.kubectl("get", "kubetune", "-o", "name", namespace=ns).stdout.split()
     assert "finetunejob.kubetune.io/in-category" in out and "adapterdeployment.kubetune.io/in-category" in out
+    by_short_name = cluster.kubectl(
+        "get", "ftj,adep", "in-category", "-o", "name", namespace=ns
+    ).stdout.split()
+    assert by_short_name == [
+        "finetunejob.kubetune.io/in-category",
+        "adapterdeployment.kubetune.io/in-category",
+    ]
+    resources = cluster.kubectl("api-resources", "--api-group=kubetune.io", "-o", "wide").stdout
+    for plural, short in (("finetunejobs", "ftj"), ("adapterdeployments", "adep")):
+        assert re.search(
+            rf"^{plural}\s+{short}\s+kubetune.io/v1alpha1\s+true\s+\w+\s+.*kubetune", resources, re.M
+        ), resources
 
 
 def test_status_is_a_subresource(cluster: ControlPlane, ns: str) -> None:
@@ -166,15 +195,30 @@ def test_status_is_a_subresource(cluster: ControlPlane, ns: str) -> None:
         "patch", "ftj", "subresource", "--subresource=status", "--type=merge",
         "-p", json.dumps({"spec": {"runPolicy": {"suspend": True}}, "status": {"phase": "Pending"}}), namespace=ns,
     )  # fmt: skip
+    # A spec patch that carries status leaves the status the status writer set.
+    cluster.kubectl(
+        "patch", "ftj", "subresource", "--type=merge", "-p", json.dumps({"status": {"phase": "Succeeded"}}),
+        namespace=ns,
+    )  # fmt: skip
     got = json.loads(cluster.kubectl("get", "ftj", "subresource", "-o", "json", namespace=ns).stdout)
     assert got["status"]["phase"] == "Pending" and got["spec"]["runPolicy"]["suspend"] is False
 
 
-def test_invalid_status_is_rejected(cluster: ControlPlane, ns: str) -> None:
-    """The status schema guards the operator and the trainer too (e.g. percent in 0-100)."""
+@pytest.mark.parametrize(
+    ("status", "field", "says"),
+    [
+        ({"progress": {"percent": 140}}, "status.progress.percent", "less than or equal to 100"),
+        ({"phase": "Done"}, "status.phase", '"Succeeded"'),
+    ],
+    ids=["percent-over-100", "unknown-phase"],
+)
+def test_invalid_status_is_rejected(
+    cluster: ControlPlane, ns: str, status: dict, field: str, says: str
+) -> None:
+    """The status schema guards the operator and the trainer too (bounds, the phase enum)."""
     cluster.kubectl("apply", "-f", "-", input=json.dumps(finetunejob("bad-status")), namespace=ns)
     res = cluster.kubectl(
         "patch", "ftj", "bad-status", "--subresource=status", "--type=merge",
-        "-p", json.dumps({"status": {"progress": {"percent": 140}}}), namespace=ns, check=False,
+        "-p", json.dumps({"status": status}), namespace=ns, check=False,
     )  # fmt: skip
-    assert res.returncode != 0 and "status.progress.percent" in res.stderr, res.stderr
+    assert res.returncode != 0 and field in res.stderr and says in res.stderr, res.stderr

@@ -1,5 +1,9 @@
 """The API on the real kube-apiserver: examples accepted, mistakes rejected with messages that
-teach, immutable fields enforced, defaults applied as the client-side loader applies them."""
+teach, immutable fields enforced, defaults applied as the client-side loader applies them.
+
+No operator runs here: every behaviour below is the API server's own, driven by the generated
+CRDs. What users see through kubectl (explain, columns, names, status) is test_api_kubectl.py.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,15 @@ from kubernetes.client.rest import ApiException
 
 from kubetune_operator.api import load_adapterdeployment, load_finetunejob
 from tests.testground.cluster import REPO, ControlPlane
-from tests.unit.test_api_cases import INVALID, Case, adapterdeployment, client_error, finetunejob
+from tests.unit.test_api_cases import (
+    ACCEPTED,
+    INVALID,
+    Case,
+    accepted,
+    adapterdeployment,
+    client_error,
+    finetunejob,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -59,12 +71,26 @@ def test_there_are_examples_for_both_kinds() -> None:
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_example_is_accepted_by_server_and_client(cluster: ControlPlane, api_ns: str, path: Path) -> None:
-    res = cluster.kubectl("apply", "--dry-run=server", "-f", str(path), namespace=api_ns, check=False)
+def test_example_is_accepted_defaulted_like_the_client_and_drift_free(
+    cluster: ControlPlane, api_ns: str, path: Path
+) -> None:
+    res = cluster.kubectl(
+        "apply", "--server-side", "-f", str(path), "-o", "json", namespace=api_ns, check=False
+    )
     assert res.returncode == 0, f"{path.name} rejected by the API server:\n{res.stderr}"
+    out = json.loads(res.stdout)
+    created = {(o["kind"], o["metadata"]["name"]): o for o in out.get("items", [out])}
     for doc in yaml.safe_load_all(path.read_text()):
         if doc and doc.get("kind") in LOADERS:
-            LOADERS[doc["kind"]](doc)  # raises InvalidManifestError naming the field
+            # The client-side loader accepts it too (or raises InvalidManifestError naming the field),
+            # and fills in exactly the API server's defaults.
+            client_spec = LOADERS[doc["kind"]](doc).to_manifest()["spec"]
+            assert created[(doc["kind"], doc["metadata"]["name"])]["spec"] == client_spec
+    # Applying the same file again changes nothing (what Argo CD / Flux compare).
+    diff = cluster.kubectl("diff", "--server-side", "-f", str(path), namespace=api_ns, check=False)
+    assert diff.returncode == 0, (
+        f"re-applying {path.name} would change the object:\n{diff.stdout}{diff.stderr}"
+    )
 
 
 # ---- invalid manifests ---------------------------------------------------------------------------
@@ -83,6 +109,16 @@ def test_invalid_manifest_is_rejected_naming_field_and_fix(
         assert case.fix in client_message
 
 
+@pytest.mark.parametrize(("id_", "patch"), ACCEPTED, ids=[a[0] for a in ACCEPTED])
+def test_near_misses_are_accepted(
+    custom: client.CustomObjectsApi, api_ns: str, id_: str, patch: dict
+) -> None:
+    """Right beside a rule's edge: the API server accepts what the client accepts (tests/unit)."""
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, api_ns, "finetunejobs", accepted(patch), dry_run="All", field_validation="Strict"
+    )
+
+
 def test_kubectl_prints_the_teaching_message(cluster: ControlPlane, api_ns: str) -> None:
     case = next(c for c in INVALID if c.id == "lora-block-with-full")
     res = cluster.kubectl(
@@ -99,6 +135,8 @@ IMMUTABLE = [
     ("method-params", {"method": {"lora": {"r": 32}}}, "spec.method is immutable"),
     ("base-model", {"baseModel": {"uri": "hf://Qwen/Qwen2.5-1.5B"}}, "spec.baseModel is immutable: create a new FineTuneJob"),
     ("dataset", {"dataset": {"maxSeqLength": 4096}}, "spec.dataset is immutable: create a new FineTuneJob"),
+    ("dataset-uri", {"dataset": {"train": {"uri": "s3://data/other.jsonl"}}}, "spec.dataset is immutable"),
+    ("dataset-split", {"dataset": {"validationSplit": 0.2}}, "spec.dataset is immutable"),
     ("storage-uri", {"storage": {"uri": "s3://elsewhere"}}, "spec.storage.uri is immutable"),
 ]  # fmt: skip
 
@@ -118,20 +156,26 @@ def test_immutable_fields_cannot_change(
         namespace=api_ns, check=False,
     )  # fmt: skip
     assert res.returncode != 0, f"changing spec.{field} was accepted"
-    assert message in res.stderr, res.stderr
+    assert message in res.stderr and "create a new FineTuneJob" in res.stderr, res.stderr
 
 
-def test_mutable_fields_can_change(cluster: ControlPlane, api_ns: str, existing_job: str) -> None:
-    patch = {
-        "spec": {"runPolicy": {"suspend": True}, "hyperparameters": {"epochs": 1}, "resources": {"nodes": 2}}
-    }
-    cluster.kubectl(
-        "patch", "finetunejob", existing_job, "--type=merge", "-p", json.dumps(patch), namespace=api_ns
-    )
-    obj = json.loads(
-        cluster.kubectl("get", "finetunejob", existing_job, "-o", "json", namespace=api_ns).stdout
-    )
-    assert obj["spec"]["runPolicy"]["suspend"] is True and obj["spec"]["resources"]["nodes"] == 2
+def test_mutable_fields_can_change(cluster: ControlPlane, api_ns: str) -> None:
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(finetunejob("mutable")), namespace=api_ns)
+    before = json.loads(cluster.kubectl("get", "ftj", "mutable", "-o", "json", namespace=api_ns).stdout)
+    for patch in (
+        {"runPolicy": {"suspend": True}, "hyperparameters": {"epochs": 1}, "resources": {"nodes": 2}},
+        {"runPolicy": {"maxRestarts": 5, "suspend": False}},
+        {"hyperparameters": {"learningRate": 0.0001}},
+    ):
+        cluster.kubectl(
+            "patch", "ftj", "mutable", "--type=merge", "-p", json.dumps({"spec": patch}), namespace=api_ns
+        )
+    after = json.loads(cluster.kubectl("get", "ftj", "mutable", "-o", "json", namespace=api_ns).stdout)
+    assert after["spec"]["runPolicy"] == {"maxRestarts": 5, "suspend": False}
+    assert after["spec"]["resources"]["nodes"] == 2 and after["spec"]["hyperparameters"]["epochs"] == 1
+    assert after["spec"]["hyperparameters"]["learningRate"] == 0.0001
+    assert after["spec"]["method"] == before["spec"]["method"] == {"type": "lora"}
+    assert after["metadata"]["generation"] == before["metadata"]["generation"] + 3
 
 
 def test_reapplying_the_same_manifest_is_a_no_op(cluster: ControlPlane, api_ns: str) -> None:
@@ -170,22 +214,29 @@ def test_finetunejob_defaults_are_applied_as_documented(cluster: ControlPlane, a
     assert spec["runPolicy"] == {"maxRestarts": 3, "suspend": False}
     assert spec["baseModel"] == {"uri": "hf://Qwen/Qwen2.5-0.5B", "dtype": "auto", "trustRemoteCode": False}
     assert spec["dataset"]["train"]["format"] == "auto" and spec["dataset"]["maxSeqLength"] == 1024
-    assert spec["storage"]["secretRef"]["accessKeyIdKey"] == "AWS_ACCESS_KEY_ID"
+    assert (spec["dataset"]["dedupe"], spec["dataset"]["packing"]) == ("exact", False)
+    assert spec["storage"]["secretRef"] == {
+        "name": "s3-credentials", "accessKeyIdKey": "AWS_ACCESS_KEY_ID", "secretAccessKeyKey": "AWS_SECRET_ACCESS_KEY",
+    }  # fmt: skip
     # The client-side loader fills in exactly the same defaults.
     assert load_finetunejob(manifest).to_manifest()["spec"] == spec
 
 
 def test_nested_block_defaults_are_applied(cluster: ControlPlane, api_ns: str) -> None:
+    """A block written with one field (or none) gets the rest of its defaults."""
     manifest = finetunejob("nested-defaults")
-    manifest["spec"]["method"] = {"type": "qlora", "qlora": {}}
-    manifest["spec"]["distributed"] = {"deepspeed": {}}
+    manifest["spec"]["method"] = {"type": "qlora", "qlora": {"r": 32}}
+    manifest["spec"]["distributed"] = {"deepspeed": {"offload": "optimizer"}}
     manifest["spec"]["dataset"]["replay"] = {"uri": "s3://data/old.jsonl"}
+    manifest["spec"]["dataset"]["validationSplit"] = 0.1
+    manifest["spec"]["evaluation"] = {"earlyStopping": {"patience": 5}}
     spec = created_spec(cluster, api_ns, manifest)
     assert spec["method"]["qlora"] == {
-        "r": 8, "alpha": 16, "dropout": 0.05, "bias": "none", "bits": 4, "quantType": "nf4", "doubleQuant": True,
+        "r": 32, "alpha": 16, "dropout": 0.05, "bias": "none", "bits": 4, "quantType": "nf4", "doubleQuant": True,
     }  # fmt: skip
-    assert spec["distributed"]["deepspeed"] == {"zeroStage": 2, "offload": "none"}
+    assert spec["distributed"]["deepspeed"] == {"zeroStage": 2, "offload": "optimizer"}
     assert spec["dataset"]["replay"] == {"uri": "s3://data/old.jsonl", "fraction": 0.1, "ewcLambda": 0}
+    assert spec["evaluation"]["earlyStopping"] == {"metric": "eval_loss", "patience": 5, "threshold": 0}
     assert load_finetunejob(manifest).to_manifest()["spec"] == spec
 
 

@@ -101,7 +101,13 @@ INVALID: list[Case] = [
          spec(method={"type": "qlora"}, distributed={"strategy": "deepspeed", "deepspeed": {"zeroStage": 3}}),
          "spec.distributed", "cannot shard its 4-bit weights with ZeRO-3"),
     Case("lora-rank-zero", "ftj", spec(method={"lora": {"r": 0}}), "spec.method.lora.r", "greater than or equal to 1"),
-    Case("unknown-field-typo", "ftj", spec(method={"lora": {"rank": 16}}), "spec.method.lora.rank", "unknown field"),
+    Case("lora-dropout-one", "ftj", spec(method={"lora": {"dropout": 1}}), "spec.method.lora.dropout", "less than 1"),
+    Case("qlora-bits-three", "ftj", spec(method={"type": "qlora", "qlora": {"bits": 3}}), "spec.method.qlora.bits",
+         "4", server='supported values: "4", "8"', client="Input should be 4 or 8"),
+    Case("unknown-field-typo", "ftj", spec(method={"lora": {"rank": 16}}), "spec.method.lora.rank", "unknown field",
+         server='unknown field "spec.method.lora.rank"'),
+    Case("unknown-top-level-block", "ftj", spec(hyperparameter={"learningRate": 0.001}), "spec.hyperparameter",
+         "unknown field", server='unknown field "spec.hyperparameter"'),
     # ---- resources ----
     Case("zero-nodes", "ftj", spec(resources={"nodes": 0}), "spec.resources.nodes", "greater than or equal to 1"),
     Case("seventeen-gpus", "ftj", spec(resources={"gpusPerNode": 17}), "spec.resources.gpusPerNode",
@@ -134,9 +140,20 @@ INVALID: list[Case] = [
          "spec.hyperparameters.learningRate", "greater than 0"),
     Case("negative-learning-rate", "ftj", spec(hyperparameters={"learningRate": -1e-4}),
          "spec.hyperparameters.learningRate", "greater than 0"),
+    Case("learning-rate-as-string", "ftj", spec(hyperparameters={"learningRate": "2e-4"}),
+         "spec.hyperparameters.learningRate", "number", server="must be of type number",
+         client="Input should be a valid number"),
+    Case("zero-epochs", "ftj", spec(hyperparameters={"epochs": 0}), "spec.hyperparameters.epochs", "greater than 0"),
     # ---- data ----
     Case("no-training-data", "ftj", spec(dataset={"train": DELETE, "validationSplit": 0.1}), "spec.dataset",
          "dataset needs training data: set dataset.train.uri, or dataset.mixture"),
+    Case("empty-mixture", "ftj", spec(dataset={"train": DELETE, "mixture": []}), "spec.dataset",
+         "dataset needs training data: set dataset.train.uri, or dataset.mixture"),
+    Case("unknown-data-format", "ftj", spec(dataset={"train": {"format": "sharegpt"}}), "spec.dataset.train.format",
+         "instruction", server='supported values: "auto", "text", "instruction", "chat", "completion"',
+         client="Input should be"),
+    Case("max-seq-length-too-small", "ftj", spec(dataset={"maxSeqLength": 4}), "spec.dataset.maxSeqLength",
+         "greater than or equal to 8"),
     Case("validation-split-too-big", "ftj", spec(dataset={"validationSplit": 0.6}), "spec.dataset.validationSplit",
          "less than or equal to 0.5"),
     Case("validation-split-zero", "ftj", spec(dataset={"validationSplit": 0}), "spec.dataset.validationSplit",
@@ -166,10 +183,22 @@ INVALID: list[Case] = [
     Case("early-stopping-without-evaluations", "ftj",
          spec(dataset={"validationSplit": 0.1}, evaluation={"strategy": "no", "earlyStopping": {}}),
          "spec.evaluation.earlyStopping", "set evaluation.strategy to auto, steps or epoch"),
+    Case("early-stopping-on-confusion-matrix", "ftj",
+         spec(dataset={"validationSplit": 0.1},
+              evaluation={"metrics": ["accuracy", "confusion_matrix"], "earlyStopping": {"metric": "confusion_matrix"}}),
+         "spec.evaluation.earlyStopping.metric", "cannot be confusion_matrix"),
+    Case("early-stopping-checkpoints-between-evaluations", "ftj",
+         spec(dataset={"validationSplit": 0.1}, checkpointing={"everySteps": 150},
+              evaluation={"everySteps": 100, "earlyStopping": {}}),
+         "spec.checkpointing.everySteps", "make checkpointing.everySteps a multiple of evaluation.everySteps"),
+    Case("early-stopping-step-checkpoints-epoch-evaluations", "ftj",
+         spec(dataset={"validationSplit": 0.1}, checkpointing={"everySteps": 100},
+              evaluation={"strategy": "epoch", "earlyStopping": {}}),
+         "spec.checkpointing.everySteps", "needs checkpoints every epoch: remove checkpointing.everySteps"),
     Case("steps-without-every-steps", "ftj", spec(evaluation={"strategy": "steps"}), "spec.evaluation.everySteps",
          "evaluation.strategy steps needs evaluation.everySteps"),
     Case("unknown-metric", "ftj", spec(evaluation={"metrics": ["perplexity", "bleurt"]}), "spec.evaluation.metrics[1]",
-         "bleu", server="supported values", client="Input should be"),
+         "bleu", server='Unsupported value: "bleurt": supported values: "perplexity", "bleu"', client="Input should be"),
     # ---- storage and outputs ----
     Case("storage-not-s3", "ftj", spec(storage={"uri": "https://bucket.example.com/runs"}), "spec.storage.uri",
          "storage.uri must look like s3://bucket or s3://bucket/prefix"),
@@ -193,6 +222,8 @@ INVALID: list[Case] = [
          "spec.env[0]", "takes value or valueFrom, not both"),
     Case("queue-name-invalid", "ftj", spec(runPolicy={"queueName": "Team A"}), "spec.runPolicy.queueName",
          "must be the name of a Kueue LocalQueue"),
+    Case("negative-max-restarts", "ftj", spec(runPolicy={"maxRestarts": -1}), "spec.runPolicy.maxRestarts",
+         "greater than or equal to 0"),
     Case("too-many-restarts", "ftj", spec(runPolicy={"maxRestarts": 101}), "spec.runPolicy.maxRestarts",
          "less than or equal to 100"),
     Case("job-name-too-long", "ftj", {"metadata": {"name": LONG_NAME}}, "metadata.name",
@@ -214,6 +245,10 @@ INVALID: list[Case] = [
          "set replicas or autoscaling, not both"),
     Case("autoscaling-max-below-min", "adep", spec(autoscaling={"minReplicas": 3, "maxReplicas": 2}),
          "spec.autoscaling.maxReplicas", "maxReplicas must be >= autoscaling.minReplicas"),
+    Case("autoscaling-without-max", "adep", spec(autoscaling={"minReplicas": 1}), "spec.autoscaling.maxReplicas",
+         "required", server="Required value", client="Field required"),
+    Case("unknown-runtime", "adep", spec(runtime="tgi"), "spec.runtime", "builtin",
+         server='supported values: "builtin", "vllm"', client="Input should be"),
     Case("vllm-without-gpu", "adep", spec(runtime="vllm"), "spec.resources.gpus", "runtime vllm needs a GPU"),
     Case("vllm-block-with-builtin", "adep", spec(vllm={"maxLoras": 2}), "spec.vllm",
          "spec.vllm only applies to runtime vllm"),
@@ -222,6 +257,27 @@ INVALID: list[Case] = [
     Case("adapterdeployment-name-too-long", "adep", {"metadata": {"name": LONG_NAME}}, "metadata.name",
          "must be at most 63 characters"),
 ]  # fmt: skip
+
+# Near misses: manifests right beside a rule's edge that both the client and the API server
+# must accept (a rule that rejects them is wrong, not strict).
+SPLIT = {"validationSplit": 0.1}
+ACCEPTED: list[tuple[str, dict[str, Any]]] = [
+    ("early-stopping-checkpoints-every-second-evaluation",
+     spec(dataset=SPLIT, checkpointing={"everySteps": 200}, evaluation={"everySteps": 100, "earlyStopping": {}})),
+    ("early-stopping-checkpoints-follow-step-evaluations",
+     spec(dataset=SPLIT, evaluation={"strategy": "steps", "everySteps": 50, "earlyStopping": {}})),
+    ("early-stopping-every-epoch",
+     spec(dataset=SPLIT, evaluation={"strategy": "epoch", "metrics": ["accuracy"], "earlyStopping": {"metric": "accuracy"}})),
+    ("step-checkpoints-without-early-stopping",
+     spec(dataset=SPLIT, checkpointing={"everySteps": 150}, evaluation={"everySteps": 100})),
+    ("confusion-matrix-computed-early-stopping-on-f1",
+     spec(dataset=SPLIT, evaluation={"metrics": ["f1", "confusion_matrix"], "earlyStopping": {"metric": "eval_f1"}})),
+]  # fmt: skip
+
+
+def accepted(patch: dict[str, Any], name: str = "valid-job") -> dict[str, Any]:
+    return merge(finetunejob(name), patch)
+
 
 LOADERS = {"ftj": load_finetunejob, "adep": load_adapterdeployment}
 
@@ -240,6 +296,11 @@ def test_table_is_big_and_ids_unique() -> None:
 def test_the_valid_bases_are_valid() -> None:
     load_finetunejob(finetunejob())
     load_adapterdeployment(adapterdeployment())
+
+
+@pytest.mark.parametrize(("id_", "patch"), ACCEPTED, ids=[a[0] for a in ACCEPTED])
+def test_client_accepts_near_misses(id_: str, patch: dict[str, Any]) -> None:
+    load_finetunejob(accepted(patch))
 
 
 @pytest.mark.parametrize("case", INVALID, ids=lambda c: c.id)

@@ -220,6 +220,20 @@ def test_trainer_config_is_a_valid_finetuning_config() -> None:
     assert cfg.job is not None and (cfg.job.namespace, cfg.job.name) == ("team-a", "llama-lora")
 
 
+@pytest.mark.parametrize(
+    ("block", "expected"),
+    [({}, ("eval_loss", 3, 0.0)), ({"metric": "exact_match", "patience": 5}, ("exact_match", 5, 0.0))],
+    ids=["empty-block-means-defaults", "given-fields-win"],
+)
+def test_early_stopping_block_turns_early_stopping_on(block: dict, expected: tuple) -> None:
+    # A manifest run with `kubetune run --local` has not been defaulted by the API server.
+    data = {"train": {"uri": "s3://data/train.jsonl"}, "validationSplit": 0.1}
+    evaluation = {"metrics": ["perplexity", "exact_match"], "everySteps": 100, "earlyStopping": block}
+    cfg = finetunejob_to_config(ftj(dataset=data, evaluation=evaluation), in_pod=True)
+    assert cfg.early_stopping is not None
+    assert (cfg.early_stopping.metric, cfg.early_stopping.patience, cfg.early_stopping.threshold) == expected
+
+
 def test_ddp_strategy_has_no_deepspeed_block() -> None:
     cfg = finetunejob_to_config(ftj(distributed={"strategy": "ddp"}), in_pod=True)
     assert cfg.deepspeed is None

@@ -58,6 +58,24 @@ ZERO3 = (
 )
 
 
+# When the trainer evaluates (kubetune_trainer.config resolved_eval_strategy): auto means every
+# evaluation.everySteps steps when that is set, else every epoch. The validation data that auto
+# also needs is checked by its own rule.
+def _eval_every_steps(ev: Evaluation) -> bool:
+    return ev.strategy in ("auto", "steps") and ev.every_steps is not None
+
+
+def _eval_every_epoch(ev: Evaluation) -> bool:
+    return ev.strategy == "epoch" or (ev.strategy == "auto" and ev.every_steps is None)
+
+
+EVAL_EVERY_STEPS = "(self.evaluation.strategy in ['auto', 'steps'] && has(self.evaluation.everySteps))"
+EVAL_EVERY_EPOCH = (
+    "(self.evaluation.strategy == 'epoch' || (self.evaluation.strategy == 'auto' && "
+    "!has(self.evaluation.everySteps)))"
+)
+
+
 # ---- data --------------------------------------------------------------------------------------
 
 
@@ -89,7 +107,11 @@ class Replay(ApiModel):
         max_length=URI_MAX, description="Data of the earlier task(s), in any dataset format."
     )
     fraction: float = Field(
-        0.1, gt=0, lt=1, description="Replay examples added, as a fraction of the training set size."
+        0.1,
+        gt=0,
+        lt=1,
+        description="Share of the training mix (so of every epoch) drawn from the replay data: 0.2 with "
+        "1,000 new examples adds 250 replay examples (20% of 1,250). Must be below 1.",
     )
     ewc_lambda: float = Field(
         0.0,
@@ -285,6 +307,18 @@ class Hyperparameters(ApiModel):
     )
 
 
+NON_SCALAR_METRICS = ("confusion_matrix", "eval_confusion_matrix")
+
+
+@rules(
+    Rule(
+        f"!(self.metric in {list(NON_SCALAR_METRICS)})",
+        "evaluation.earlyStopping.metric cannot be confusion_matrix (a matrix, not a number to compare): "
+        "watch eval_loss, accuracy or f1 instead",
+        check=lambda e: e.metric not in NON_SCALAR_METRICS,
+        field_path=".metric",
+    ),
+)
 class EarlyStopping(ApiModel):
     """Stop when the watched metric stops improving; the best checkpoint is kept."""
 
@@ -569,6 +603,34 @@ class RunPolicy(ApiModel):
         ),
         field_path=".evaluation.earlyStopping",
         reason="FieldValueForbidden",
+    ),
+    # Early stopping keeps the best checkpoint, so the trainer refuses to start unless a checkpoint
+    # is saved at every evaluation (kubetune_trainer.training.best_model_settings).
+    Rule(
+        f"!has(self.evaluation.earlyStopping) || !has(self.checkpointing.everySteps) || !{EVAL_EVERY_STEPS} "
+        "|| self.checkpointing.everySteps % self.evaluation.everySteps == 0",
+        "evaluation.earlyStopping keeps the best checkpoint, so checkpoints must be saved at evaluations: make "
+        "checkpointing.everySteps a multiple of evaluation.everySteps, or remove it (checkpoints then follow "
+        "the evaluations)",
+        check=lambda s: (
+            s.evaluation.early_stopping is None
+            or s.checkpointing.every_steps is None
+            or not _eval_every_steps(s.evaluation)
+            or s.checkpointing.every_steps % s.evaluation.every_steps == 0
+        ),
+        field_path=".checkpointing.everySteps",
+    ),
+    Rule(
+        f"!has(self.evaluation.earlyStopping) || !has(self.checkpointing.everySteps) || !{EVAL_EVERY_EPOCH}",
+        "evaluation.earlyStopping with evaluations every epoch needs checkpoints every epoch: remove "
+        "checkpointing.everySteps, or evaluate every N steps (evaluation.everySteps, a divisor of "
+        "checkpointing.everySteps, with evaluation.strategy auto or steps)",
+        check=lambda s: (
+            s.evaluation.early_stopping is None
+            or s.checkpointing.every_steps is None
+            or not _eval_every_epoch(s.evaluation)
+        ),
+        field_path=".checkpointing.everySteps",
     ),
     Rule(
         "!self.output.mergedModel || self.method.type in ['lora', 'qlora']",
