@@ -214,6 +214,74 @@ def test_resume_from_local_checkpoint(tiny_model_dir: Path, task_files, tmp_path
     assert [h["step"] for h in second.trainer.state.log_history if "loss" in h][-2:] == [5, 6]
 
 
+def _fake_checkpoint(root: Path, step: int, files: dict[str, str]) -> Path:
+    d = root / f"checkpoint-{step}"
+    for rel, text in files.items():
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_text(text)
+    return d
+
+
+def test_last_complete_checkpoint_skips_half_written_folders(tmp_path: Path) -> None:
+    from kubetune_trainer.finetuner import last_complete_checkpoint
+
+    root = tmp_path / "checkpoints"
+    assert last_complete_checkpoint(root) is None  # no folder yet
+    state = json.dumps({"global_step": 1})
+    for step in (10, 20):
+        _fake_checkpoint(
+            root,
+            step,
+            {
+                "trainer_state.json": state,
+                "latest": f"global_step{step}",
+                f"global_step{step}/mp_rank_00_model_states.pt": "x",
+            },
+        )
+    # Killed after the weights (no trainer_state.json), while writing it (truncated JSON), and
+    # under DeepSpeed before `latest` (trainer_state.json is written later, but a stale one may be there).
+    _fake_checkpoint(root, 30, {"adapter_model.safetensors": "w"})
+    _fake_checkpoint(root, 40, {"adapter_model.safetensors": "w", "trainer_state.json": '{"global_st'})
+    _fake_checkpoint(root, 50, {"trainer_state.json": state, "global_step50/x.pt": "x"})
+    _fake_checkpoint(root, 60, {"trainer_state.json": state, "latest": "global_step60"})  # names no folder
+    (root / "checkpoint-99-tmp").mkdir()
+    (root / "checkpoint-70").write_text("a file, not a folder")
+
+    assert last_complete_checkpoint(root, deepspeed=True) == str(root / "checkpoint-20")
+    # Without DeepSpeed, `latest` does not matter: checkpoint-60 is complete.
+    assert last_complete_checkpoint(root, deepspeed=False) == str(root / "checkpoint-60")
+    # Numeric order, not lexical: 100 is newer than 60.
+    _fake_checkpoint(root, 100, {"trainer_state.json": state})
+    assert last_complete_checkpoint(root) == str(root / "checkpoint-100")
+
+
+def test_resume_skips_an_incomplete_newest_local_checkpoint(
+    tiny_model_dir: Path, task_files, tmp_path: Path, caplog
+) -> None:
+    out = tmp_path / "out"
+    first = ModelFinetuner(_config(tiny_model_dir, task_files, out, max_steps=4, save_steps=2))
+    first.train()
+    ckpts = out / "checkpoints"
+    # A pod killed (kill -9) while Trainer was writing checkpoint-6: weights there, trainer_state.json not.
+    partial = ckpts / "checkpoint-6"
+    partial.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (partial / name).write_bytes((ckpts / "checkpoint-4" / name).read_bytes())
+    second = ModelFinetuner(
+        _config(tiny_model_dir, task_files, out, max_steps=8, save_steps=2, resume="auto")
+    )
+    with caplog.at_level(logging.INFO, logger="kubetune_trainer.finetuner"):
+        second.train()
+    resumed = [r.getMessage() for r in caplog.records if "resuming from local checkpoint" in r.getMessage()]
+    assert len(resumed) == 1 and resumed[0].split()[4].endswith("checkpoint-4"), resumed
+    assert "skipping incomplete local checkpoint" in caplog.text
+    assert second.trainer.state.global_step == 8
+    # The history is the first run's 4 steps, then 5-8 trained here (none repeated).
+    assert [h["step"] for h in second.trainer.state.log_history if "loss" in h] == list(range(1, 9))
+    # The step-6 checkpoint was rewritten complete by this run.
+    assert json.loads((partial / "trainer_state.json").read_text())["global_step"] == 6
+
+
 def test_merge_adapter_gives_the_same_logits(tiny_model_dir: Path, task_files, tmp_path: Path) -> None:
     ft = ModelFinetuner(
         _config(tiny_model_dir, task_files, tmp_path / "out", max_steps=3, merge_adapter=True)

@@ -373,8 +373,6 @@ class ModelFinetuner:
 
     def _resume_checkpoint(self) -> str | None:
         """The checkpoint to resume from: the newest complete one in storage, else a local one."""
-        from transformers.trainer_utils import get_last_checkpoint
-
         cfg = self.config
         if cfg.resume == "never":
             return None
@@ -399,12 +397,10 @@ class ModelFinetuner:
                 log.info("resuming from checkpoint %s (step %d)", path, step)
                 return str(path)
             return None
-        if local_root.is_dir():
-            last = get_last_checkpoint(str(local_root))
-            if last:
-                log.info("resuming from local checkpoint %s (set resume: never to start over)", last)
-            return last
-        return None
+        last = last_complete_checkpoint(local_root, deepspeed=cfg.deepspeed is not None)
+        if last:
+            log.info("resuming from local checkpoint %s (set resume: never to start over)", last)
+        return last
 
     def _eval_hook(self, trainer: Any, prefix: str) -> dict[str, Any]:
         """Generation metrics for Trainer's evaluation loop (runs on every rank)."""
@@ -841,6 +837,58 @@ def load_tokenizer(path: str, config: FinetuningConfig) -> Any:
         # Padding positions are masked out of attention and loss, so any id works; EOS is the usual choice.
         tok.pad_token = tok.eos_token
     return tok
+
+
+TRAINER_STATE_FILE = "trainer_state.json"
+_CHECKPOINT_DIR_PREFIX = "checkpoint-"
+
+
+def local_checkpoint_problem(path: Path, deepspeed: bool) -> str | None:
+    """Why the local Trainer checkpoint ``path`` is not complete, or None when it is.
+
+    Trainer writes a checkpoint folder in place: weights, optimizer and scheduler (under
+    DeepSpeed: ``global_step<N>/`` and then the ``latest`` file), RNG states, and
+    ``trainer_state.json`` LAST. A process killed in between leaves a folder that looks like a
+    checkpoint, so "complete" means: ``trainer_state.json`` parses as JSON and, with DeepSpeed,
+    ``latest`` names a ``global_step*`` folder that exists.
+    """
+    state = path / TRAINER_STATE_FILE
+    if not state.is_file():
+        return f"no {TRAINER_STATE_FILE} (the save was interrupted)"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{TRAINER_STATE_FILE} is unreadable ({exc})"
+    if deepspeed:
+        latest = path / "latest"
+        if not latest.is_file():
+            return "no DeepSpeed 'latest' file (the DeepSpeed save was interrupted)"
+        tag = latest.read_text(encoding="utf-8").strip()
+        if not tag or not (path / tag).is_dir():
+            return f"DeepSpeed 'latest' names {tag!r}, which is not a folder of the checkpoint"
+    return None
+
+
+def last_complete_checkpoint(folder: str | os.PathLike[str], deepspeed: bool = False) -> str | None:
+    """The newest ``checkpoint-<step>`` folder under ``folder`` that is complete, or None.
+
+    Unlike transformers' ``get_last_checkpoint`` (the newest folder, whatever it holds), this
+    skips folders a ``kill -9`` left half-written (see :func:`local_checkpoint_problem`).
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return None
+    steps = []
+    for child in root.iterdir():
+        suffix = child.name.removeprefix(_CHECKPOINT_DIR_PREFIX)
+        if child.name.startswith(_CHECKPOINT_DIR_PREFIX) and suffix.isdigit() and child.is_dir():
+            steps.append((int(suffix), child))
+    for _, path in sorted(steps, reverse=True):
+        problem = local_checkpoint_problem(path, deepspeed)
+        if problem is None:
+            return str(path)
+        log.warning("skipping incomplete local checkpoint %s: %s", path, problem)
+    return None
 
 
 def _local_source(
