@@ -122,6 +122,13 @@ class Kube:
                 return None
             raise
 
+    def list(
+        self, api_version: str, kind: str, namespace: str, label_selector: str | None = None
+    ) -> list[dict[str, Any]]:
+        query = [("labelSelector", label_selector)] if label_selector else []
+        out = self.request("GET", object_path(api_version, kind, namespace), query=query) or {}
+        return list(out.get("items") or [])
+
     def merge_patch(
         self, api_version: str, kind: str, namespace: str, name: str, patch: dict[str, Any]
     ) -> Any:

@@ -109,6 +109,59 @@ def test_success_reports_the_trainers_output(cluster: ControlPlane, ns: str) -> 
     assert {"Running", "Succeeded"} <= reasons
 
 
+def hide_from_operator(cluster: ControlPlane, ns: str, pod: str) -> None:
+    """Take a pod off the operator's watch (which selects on the managed-by label), as if its
+    events were late: the Job controller (which selects on controller-uid) still counts it."""
+    cluster.kubectl("label", "pod", pod, "app.kubernetes.io/managed-by-", namespace=ns)
+
+
+def test_success_waits_for_the_trainers_report_when_the_job_finishes_first(
+    cluster: ControlPlane, ns: str
+) -> None:
+    apply(cluster, ns, finetunejob("late-pod", pod_labels=HOLD))
+    [pod] = running_pods(cluster, ns, "late-pod", 1)
+    wait_phase(cluster, ns, "late-pod", "Running")
+    name = pod["metadata"]["name"]
+    hide_from_operator(cluster, ns, name)
+    wait_phase(cluster, ns, "late-pod", "Pending")  # the operator no longer sees the pod
+    report = {"adapterUri": "s3://x/final/", "trainableParameters": 321, "totalParameters": 4321}
+    finish_pod(cluster.api_client(), ns, name, 0, json.dumps(report))
+    eventually(
+        lambda: observe_complete(cluster, ns, "late-pod-1"), timeout=30, what="Job late-pod-1 Complete"
+    )
+    st = wait_phase(cluster, ns, "late-pod", "Succeeded", timeout=30)
+    # Decided from the pod read back from the API server, not from the Job alone.
+    assert st["output"] == report
+
+
+def observe_complete(cluster: ControlPlane, ns: str, job: str) -> bool:
+    j = get(cluster, ns, "job", job) or {}
+    return any(
+        c["type"] == "Complete" and c["status"] == "True"
+        for c in (j.get("status") or {}).get("conditions") or []
+    )
+
+
+def test_a_bad_config_is_not_retried_when_the_job_fails_before_the_pod_is_seen(
+    cluster: ControlPlane, ns: str
+) -> None:
+    apply(cluster, ns, finetunejob("late-fail", pod_labels=HOLD, runPolicy={"maxRestarts": 3}))
+    [pod] = running_pods(cluster, ns, "late-fail", 1)
+    name = pod["metadata"]["name"]
+    hide_from_operator(cluster, ns, name)
+    finish_pod(cluster.api_client(), ns, name, 2, "spec.hyperparameters.learningRate: must be > 0")
+    st = wait_phase(cluster, ns, "late-fail", "Failed", timeout=30)
+    assert st["attempt"] == 1
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidConfig" and "not retried" in failed["message"]
+    assert "learningRate" in failed["message"]
+    assert get(cluster, ns, "job", "late-fail-2") is None
+    # The Job itself records it too (podFailurePolicy FailJob on the exit codes 2, 3, 4).
+    job = get(cluster, ns, "job", "late-fail-1") or {}
+    conds = {c["type"]: c for c in job["status"]["conditions"]}
+    assert conds["Failed"]["reason"] == "PodFailurePolicy" and "exit code 2" in conds["Failed"]["message"]
+
+
 def test_two_nodes_by_eight_gpus_land_on_both_gpu_nodes(cluster: ControlPlane, ns: str) -> None:
     apply(cluster, ns, finetunejob("big", nodes=2, gpus=8, pod_labels=HOLD))
     ps = running_pods(cluster, ns, "big", 2)
@@ -165,6 +218,10 @@ def test_configuration_errors_are_not_retried(cluster: ControlPlane, ns: str) ->
     failed = next(c for c in st["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "InvalidData" and "not retried" in failed["message"]
     assert get(cluster, ns, "job", "badcfg-2") is None
+    job = get(cluster, ns, "job", "badcfg-1") or {}
+    assert (
+        next(c for c in job["status"]["conditions"] if c["type"] == "Failed")["reason"] == "PodFailurePolicy"
+    )
 
 
 def test_suspend_and_resume(cluster: ControlPlane, ns: str) -> None:

@@ -359,3 +359,11 @@ def test_builders_do_not_mutate_the_parent() -> None:
     fb.job(parent, 1, SETTINGS)
     to_config_dict(parent)
     assert parent == before
+
+
+def test_the_job_fails_itself_on_non_retryable_exit_codes() -> None:
+    j = fb.job(ftj(), 1, SETTINGS)
+    [rule] = j["spec"]["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob"
+    assert rule["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [2, 3, 4]}
+    assert j["spec"]["template"]["spec"]["restartPolicy"] == "Never"  # required by podFailurePolicy

@@ -13,6 +13,7 @@ import yaml
 from .. import meta
 from ..convert import PVC_MOUNT_ROOT, pvc_claims
 from ..settings import Settings
+from .observe import NON_RETRYABLE_EXIT_CODES, TRAINER_CONTAINER
 
 Body = dict[str, Any]
 
@@ -209,7 +210,7 @@ def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds:
         *[dict(e) for e in spec.get("env") or []],
     ]
     container: Body = {
-        "name": "trainer",
+        "name": TRAINER_CONTAINER,
         "image": spec.get("image") or settings.trainer_image,
         "imagePullPolicy": spec.get("imagePullPolicy") or settings.image_pull_policy,
         "command": torchrun_command(ftj, attempt, settings),
@@ -310,6 +311,20 @@ def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds:
         "parallelism": nodes,
         # Retries are the operator's (attempts that resume from a checkpoint), not the Job's.
         "backoffLimit": 0,
+        # The Job itself records a non-retryable trainer exit code (reason PodFailurePolicy, the
+        # code in the message), so the operator knows not to retry even without seeing the pod.
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": TRAINER_CONTAINER,
+                        "operator": "In",
+                        "values": sorted(NON_RETRYABLE_EXIT_CODES),
+                    },
+                }
+            ]
+        },
         # Kueue admits a queued Job by unsuspending it.
         "suspend": bool(run_policy.get("suspend")) or bool(queue),
         "template": {

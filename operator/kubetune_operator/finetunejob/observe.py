@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,10 @@ class Failure:
 
     @property
     def retryable(self) -> bool:
-        return self.exit_code not in NON_RETRYABLE_EXIT_CODES and self.reason != "DeadlineExceeded"
+        return self.exit_code not in NON_RETRYABLE_EXIT_CODES and self.reason not in (
+            "DeadlineExceeded",
+            "PodFailurePolicy",  # the Job's FailJob rule: only non-retryable exit codes match it
+        )
 
 
 def job_condition(job: Body | None, type_: str) -> Body | None:
@@ -85,7 +89,45 @@ def failure(job: Body, pods: list[Body]) -> Failure:
         return Failure(reason=known or "TrainerFailed", message=msg, pod=name, exit_code=code)
     cond = job_condition(job, "Failed") or {}
     reason = cond.get("reason") or "JobFailed"
-    return Failure(reason=reason, message=cond.get("message") or f"the training Job failed ({reason})")
+    message = cond.get("message") or f"the training Job failed ({reason})"
+    if reason == "PodFailurePolicy":
+        # The Job's podFailurePolicy (builders.job) matched a non-retryable exit code: the Job's
+        # message names the pod and the code ("Container trainer for pod ns/x failed with exit
+        # code 3 matching FailJob rule at index 0").
+        m = _POLICY_MESSAGE.search(message)
+        code = int(m.group("code")) if m else None
+        known = NON_RETRYABLE_EXIT_CODES.get(code) if code is not None else None
+        pod_name = m.group("pod") if m else None
+        if known:
+            msg = f"pod {pod_name} exited with code {code} ({known}); the Job reports: {message}"
+            return Failure(reason=known, message=msg, pod=pod_name, exit_code=code)
+        return Failure(reason=reason, message=message, pod=pod_name, exit_code=code)
+    return Failure(reason=reason, message=message)
+
+
+_POLICY_MESSAGE = re.compile(r"for pod [^/\s]+/(?P<pod>\S+) failed with exit code (?P<code>\d+)")
+
+
+def outcome_visible(job: Body, pods: list[Body]) -> bool:
+    """Whether the pods that decide a finished Job's outcome have reached the cache.
+
+    The Job's Complete/Failed and the pods' final states arrive on different watches: a Job can
+    be seen finished while its pods still look Running. Deciding then would lose the trainer's
+    report (success) or its exit code (a bad config would be retried).
+    """
+    if job_succeeded(job):
+        # The report comes from node rank 0.
+        return any(_index(p) == 0 and (_terminated(p) or {}).get("exitCode") == 0 for p in pods)
+    if job_failed(job):
+        reason = (job_condition(job, "Failed") or {}).get("reason")
+        if reason == "DeadlineExceeded":
+            return True  # the Job killed its pods: no trainer exit code to wait for
+        return any(
+            (p.get("status") or {}).get("phase") == "Failed"
+            and (_terminated(p) or {}).get("exitCode") not in (None, 0)
+            for p in pods
+        )
+    return True
 
 
 def running_workers(pods: list[Body]) -> int:

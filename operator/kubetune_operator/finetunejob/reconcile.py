@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
+import time
 from typing import Any
 
 from kubetune_trainer.config import FinetuningConfig
@@ -20,7 +22,7 @@ from kubetune_trainer.exit_codes import ConfigError
 
 from .. import meta, metrics
 from ..conditions import get_condition, now_iso, set_condition
-from ..controller import Key, Result, Store
+from ..controller import Key, Result, Store, slim
 from ..convert import to_config_dict
 from ..kube import Kube
 from ..settings import Settings, load
@@ -33,6 +35,14 @@ KIND = "FineTuneJob"
 TERMINAL = ("Succeeded", "Failed")
 
 _settings: Settings | None = None
+
+# A finished Job whose deciding pods are not in the cache yet (they come on another watch) is
+# looked at again every SETTLE_REQUEUE seconds; after SETTLE_SECONDS its pods are read from the
+# API server once, and then the outcome is decided with what there is.
+SETTLE_REQUEUE = 0.5
+SETTLE_SECONDS = 5.0
+_settling: dict[str, float] = {}  # Job uid -> when it was first seen finished (monotonic)
+_settling_lock = threading.Lock()
 
 
 def settings() -> Settings:
@@ -136,6 +146,14 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     elif not want_suspend and job_suspended and not run_policy.get("queueName"):
         kube.merge_patch("batch/v1", "Job", key[0], job_name, {"spec": {"suspend": False}})
         job_suspended = False
+
+    if observe.job_succeeded(current) or observe.job_failed(current):
+        settled = _settled_pods(kube, current, attempt_pods)
+        if settled is None:
+            new["conditions"] = conditions
+            _write(kube, ftj, status, new)
+            return Result(requeue_after=SETTLE_REQUEUE)
+        attempt_pods = settled
 
     if observe.job_succeeded(current):
         report = observe.trainer_report(attempt_pods)
@@ -250,6 +268,41 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     new["conditions"] = conditions
     _write(kube, ftj, status, new)
     return result
+
+
+def _settled_pods(kube: Kube, job: Body, pods: list[Body]) -> list[Body] | None:
+    """The pods to decide a finished Job's outcome from, or None: look again shortly.
+
+    Bounded: after SETTLE_SECONDS the Job's pods are listed from the API server (by the Job's
+    controller-uid label); whatever that shows, the outcome is then decided.
+    """
+    ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+    uid = job["metadata"].get("uid") or f"{ns}/{name}"
+    if observe.outcome_visible(job, pods):
+        with _settling_lock:
+            _settling.pop(uid, None)
+        return pods
+    now = time.monotonic()
+    with _settling_lock:
+        first = _settling.setdefault(uid, now)
+    if now - first < SETTLE_SECONDS:
+        return None
+    with _settling_lock:
+        _settling.pop(uid, None)
+    selector = f"batch.kubernetes.io/controller-uid={uid}"
+    try:
+        live = [slim("Pod", p) for p in kube.list("v1", "Pod", ns, selector)]
+    except Exception as e:  # the Job's own record is still there to decide from
+        log.warning("could not list the pods of Job %s/%s: %s", ns, name, e)
+        return pods
+    log.info(
+        "Job %s/%s finished but its pods were not on the watch after %.0fs; read %d from the API server",
+        ns,
+        name,
+        SETTLE_SECONDS,
+        len(live),
+    )
+    return live if observe.outcome_visible(job, live) else pods or live
 
 
 def final_uri(ftj: Body) -> str | None:
