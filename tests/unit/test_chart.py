@@ -88,6 +88,10 @@ def test_helm_lint_strict_passes(sets: tuple[str, ...]) -> None:
         (("storage.endpoint=minio:9000",), "at '/storage/endpoint'"),
         (("trainer.terminationGracePeriodSeconds=5",), "at '/trainer/terminationGracePeriodSeconds'"),
         (("metrics.port=8081",), "metrics.port must not be 8081"),
+        (
+            ("metrics.serviceMonitor.enabled=true", "metrics.service.enabled=false"),
+            "metrics.serviceMonitor.enabled needs metrics.service.enabled=true",
+        ),
     ],
 )
 def test_bad_values_are_rejected_naming_the_field(sets: tuple[str, ...], message: str) -> None:

@@ -176,3 +176,27 @@ def test_dashboard_is_well_formed() -> None:
         assert panel.get("description"), f"panel {panel['title']!r} has no description"
         refs = [t["refId"] for t in panel["targets"]]
         assert refs and len(refs) == len(set(refs)), panel["title"]
+
+
+OBSERVABILITY_DOC = CHART.parent.parent / "docs" / "observability.md"
+
+
+def documented_metrics() -> set[str]:
+    """Names in the first column of docs/observability.md's metric tables."""
+    return set(re.findall(r"^\| `(kubetune_\w+)` \|", OBSERVABILITY_DOC.read_text(), re.MULTILINE))
+
+
+def test_the_documented_metrics_are_exactly_the_ones_the_code_exposes() -> None:
+    documented = documented_metrics()
+    assert documented, f"no metric tables found in {OBSERVABILITY_DOC}"
+    # A counter is documented with its _total suffix, every other type by its family name.
+    code = {
+        f.name + "_total" if f.type == "counter" else f.name
+        for registry in (REGISTRY, TrainerMetrics().registry, ServerMetrics().registry)
+        for f in registry.collect()
+        if f.name.startswith("kubetune_")
+    }
+    assert not documented - code, f"documented but not exposed: {sorted(documented - code)}"
+    assert not code - documented, (
+        f"exposed but missing from {OBSERVABILITY_DOC.name}: {sorted(code - documented)}"
+    )
