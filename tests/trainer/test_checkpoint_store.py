@@ -237,6 +237,49 @@ def test_prune_keeps_newest_and_collects_garbage(store: CheckpointStore, tmp_pat
         store.prune(keep_last=0)
 
 
+def test_best_step_from_trainer_state() -> None:
+    from kubetune_trainer.storage import best_step_from_state
+
+    assert best_step_from_state({"best_global_step": 20, "best_model_checkpoint": "/x/checkpoint-30"}) == 20
+    assert best_step_from_state({"best_model_checkpoint": "/old-pod/out/checkpoints/checkpoint-30"}) == 30
+    assert best_step_from_state({"best_model_checkpoint": "checkpoint-7/"}) == 7
+    for doc in (
+        {},
+        {"best_global_step": None, "best_model_checkpoint": None},
+        {"best_model_checkpoint": "/x/y"},
+        [],
+    ):
+        assert best_step_from_state(doc) is None
+
+
+def _with_best(tmp_path: Path, step: int, best: int | None) -> Path:
+    d, _ = hf_checkpoint(tmp_path, step)
+    state = {"global_step": step, "best_metric": 1.5}
+    if best is not None:  # as transformers writes it: the absolute path on the pod that trained
+        state |= {
+            "best_global_step": best,
+            "best_model_checkpoint": f"/old-pod/out/checkpoints/checkpoint-{best}",
+        }
+    (d / "trainer_state.json").write_text(json.dumps(state))
+    return d
+
+
+@pytest.mark.s3
+def test_prune_never_deletes_the_best_checkpoint(store: CheckpointStore, tmp_path: Path) -> None:
+    for step in (10, 20, 30):
+        store.upload(_with_best(tmp_path, step, best=10), step)
+        store.prune(keep_last=1)
+    assert store.complete_steps() == [10, 30]  # 20 went; 10 is the best
+
+    store.upload(_with_best(tmp_path, 40, best=40), 40)  # a new best: the old one may go
+    result = store.prune(keep_last=1)
+    assert (result.deleted, result.kept, result.best) == ([10, 30], [40], 40)
+
+    store.upload(_with_best(tmp_path, 50, best=None), 50)  # no best model tracked: plain keep_last
+    assert store.prune(keep_last=1).kept == [50]
+    assert store.complete_steps() == [50]
+
+
 @pytest.mark.s3
 def test_two_nodes_one_manifest(store: CheckpointStore, tmp_path: Path) -> None:
     """Node 1 uploads later than node 0; rank 0 waits for its file list and covers both."""

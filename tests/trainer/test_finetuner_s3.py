@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune_trainer.quickstart import write_task_data
+from kubetune_trainer import FinetuningConfig, ModelFinetuner
+from kubetune_trainer.quickstart import make_task_records, write_task_data
 from kubetune_trainer.storage import CheckpointStore
 
 
@@ -134,3 +135,83 @@ def test_preempted_pod_uploads_a_checkpoint_and_the_next_pod_resumes_and_uploads
     )
     assert "eval_loss" in metrics["eval"]
     assert len(store.complete_steps()) <= 2  # keep_last
+
+
+def _same_weights(model, checkpoint: Path) -> bool:
+    """Whether ``model`` holds exactly the weights saved in a Trainer checkpoint (full fine-tuning)."""
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(str(checkpoint / "model.safetensors"))
+    params = model.state_dict()
+    assert saved and set(saved) <= set(params)
+    return all(torch.equal(params[k].detach().cpu(), v) for k, v in saved.items())
+
+
+@pytest.mark.s3
+def test_best_checkpoint_survives_pruning_and_a_new_pod(
+    s3, s3_bucket: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubetune_trainer.finetuner import local_checkpoint_problem, restore_best_checkpoint
+
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    rows = make_task_records(48, seed=3)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:32]))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[32:]))
+    job = {"namespace": "team-a", "name": "ft-best", "uid": "u-1"}
+    base = {
+        "model_name": str(tiny_model_dir),
+        "train_file": str(tmp_path / "train.jsonl"),
+        "validation_file": str(tmp_path / "val.jsonl"),
+        "per_device_train_batch_size": 8,
+        # Full fine-tuning (output layer included) at a learning rate so large that eval_loss gets
+        # worse after the first evaluation: the best checkpoint is an early one. (LoRA on the tiny
+        # model's frozen output layer cannot move the loss far enough to get reliably worse.)
+        "method": "full",
+        "learning_rate": 1.0,
+        "lr_scheduler_type": "constant",
+        "eval_steps": 2,
+        "save_steps": 2,
+        "keep_last": 1,
+        "storage_uri": f"s3://{s3_bucket}/runs",
+        "job": job,
+        "progress_bar": False,
+        "seed": 0,
+    }
+    store = CheckpointStore(f"s3://{s3_bucket}/runs/team-a/ft-best/u-1/")
+
+    pod1 = ModelFinetuner(FinetuningConfig(**base, output_dir=str(tmp_path / "pod1"), max_steps=6))
+    try:
+        pod1.train()
+    finally:
+        pod1.close()
+    evals = [(h["step"], h["eval_loss"]) for h in pod1.trainer.state.log_history if "eval_loss" in h]
+    best = store.best_step(6)
+    assert best is not None and best < 6, evals  # the setup this test needs
+    # keep_last=1 keeps the newest; the best is kept as well.
+    assert store.complete_steps() == [best, 6]
+
+    # What a new pod does before training: restore the newest and the best checkpoint, and point
+    # best_model_checkpoint (pod 1's absolute path) at the local copy.
+    probe = tmp_path / "probe"
+    restored = store.restore_latest(probe)
+    assert restored is not None and restored[0] == 6
+    assert restore_best_checkpoint(store, probe, restored[1]) == probe / f"checkpoint-{best}"
+    assert local_checkpoint_problem(probe / f"checkpoint-{best}", deepspeed=False) is None
+    state = json.loads((restored[1] / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] == str(probe / f"checkpoint-{best}")
+
+    # A new pod with an empty disk (a preempted job's next attempt) resumes at step 6 and, at the
+    # end, reloads the best checkpoint, not the last one.
+    pod2 = ModelFinetuner(FinetuningConfig(**base, output_dir=str(tmp_path / "pod2"), max_steps=8))
+    try:
+        pod2.train()
+    finally:
+        pod2.close()
+    best_dir = tmp_path / "pod2" / "checkpoints" / f"checkpoint-{best}"
+    assert pod2.trainer.state.best_model_checkpoint == str(best_dir)
+    assert _same_weights(pod2.model, best_dir)
+    assert store.complete_steps() == [best, 8]
+    assert not _same_weights(pod2.model, store.download(8, tmp_path / "last"))

@@ -385,6 +385,9 @@ class ModelFinetuner:
                 if self.dist.is_local_rank0:
                     restored = store.restore_latest(local_root)
                     step = restored[0] if restored else None
+                    if restored:
+                        # load_best_model_at_end needs the best checkpoint here too, under a local path.
+                        restore_best_checkpoint(store, local_root, restored[1], cfg.deepspeed is not None)
                     if self.dist.is_global_rank0:
                         # Half-uploaded checkpoints of a killed attempt: this attempt will redo them.
                         store.discard_incomplete(after_step=step)
@@ -889,6 +892,54 @@ def last_complete_checkpoint(folder: str | os.PathLike[str], deepspeed: bool = F
             return str(path)
         log.warning("skipping incomplete local checkpoint %s: %s", path, problem)
     return None
+
+
+def restore_best_checkpoint(
+    store: Any, local_root: Path, resumed: Path, deepspeed: bool = False
+) -> Path | None:
+    """Make the best checkpoint recorded in ``resumed`` usable in this pod; returns its local path.
+
+    ``trainer_state.json`` names the best checkpoint (what ``load_best_model_at_end`` reloads)
+    by an absolute path on the machine that wrote it. Download that checkpoint from ``store``
+    when it is not ``resumed`` itself and not already complete under ``local_root``, then rewrite
+    ``best_model_checkpoint`` in ``resumed``'s state to the local folder (None when it cannot be
+    restored: then the run keeps the best of the evaluations still to come, with a warning).
+    """
+    from kubetune_trainer.storage import StorageError, best_step_from_state
+
+    state_path = resumed / TRAINER_STATE_FILE
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # Trainer reports an unusable state itself
+    best = best_step_from_state(state)
+    if best is None:
+        return None
+    best_dir: Path | None = local_root / f"{_CHECKPOINT_DIR_PREFIX}{best}"
+    if (
+        best_dir is not None
+        and best_dir.resolve() != resumed.resolve()
+        and local_checkpoint_problem(best_dir, deepspeed) is not None
+    ):
+        try:
+            best_dir = store.download(best, local_root)
+            log.info("restored the best checkpoint (step %d) to %s", best, best_dir)
+        except StorageError as exc:
+            log.warning(
+                "the best checkpoint (step %d, metric %s) could not be restored (%s): the output will be "
+                "the best of the evaluations from here on",
+                best,
+                state.get("best_metric"),
+                exc,
+            )
+            best_dir = None
+    local = str(best_dir) if best_dir is not None else None
+    if state.get("best_model_checkpoint") != local:
+        state["best_model_checkpoint"] = local
+        tmp = state_path.with_name(state_path.name + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, state_path)
+    return best_dir
 
 
 def _local_source(

@@ -10,6 +10,7 @@ from .checkpoints import (
     ManifestFile,
     PruneResult,
     UploadResult,
+    best_step_from_state,
     merge_node_lists,
 )
 from .client import S3Settings, make_s3_client, resolve_s3_settings, s3_client_from_env
@@ -49,6 +50,7 @@ __all__ = [
     "StorageError",
     "TransferError",
     "UploadResult",
+    "best_step_from_state",
     "call_with_retry",
     "download_prefix",
     "is_retryable",

@@ -60,10 +60,12 @@ from .uri import S3Uri
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+TRAINER_STATE_NAME = "trainer_state.json"  # transformers' Trainer state, inside each checkpoint
 NODES_DIR = "_nodes"
 MANIFEST_FORMAT = "kubetune.io/checkpoint-manifest/v1"
 NODE_LIST_FORMAT = "kubetune.io/checkpoint-node-files/v1"
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
+_STEP_DIR_SUFFIX = re.compile(r"(?:^|/)checkpoint-(\d+)/*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -173,6 +175,27 @@ class UploadResult:
 class PruneResult:
     deleted: list[int] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)  # complete checkpoints left, oldest first
+    best: int | None = None  # the best checkpoint's step (kept whatever keep_last says), if known
+
+
+def best_step_from_state(state: Any) -> int | None:
+    """The best checkpoint's step recorded in a Trainer state document (``trainer_state.json``).
+
+    ``best_global_step`` when present (transformers >= 4.50), else the step in the name of
+    ``best_model_checkpoint`` (an absolute path on the machine that wrote it); None when the
+    run tracks no best model.
+    """
+    if not isinstance(state, dict):
+        return None
+    step = state.get("best_global_step")
+    if isinstance(step, int) and not isinstance(step, bool) and step > 0:
+        return step
+    path = state.get("best_model_checkpoint")
+    if isinstance(path, str):
+        m = _STEP_DIR_SUFFIX.search(path.replace("\\", "/"))
+        if m:
+            return int(m.group(1))
+    return None
 
 
 def _is_safe_relpath(path: str) -> bool:
@@ -346,6 +369,17 @@ class CheckpointStore:
                 return step
             log.info("skipping checkpoint %s: %s", st.uri, st.problem)
         return None
+
+    def best_step(self, step: int) -> int | None:
+        """The best checkpoint recorded in ``trainer_state.json`` of checkpoint ``step`` (or None)."""
+        raw = get_bytes(self.client, self.checkpoint_uri(step).join(TRAINER_STATE_NAME), policy=self.retry)
+        if raw is None:
+            return None
+        try:
+            return best_step_from_state(json.loads(raw))
+        except ValueError:
+            log.warning("checkpoint %s: %s is not valid JSON", self.checkpoint_uri(step), TRAINER_STATE_NAME)
+            return None
 
     # -- upload ---------------------------------------------------------------------------------
 
@@ -542,11 +576,15 @@ class CheckpointStore:
         delete_keys(self.client, self.root.bucket, keys, policy=self.retry)
 
     def prune(self, keep_last: int) -> PruneResult:
-        """Keep the newest ``keep_last`` complete checkpoints; delete older complete ones and every
-        incomplete one older than the newest complete one (left by killed uploads or deletions).
+        """Keep the newest ``keep_last`` complete checkpoints and the best one; delete older complete
+        ones and every incomplete one older than the newest complete one (left by killed uploads or
+        deletions).
 
-        Incomplete checkpoints newer than the newest complete one are left alone: they may be
-        uploads in progress. Call this from global rank 0 only, after its upload returned.
+        The best checkpoint is the one ``trainer_state.json`` of the newest complete checkpoint
+        names (``best_global_step`` / ``best_model_checkpoint``): it is what ``load_best_model_at_end``
+        reloads at the end, so it must outlive a preemption even when it is older than the last
+        ``keep_last``. Incomplete checkpoints newer than the newest complete one are left alone: they
+        may be uploads in progress. Call this from global rank 0 only, after its upload returned.
         """
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
             raise CheckpointError(
@@ -556,6 +594,17 @@ class CheckpointStore:
         complete = [s.step for s in statuses if s.complete]
         keep = set(complete[-keep_last:])
         newest = complete[-1] if complete else None
+        best = self.best_step(newest) if newest is not None else None
+        if best is not None and best in complete:
+            keep.add(best)
+        elif best is not None:
+            log.warning(
+                "checkpoint %s names checkpoint-%d as the best, which is not a complete checkpoint in %s",
+                self.checkpoint_uri(newest),  # type: ignore[arg-type]
+                best,
+                self.checkpoints_prefix,
+            )
+            best = None
         deleted = []
         for st in statuses:
             if st.step in keep:
@@ -564,7 +613,7 @@ class CheckpointStore:
                 log.info("pruning checkpoint %s (%s)", st.uri, "old" if st.complete else st.problem)
                 self.delete(st.step)
                 deleted.append(st.step)
-        return PruneResult(deleted=deleted, kept=sorted(keep))
+        return PruneResult(deleted=deleted, kept=sorted(keep), best=best)
 
     def discard_incomplete(self, after_step: int | None = None) -> list[int]:
         """Delete incomplete checkpoints newer than ``after_step`` (all when None).
