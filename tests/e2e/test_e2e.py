@@ -112,7 +112,8 @@ def test_apply_train_serve_and_chat(cluster: ControlPlane, world: dict) -> None:
     uid = get(cluster, ns, "finetunejob", "codewords")["metadata"]["uid"]
     root = f"s3://{world['bucket']}/runs/{ns}/codewords/{uid}/"
     assert st["output"]["adapterUri"] == root + "final/"
-    # TMP assert st["output"]["trainableParameters"] > 0
+    assert st["output"]["trainableParameters"] > 0
+    assert st["output"]["totalParameters"] >= st["output"]["trainableParameters"]
     assert st["progress"]["step"] == 120 and st["progress"]["totalSteps"] == 120
     assert st["checkpoint"]["step"] == 120
     keys = {
