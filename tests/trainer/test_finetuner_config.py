@@ -54,6 +54,17 @@ def test_guide_names_and_use_lora_mapping() -> None:
             "'exact_match' to metrics",
         ),
         ({"early_stopping": {"metric": "confusion_matrix"}}, "not a scalar metric"),
+        # Trainer logs eval_rouge1 / eval_rouge2 / eval_rougeL, never eval_rouge.
+        (
+            {"validation_split": 0.1, "metrics": ["rouge"], "early_stopping": {"metric": "rouge"}},
+            "'rouge' is logged as rouge1 / rouge2 / rougeL, not as one number; watch one of them, "
+            "e.g. 'rouge1' or 'rougeL'",
+        ),
+        ({"early_stopping": {"metric": "eval_rouge"}}, "watch one of them, e.g. 'rouge1' or 'rougeL'"),
+        (
+            {"validation_split": 0.1, "metrics": ["bleu"], "early_stopping": {"metric": "rougeL"}},
+            "add 'rougeL' (or 'rouge') to metrics",
+        ),
         ({"storage_uri": "gs://bucket"}, "must look like s3://bucket/prefix"),
         ({"lr_scheduler_type": "cosine_annealing"}, "unknown lr_scheduler_type"),
         ({"lora": {"r": 8, "alpah": 16}}, "did you mean 'alpha'"),
@@ -193,3 +204,23 @@ def test_config_module_does_not_import_torch() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
+
+
+def test_early_stopping_accepts_exactly_the_names_evaluation_logs() -> None:
+    """The accepted early_stopping metrics are the scalar names compute_text_metrics returns."""
+    from kubetune_trainer.config import KNOWN_METRICS, LOSS_METRICS, WATCHABLE_METRICS
+    from kubetune_trainer.evaluation.metrics import compute_text_metrics
+
+    preds, refs = ["red apple", "blue sea"], ["red apple", "gold coin"]
+    text = [m for m in KNOWN_METRICS if m not in (*LOSS_METRICS, "semantic_similarity")]
+    logged = {k for k, v in compute_text_metrics(text, preds, refs).items() if isinstance(v, int | float)}
+    assert set(WATCHABLE_METRICS) == {"loss", *LOSS_METRICS, "semantic_similarity", *logged}
+    for name in ("rouge1", "eval_rougeL", "rouge2"):
+        cfg = FinetuningConfig(
+            model_name="m",
+            train_file="t.jsonl",
+            validation_split=0.1,
+            metrics=["rouge"],
+            early_stopping={"metric": name},
+        )
+        assert cfg.early_stopping is not None and cfg.early_stopping.maximize

@@ -50,6 +50,18 @@ GENERATION_METRICS = (
 )
 CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1", "confusion_matrix")
 KNOWN_METRICS = (*LOSS_METRICS, *GENERATION_METRICS, *CLASSIFICATION_METRICS)
+# The scalar names each metric is logged under during training (``eval_`` + name), as the
+# evaluation code computes them: ``rouge`` yields three F-measures, ``confusion_matrix`` is not
+# a scalar (returned by evaluate(), kept out of Trainer logs). Early stopping and best-checkpoint
+# selection can watch exactly these names (plus ``loss``).
+LOGGED_NAMES: dict[str, tuple[str, ...]] = {
+    **{m: (m,) for m in KNOWN_METRICS},
+    "rouge": ("rouge1", "rouge2", "rougeL"),
+    "confusion_matrix": (),
+}
+WATCHABLE_METRICS: tuple[str, ...] = tuple(
+    dict.fromkeys(["loss", *(n for m in KNOWN_METRICS for n in LOGGED_NAMES[m])])
+)
 
 SCHEDULERS = (
     "linear",
@@ -166,12 +178,18 @@ class EarlyStoppingSettings(_Strict):
     @classmethod
     def _known_metric(cls, v: str) -> str:
         name = v.removeprefix("eval_")
-        if name not in ("loss", *KNOWN_METRICS) or name == "confusion_matrix":
+        if name in WATCHABLE_METRICS:
+            return v
+        if LOGGED_NAMES.get(name):  # e.g. 'rouge': logged as rouge1, rouge2 and rougeL
+            names = " / ".join(LOGGED_NAMES[name])
             raise ValueError(
-                f"early_stopping.metric {v!r} is not a scalar metric kubetune computes; "
-                f"use eval_loss or one of {', '.join(m for m in KNOWN_METRICS if m != 'confusion_matrix')}"
+                f"early_stopping.metric {v!r} is logged as {names}, not as one number; "
+                "watch one of them, e.g. 'rouge1' or 'rougeL' (and keep 'rouge' in metrics)"
             )
-        return v
+        raise ValueError(
+            f"early_stopping.metric {v!r} is not a scalar metric kubetune logs; "
+            f"use eval_loss or one of {', '.join(m for m in WATCHABLE_METRICS if m != 'loss')}"
+        )
 
     @property
     def trainer_metric(self) -> str:
@@ -403,10 +421,11 @@ class FinetuningConfig(_Strict):
             raise ValueError("early_stopping needs evaluation: set eval_strategy to steps or epoch")
         if self.early_stopping is not None:
             metric = self.early_stopping.metric.removeprefix("eval_")
-            if metric not in ("loss", "perplexity", *self.metrics):
+            logged = {n for m in self.metrics for n in LOGGED_NAMES[m]}
+            if metric not in ("loss", "perplexity", *logged):
+                add = f"{metric!r} (or 'rouge')" if metric in LOGGED_NAMES["rouge"] else repr(metric)
                 raise ValueError(
-                    f"early_stopping.metric {self.early_stopping.metric!r} is not computed: add "
-                    f"{metric!r} to metrics"
+                    f"early_stopping.metric {self.early_stopping.metric!r} is not computed: add {add} to metrics"
                 )
         if self.method == "qlora" and self.deepspeed is not None and self.deepspeed.zero_stage == 3:
             raise ValueError("qlora cannot shard 4-bit weights with ZeRO-3: use zero_stage 2 or less")
