@@ -138,6 +138,9 @@ IMMUTABLE = [
     ("dataset-uri", {"dataset": {"train": {"uri": "s3://data/other.jsonl"}}}, "spec.dataset is immutable"),
     ("dataset-split", {"dataset": {"validationSplit": 0.2}}, "spec.dataset is immutable"),
     ("storage-uri", {"storage": {"uri": "s3://elsewhere"}}, "spec.storage.uri is immutable"),
+    ("nodes", {"resources": {"nodes": 2}}, "spec.resources.nodes is immutable: the training Job is sized for it"),
+    ("gpus-per-node", {"resources": {"gpusPerNode": 2}}, "spec.resources.gpusPerNode is immutable"),
+    ("gpus-to-cpu", {"resources": {"gpusPerNode": 0}}, "spec.resources.gpusPerNode is immutable"),
 ]  # fmt: skip
 
 
@@ -163,7 +166,7 @@ def test_mutable_fields_can_change(cluster: ControlPlane, api_ns: str) -> None:
     cluster.kubectl("apply", "-f", "-", input=json.dumps(finetunejob("mutable")), namespace=api_ns)
     before = json.loads(cluster.kubectl("get", "ftj", "mutable", "-o", "json", namespace=api_ns).stdout)
     for patch in (
-        {"runPolicy": {"suspend": True}, "hyperparameters": {"epochs": 1}, "resources": {"nodes": 2}},
+        {"runPolicy": {"suspend": True}, "hyperparameters": {"epochs": 1}, "resources": {"cpu": "8"}},
         {"runPolicy": {"maxRestarts": 5, "suspend": False}},
         {"hyperparameters": {"learningRate": 0.0001}},
     ):
@@ -172,7 +175,7 @@ def test_mutable_fields_can_change(cluster: ControlPlane, api_ns: str) -> None:
         )
     after = json.loads(cluster.kubectl("get", "ftj", "mutable", "-o", "json", namespace=api_ns).stdout)
     assert after["spec"]["runPolicy"] == {"maxRestarts": 5, "suspend": False}
-    assert after["spec"]["resources"]["nodes"] == 2 and after["spec"]["hyperparameters"]["epochs"] == 1
+    assert after["spec"]["resources"]["cpu"] == "8" and after["spec"]["hyperparameters"]["epochs"] == 1
     assert after["spec"]["hyperparameters"]["learningRate"] == 0.0001
     assert after["spec"]["method"] == before["spec"]["method"] == {"type": "lora"}
     assert after["metadata"]["generation"] == before["metadata"]["generation"] + 3

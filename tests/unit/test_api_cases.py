@@ -270,6 +270,9 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
      spec(dataset=SPLIT, evaluation={"strategy": "epoch", "metrics": ["accuracy"], "earlyStopping": {"metric": "accuracy"}})),
     ("step-checkpoints-without-early-stopping",
      spec(dataset=SPLIT, checkpointing={"everySteps": 150}, evaluation={"everySteps": 100})),
+    # resources.nodes / gpusPerNode are immutable (transition rules): a new job may still pick any size.
+    ("two-nodes-by-eight-gpus-on-create", spec(resources={"nodes": 2, "gpusPerNode": 8})),
+    ("cpu-training-on-create", spec(resources={"nodes": 1, "gpusPerNode": 0})),
     ("confusion-matrix-computed-early-stopping-on-f1",
      spec(dataset=SPLIT, evaluation={"metrics": ["f1", "confusion_matrix"], "earlyStopping": {"metric": "eval_f1"}})),
 ]  # fmt: skip

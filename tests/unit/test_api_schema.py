@@ -146,6 +146,9 @@ def validations(kind: str) -> list[dict[str, Any]]:
         ("FineTuneJob", "spec.method is immutable: create a new FineTuneJob to change the method"),
         ("FineTuneJob", "spec.baseModel is immutable: create a new FineTuneJob to change the base model"),
         ("FineTuneJob", "spec.dataset is immutable: create a new FineTuneJob to change the data"),
+        ("FineTuneJob", "spec.storage.uri is immutable: the job's checkpoints live there"),
+        ("FineTuneJob", "spec.resources.nodes is immutable: the training Job is sized for it"),
+        ("FineTuneJob", "spec.resources.gpusPerNode is immutable: the training Job is sized for it"),
         ("AdapterDeployment", "adapter names must be unique"),
         ("AdapterDeployment", "adapter name must be a DNS-1123 label"),
         ("AdapterDeployment", "each adapter needs exactly one of source"),
@@ -162,6 +165,13 @@ def test_immutability_rules_are_transition_rules_on_the_field() -> None:
         assert rule["rule"] == "self == oldSelf" and rule["message"].startswith(f"spec.{field} is immutable")
     storage_uri = spec["storage"]["properties"]["uri"]
     assert any(v["rule"] == "self == oldSelf" for v in storage_uri["x-kubernetes-validations"])
+    resources = spec["resources"]
+    for field in ("nodes", "gpusPerNode"):
+        [rule] = resources["properties"][field]["x-kubernetes-validations"]
+        assert rule["rule"] == "self == oldSelf"
+        assert rule["message"].startswith(f"spec.resources.{field} is immutable")
+        # Present in every stored object (defaulted), so the rule always has an oldSelf to compare.
+        assert field in resources["default"] or "default" in resources["properties"][field]
 
 
 def test_every_rule_is_exercised_by_the_invalid_table() -> None:

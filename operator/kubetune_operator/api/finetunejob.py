@@ -392,12 +392,22 @@ class Evaluation(ApiModel):
 class Resources(ApiModel):
     """How many machines and GPUs, and where they may run."""
 
-    nodes: int = Field(
-        1, ge=1, le=512, description="Training pods (machines), >= 1; each runs one process per GPU."
-    )
-    gpus_per_node: int = Field(
-        1, ge=0, le=16, description="GPUs per pod, 0-16 (0 = CPU training, for tests and tiny models)."
-    )
+    # A running Job's parallelism and pod template cannot change, and the operator reads these
+    # two from the live spec: both are fixed for the life of the FineTuneJob.
+    nodes: Annotated[
+        int,
+        immutable(
+            "spec.resources.nodes is immutable: the training Job is sized for it; "
+            "create a new FineTuneJob to train on a different number of nodes"
+        ),
+    ] = Field(1, ge=1, le=512, description="Training pods (machines), >= 1; each runs one process per GPU.")
+    gpus_per_node: Annotated[
+        int,
+        immutable(
+            "spec.resources.gpusPerNode is immutable: the training Job is sized for it; "
+            "create a new FineTuneJob to train on a different number of GPUs"
+        ),
+    ] = Field(1, ge=0, le=16, description="GPUs per pod, 0-16 (0 = CPU training, for tests and tiny models).")
     gpu_resource_name: Annotated[
         str,
         pattern_rule(
