@@ -354,6 +354,48 @@ def test_qlora_without_cuda_fails_before_loading_anything(tmp_path: Path) -> Non
     assert err.value.exit_code == ExitCode.UNSUPPORTED_HARDWARE
 
 
+def test_semantic_similarity_without_its_package_fails_before_loading_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args, **kwargs):  # sentence-transformers is not installed (here, or any more)
+        return (
+            None if name.split(".")[0] == "sentence_transformers" else real_find_spec(name, *args, **kwargs)
+        )
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    cfg = FinetuningConfig(
+        model_name=str(tmp_path / "no-such-model"),
+        train_file="t.jsonl",
+        metrics=["semantic_similarity"],
+        semantic_model="sentence-transformers/all-MiniLM-L6-v2",
+    )
+    with pytest.raises(ConfigError, match="needs the sentence-transformers package") as err:
+        ModelFinetuner(cfg).load_model()  # the missing model directory is never looked at
+    assert "semantic_model: 'sentence-transformers/all-MiniLM-L6-v2'" in str(err.value)
+    assert err.value.exit_code == ExitCode.BAD_CONFIG
+    # The same check guards train() when the model was loaded another way.
+    ft = ModelFinetuner(cfg)
+    with pytest.raises(ConfigError, match="needs the sentence-transformers package"):
+        ft._check_metrics_fit_data(None)
+
+
+def test_semantic_model_relative_to_the_yaml_file(tmp_path: Path) -> None:
+    (tmp_path / "embedder").mkdir()
+    (tmp_path / "job.yaml").write_text(
+        "model_name: m\ntrain_file: t.jsonl\nmetrics: [semantic_similarity]\nsemantic_model: embedder\n"
+    )
+    cfg = FinetuningConfig.from_yaml(tmp_path / "job.yaml")
+    assert cfg.semantic_model == str(tmp_path / "embedder")
+    named = FinetuningConfig(model_name="m", train_file="t.jsonl", semantic_model="org/model").resolve_paths(
+        tmp_path
+    )
+    assert named.semantic_model == "org/model"  # not a directory here: a model name, left as is
+
+
 def test_missing_model_directory_is_a_config_error(tmp_path: Path) -> None:
     cfg = FinetuningConfig(model_name=str(tmp_path / "nope"), train_file="t.jsonl")
     with pytest.raises(ConfigError, match="directory not found"):

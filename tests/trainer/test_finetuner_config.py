@@ -54,6 +54,10 @@ def test_guide_names_and_use_lora_mapping() -> None:
             "'exact_match' to metrics",
         ),
         ({"early_stopping": {"metric": "confusion_matrix"}}, "not a scalar metric"),
+        (
+            {"metrics": ["perplexity", "semantic_similarity"]},
+            "metric 'semantic_similarity' needs an embedding model: set semantic_model",
+        ),
         # Trainer logs eval_rouge1 / eval_rouge2 / eval_rougeL, never eval_rouge.
         (
             {"validation_split": 0.1, "metrics": ["rouge"], "early_stopping": {"metric": "rouge"}},

@@ -327,6 +327,13 @@ class FinetuningConfig(_Strict):
         200, ge=1, description="examples generated for generation metrics per evaluation"
     )
     eval_max_new_tokens: int = Field(64, ge=1, description="generation length for generation metrics")
+    semantic_model: str | None = Field(
+        None,
+        min_length=1,
+        description="sentence-transformers embedding model for the semantic_similarity metric: a local "
+        "model directory (relative to the YAML file) or a model name sentence-transformers can load "
+        "(needs the sentence-transformers package and, for a name, its model cache or hub access)",
+    )
     early_stopping: EarlyStoppingSettings | None = None
 
     # --- distributed -----------------------------------------------------------------------
@@ -410,6 +417,12 @@ class FinetuningConfig(_Strict):
         if self.ewc_lambda > 0 and self.deepspeed is not None and self.deepspeed.zero_stage == 3:
             raise ValueError(
                 "ewc_lambda > 0 is not supported with deepspeed zero_stage 3 (parameters are sharded)"
+            )
+        if "semantic_similarity" in self.metrics and not self.semantic_model:
+            raise ValueError(
+                "metric 'semantic_similarity' needs an embedding model: set semantic_model to a "
+                "sentence-transformers model directory or name (e.g. sentence-transformers/all-MiniLM-L6-v2), "
+                "or remove the metric"
             )
         if self.validation_file and self.validation_split:
             raise ValueError("set validation_file or validation_split, not both")
@@ -513,9 +526,10 @@ class FinetuningConfig(_Strict):
             for key in ("output_dir", "train_file", "validation_file", "test_file", "replay_file")
         }
         update["mixture"] = [m.model_copy(update={"path": fix(m.path)}) for m in self.mixture]
-        model = fix(self.model_name)
-        if model is not None and Path(model).is_dir():
-            update["model_name"] = model
+        for key in ("model_name", "semantic_model"):  # a directory, or a hub id left as is
+            model = fix(getattr(self, key))
+            if model is not None and Path(model).is_dir():
+                update[key] = model
         return self.model_copy(update=update)
 
     def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:

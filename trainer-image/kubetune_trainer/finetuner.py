@@ -86,6 +86,7 @@ class ModelFinetuner:
 
         cfg = self.config
         check_supported(cfg)  # before any download: QLoRA without a GPU fails here (exit 4)
+        check_metric_requirements(cfg)  # ... and a metric whose package is missing (exit 2)
         self.precision = precision = resolve_precision(cfg)
         init_distributed(use_deepspeed=cfg.deepspeed is not None)
         if cfg.deepspeed is not None and cfg.deepspeed.zero_stage == 3:
@@ -292,6 +293,7 @@ class ModelFinetuner:
             raise RuntimeError("no model loaded: call load_model() or load_finetuned_model(path) first")
 
     def _check_metrics_fit_data(self, data: Any) -> None:
+        check_metric_requirements(self.config)
         gen = self.config.generation_metrics
         if not gen or data.validation is None:
             return
@@ -428,6 +430,7 @@ class ModelFinetuner:
             cfg.eval_max_new_tokens,
             batch_size=cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size,
             synced_gpus=zero3,
+            semantic_model=cfg.semantic_model,
         )
         self.last_predictions = predictions
         return values
@@ -840,6 +843,35 @@ def load_tokenizer(path: str, config: FinetuningConfig) -> Any:
         # Padding positions are masked out of attention and loss, so any id works; EOS is the usual choice.
         tok.pad_token = tok.eos_token
     return tok
+
+
+def check_metric_requirements(config: FinetuningConfig) -> None:
+    """Fail before any work when a configured metric cannot be computed here.
+
+    ``semantic_similarity`` needs ``semantic_model`` (checked by the config too) and the optional
+    sentence-transformers package, which the operator's config validation cannot see.
+    """
+    import importlib.util
+
+    if "semantic_similarity" not in config.metrics:
+        return
+    if not config.semantic_model:
+        raise ConfigError(
+            "metric 'semantic_similarity' needs an embedding model: set semantic_model to a "
+            "sentence-transformers model directory or name, or remove the metric"
+        )
+    if importlib.util.find_spec("sentence_transformers") is None:
+        raise ConfigError(
+            "metric 'semantic_similarity' needs the sentence-transformers package, which is not installed "
+            f"(semantic_model: {config.semantic_model!r}): `pip install sentence-transformers` in the "
+            "training image, or remove the metric from metrics"
+        )
+    model = config.semantic_model
+    if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
+        raise ConfigError(
+            f"semantic_model {model!r}: directory not found; give a sentence-transformers model "
+            "directory or a model name"
+        )
 
 
 TRAINER_STATE_FILE = "trainer_state.json"

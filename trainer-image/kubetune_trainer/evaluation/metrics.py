@@ -9,6 +9,7 @@ metric is in [0, 1]; perplexity is exp(mean token negative log-likelihood).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import string
@@ -157,12 +158,18 @@ def semantic_similarity(
             "metric 'semantic_similarity' needs an embedding model: pass "
             "ModelEvaluator(semantic_model='path/to/sentence-transformer')"
         )
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(model_name_or_path)
+    model = _sentence_transformer(model_name_or_path)
     a = model.encode(list(predictions), convert_to_tensor=True, normalize_embeddings=True)
     b = model.encode(list(references), convert_to_tensor=True, normalize_embeddings=True)
     return float((a * b).sum(dim=-1).mean().item())
+
+
+@functools.lru_cache(maxsize=2)
+def _sentence_transformer(model_name_or_path: str) -> Any:
+    """Loaded once per process, not at every evaluation."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(model_name_or_path)
 
 
 # name -> function(predictions, references) returning a float or a dict of named values
