@@ -115,6 +115,8 @@ class KindController:
         key = self.store.set_parent(event_type, body)
         if event_type == "DELETED":
             self.queue.forget(key)
+            # Deleted (by a user, or by ttlSecondsAfterFinished): no longer in the phase gauges.
+            metrics.forget_phase(self.kind, *key)
         else:
             self.queue.add(key)
 
@@ -150,6 +152,9 @@ class KindController:
                 continue
             finally:
                 metrics.RECONCILE_SECONDS.labels(self.kind).observe(time.perf_counter() - t0)
+                if key not in self.store.parents:
+                    # Deleted while it was being reconciled, which may have set its phase again.
+                    metrics.forget_phase(self.kind, *key)
             self.queue.done(key)
             if result.requeue_after is not None:
                 metrics.RECONCILES.labels(self.kind, "requeue").inc()

@@ -55,3 +55,15 @@ ADAPTERDEPLOYMENTS_PHASE = PhaseTracker(
 )
 REGISTRY.register(FINETUNEJOBS_PHASE)
 REGISTRY.register(ADAPTERDEPLOYMENTS_PHASE)
+
+# Phase gauges by parent kind (controller.KindController forgets a deleted object's phase).
+PHASES: dict[str, PhaseTracker] = {
+    "FineTuneJob": FINETUNEJOBS_PHASE,
+    "AdapterDeployment": ADAPTERDEPLOYMENTS_PHASE,
+}
+
+
+def forget_phase(kind: str, namespace: str, name: str) -> None:
+    tracker = PHASES.get(kind)
+    if tracker is not None:
+        tracker.forget(namespace, name)
