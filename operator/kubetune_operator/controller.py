@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,20 +34,50 @@ class Result:
     requeue_after: float | None = None
 
 
+# The names of the objects (of another kind, in the same namespace) a parent refers to.
+RefsFn = Callable[[Body], Iterable[str]]
+
+
 @dataclass
 class Store:
-    """Objects of one parent kind and their children, as last seen on the watches."""
+    """Objects of one parent kind and their children, as last seen on the watches.
+
+    With `refs`, also an index of the parents by the objects they refer to (an AdapterDeployment's
+    fineTuneJobRefs): `referring_to` answers which parents must hear about such an object.
+    """
 
     parents: dict[Key, Body] = field(default_factory=dict)
     children: dict[str, dict[Key, dict[str, Body]]] = field(default_factory=lambda: defaultdict(dict))
+    refs: RefsFn | None = None
+    referrers: dict[Key, set[Key]] = field(default_factory=dict)
 
     def set_parent(self, event_type: str | None, body: Body) -> Key:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if self.refs is not None:
+            self._unindex(key)
         if event_type == "DELETED":
             self.parents.pop(key, None)
         else:
             self.parents[key] = slim("parent", body)
+            if self.refs is not None:
+                for name in set(self.refs(self.parents[key])):
+                    self.referrers.setdefault((key[0], name), set()).add(key)
         return key
+
+    def _unindex(self, key: Key) -> None:
+        old = self.parents.get(key)
+        if old is None or self.refs is None:
+            return
+        for name in set(self.refs(old)):
+            ref = (key[0], name)
+            keys = self.referrers.get(ref)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self.referrers[ref]
+
+    def referring_to(self, key: Key) -> list[Key]:
+        return sorted(self.referrers.get(key, ()))
 
     def set_child(self, kind: str, owner_key: Key, event_type: str | None, body: Body) -> None:
         by_owner = self.children[kind].setdefault(owner_key, {})
@@ -103,11 +133,18 @@ def slim(kind: str, body: Body) -> Body:
 class KindController:
     """Queue + workers for one parent kind."""
 
-    def __init__(self, kind: str, kube: Kube, reconcile: ReconcileFn, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        kind: str,
+        kube: Kube,
+        reconcile: ReconcileFn,
+        executor: ThreadPoolExecutor,
+        refs: RefsFn | None = None,
+    ) -> None:
         self.kind = kind
         self.kube = kube
         self.reconcile = reconcile
-        self.store = Store()
+        self.store = Store(refs=refs)
         self.queue = WorkQueue()
         self.executor = executor
 
@@ -129,6 +166,12 @@ class KindController:
         self.store.set_child(child_kind, key, event_type, body)
         if key in self.store.parents:
             self.queue.add(key)
+
+    def requeue_referrers(self, namespace: str, name: str) -> None:
+        """Queue the parents that refer to this object (see Store.refs), and no others."""
+        for key in self.store.referring_to((namespace, name)):
+            if key in self.store.parents:
+                self.queue.add(key)
 
     def resync(self) -> None:
         for key in list(self.store.parents):

@@ -141,15 +141,14 @@ def make_registry(
         async def deployment_event(type: str | None, body: kopf.Body, **_: Any) -> None:
             adep.child_event("Deployment", meta.LABEL_ADAPTERDEPLOYMENT, type, dict(body))
 
-        # An AdapterDeployment that points at a FineTuneJob must hear when that job finishes.
+        # An AdapterDeployment that points at a FineTuneJob must hear when that job changes; only
+        # those whose adapters name it (an index kept from the cache, see Store.refs), not every
+        # AdapterDeployment of the namespace on each progress patch.
         @kopf.on.event(
             meta.GROUP, meta.VERSION, "finetunejobs", registry=registry, id="finetunejob_for_adapters"
         )
         async def finetunejob_for_adapters(body: kopf.Body, **_: Any) -> None:
-            ns = body["metadata"]["namespace"]
-            for key in list(adep.store.parents):
-                if key[0] == ns:
-                    adep.queue.add(key)
+            adep.requeue_referrers(body["metadata"]["namespace"], body["metadata"]["name"])
 
     return registry
 
@@ -193,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
         n.strip() for n in os.environ.get("KUBETUNE_WATCH_NAMESPACES", "").split(",") if n.strip()
     ]
 
+    from .adapterdeployment.reconcile import finetunejob_refs
     from .adapterdeployment.reconcile import reconcile as reconcile_adapterdeployment
     from .finetunejob.reconcile import reconcile as reconcile_finetunejob
 
@@ -201,7 +201,9 @@ def run(args: argparse.Namespace) -> int:
     executor = ThreadPoolExecutor(max_workers=2 * args.workers, thread_name_prefix="reconcile")
     controllers = {
         "FineTuneJob": KindController("FineTuneJob", kube, reconcile_finetunejob, executor),
-        "AdapterDeployment": KindController("AdapterDeployment", kube, reconcile_adapterdeployment, executor),
+        "AdapterDeployment": KindController(
+            "AdapterDeployment", kube, reconcile_adapterdeployment, executor, refs=finetunejob_refs
+        ),
     }
     registry = make_registry(controllers, args.resync_seconds, api_client, args.workers)
     if args.metrics_port:

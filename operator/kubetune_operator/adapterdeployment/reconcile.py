@@ -30,6 +30,15 @@ def settings() -> Settings:
     return _settings
 
 
+def finetunejob_refs(adep: Body) -> list[str]:
+    """The FineTuneJobs (same namespace) whose adapters this AdapterDeployment serves."""
+    return [
+        ref["name"]
+        for a in (adep.get("spec") or {}).get("adapters") or []
+        if isinstance(ref := a.get("fineTuneJobRef"), dict) and ref.get("name")
+    ]
+
+
 def resolve(kube: Kube, adep: Body) -> tuple[list[builders.ResolvedAdapter], list[Body], list[str]]:
     """-> (resolved adapters, per-adapter status, failed-job messages)."""
     ns = adep["metadata"]["namespace"]
