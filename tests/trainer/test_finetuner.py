@@ -180,38 +180,47 @@ def test_other_methods_train_save_and_reload(
     assert torch.allclose(_logits(fresh.model, ids), expected, atol=1e-5)
 
 
+def _same_weights(model, checkpoint: Path) -> bool:
+    """Whether ``model`` holds exactly the weights a Trainer checkpoint saved (full fine-tuning)."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(checkpoint / "model.safetensors"))
+    params = model.state_dict()
+    assert saved and set(saved) <= set(params)
+    return all(torch.equal(params[k].detach().cpu(), v) for k, v in saved.items())
+
+
 def test_early_stopping_keeps_the_best_checkpoint(tiny_model_dir: Path, task_files, tmp_path: Path) -> None:
-    # A learning rate this small cannot improve eval_loss by the threshold: stop after patience evals.
+    # Full fine-tuning (the output layer too) at a learning rate this large makes eval_loss worse
+    # after the first evaluation, so the best checkpoint (step 2) is not the last one (step 4).
+    # (LoRA cannot: with the tiny model's frozen output layer the loss only creeps towards uniform.)
     cfg = _config(
         tiny_model_dir,
         task_files,
         tmp_path / "out",
-        learning_rate=1e-9,
+        method="full",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
         max_steps=40,
         eval_steps=2,
-        early_stopping={"metric": "eval_loss", "patience": 1, "threshold": 0.5},
+        early_stopping={"metric": "eval_loss", "patience": 1},
     )
     ft = ModelFinetuner(cfg)
     ft.train()
+    evals = [(h["step"], h["eval_loss"]) for h in ft.trainer.state.log_history if "eval_loss" in h]
+    assert [s for s, _ in evals] == [2, 4] and evals[1][1] > evals[0][1], evals
     assert ft.trainer.state.global_step == 4
-    assert ft.trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    ckpts = tmp_path / "out" / "checkpoints"
+    assert ft.trainer.state.best_model_checkpoint == str(ckpts / "checkpoint-2")
+    # The output is the best checkpoint's weights, not the last one's.
+    assert _same_weights(ft.model, ckpts / "checkpoint-2")
+    assert not _same_weights(ft.model, ckpts / "checkpoint-4")
     assert ft.trainer.args.load_best_model_at_end
-
-
-def test_resume_from_local_checkpoint(tiny_model_dir: Path, task_files, tmp_path: Path, caplog) -> None:
-    out = tmp_path / "out"
-    first = ModelFinetuner(_config(tiny_model_dir, task_files, out, max_steps=4, save_steps=2))
-    first.train()
-    assert (out / "checkpoints" / "checkpoint-4").is_dir()
-    second = ModelFinetuner(
-        _config(tiny_model_dir, task_files, out, max_steps=6, save_steps=2, resume="auto")
-    )
-    with caplog.at_level(logging.INFO, logger="kubetune_trainer.finetuner"):
-        second.train()
-    assert "resuming from local checkpoint" in caplog.text and "checkpoint-4" in caplog.text
-    assert second.trainer.state.global_step == 6
-    # Steps 1-4 come from the checkpoint's history; this run only trained 5 and 6.
-    assert [h["step"] for h in second.trainer.state.log_history if "loss" in h][-2:] == [5, 6]
+    out = ft.save_model()
+    ft.close()
+    fresh = ModelFinetuner(cfg)
+    fresh.load_finetuned_model(out)
+    assert _same_weights(fresh.model, ckpts / "checkpoint-2")
 
 
 def _fake_checkpoint(root: Path, step: int, files: dict[str, str]) -> Path:
