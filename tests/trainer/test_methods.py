@@ -108,6 +108,34 @@ def test_cpu_precision_and_hardware_checks() -> None:
     check_supported(_cfg(method="lora"))  # no error
 
 
+def test_qlora_on_a_gpu_without_bitsandbytes_fails_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    from kubetune_trainer import ModelFinetuner
+
+    real_find_spec = importlib.util.find_spec
+    looked_up: list[str] = []
+
+    def find_spec(name: str, *args, **kwargs):
+        looked_up.append(name)
+        return None if name.split(".")[0] == "bitsandbytes" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node ...
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)  # ... whose image lacks bitsandbytes
+    cfg = _cfg(tmp_path / "no-such-model", method="qlora")
+    with pytest.raises(UnsupportedHardwareError, match="'qlora' needs the bitsandbytes package") as err:
+        check_supported(cfg)
+    assert err.value.exit_code == 4
+    assert "pip install bitsandbytes" in str(err.value) and "use method 'lora'" in str(err.value)
+    assert "bitsandbytes" in looked_up
+    # Through the API: load_model() fails the same way before touching the (missing) model directory.
+    with pytest.raises(UnsupportedHardwareError, match="needs the bitsandbytes package"):
+        ModelFinetuner(cfg).load_model()
+    check_supported(_cfg(method="lora"))  # other methods do not need it
+
+
 def test_model_load_kwargs() -> None:
     assert model_load_kwargs(_cfg(), "bf16")["dtype"] == torch.bfloat16
     # Full fine-tuning keeps fp32 master weights; mixed precision does the rest.
