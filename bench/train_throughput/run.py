@@ -1,27 +1,46 @@
 """Training throughput: kubetune's trainer against a plain transformers Trainer + PEFT baseline.
 
 Both runs train the same LoRA adapter (same rank, targets, optimizer, learning rate and
-seed) on the same Llama-architecture model, with the same tokenized examples, in the same
-order, the same number of examples per step and the same number of steps. The only
-difference is how the examples are batched:
+seed) on the same Llama-architecture model, drawing from the same tokenized examples, with
+the same number of examples per step and the same number of steps. They do not see the
+examples in the same order: what differs is how examples are put into batches, and that
+decides the order too:
 
 * kubetune: ``ModelFinetuner`` with its defaults -- ``group_by_length``: batches are drawn
-  from length-sorted megabatches, so the padding a batch needs is small;
-* kubetune-packed: ``packing: true`` -- each step's examples are concatenated into one
-  padding-free row (position ids restart per example, so attention never crosses
+  from length-sorted megabatches, so the padding a batch needs is small (this reorders the
+  examples: each batch holds examples of similar length);
+* kubetune-packed: ``packing: true`` -- each step's examples (in random order) are concatenated
+  into one padding-free row (position ids restart per example, so attention never crosses
   examples). With flash-attention (CUDA, ``flash-attn`` installed) that is variable-length
   attention; with sdpa/eager (CPU) transformers computes one long masked causal row, whose
   cost grows with the square of the row length;
-* baseline: ``Trainer`` + ``peft.get_peft_model`` + ``DataCollatorForSeq2Seq(padding="longest")``,
-  the textbook recipe, which pads every example to the longest of its batch.
+* baseline: ``Trainer`` + ``peft.get_peft_model`` + ``DataCollatorForSeq2Seq(padding="longest")``
+  on random batches, the textbook recipe, which pads every example to the longest of its batch.
+
+Because the runs see different examples in the timed steps, the comparison is per real token:
+throughput is real (non-padding) tokens per second, timed after ``--warmup`` steps.
 
 The data mimics instruction-tuning sets: response lengths follow a log-normal distribution
 (median ~60 words, a long tail to ~600), so a random batch carries much padding.
 
-Throughput is real (non-padding) tokens per second, timed after ``--warmup`` steps. On CUDA
-the script also reports model FLOPs utilisation: 6·N FLOPs per token would be full
-fine-tuning; with a frozen base LoRA needs no weight gradients, so 4·N (N = base
-parameters) plus attention is used, against ``--peak-tflops`` (default: H100 SXM bf16 dense).
+Model FLOPs utilisation (MFU) follows the PaLM paper's accounting (Chowdhery et al. 2022,
+"PaLM: Scaling Language Modeling with Pathways", Appendix B): training a dense decoder costs
+``6·N + 12·L·H·Q·T`` FLOPs per token, with N the non-embedding parameters, L layers, H heads,
+Q head dimension and T the sequence length; 6·N is the forward matmuls (2·N), the gradients
+with respect to activations (2·N) and with respect to weights (2·N); 12·L·H·Q·T is the attention
+score and value products (forward 4·L·H·Q·T, backward twice that), not halved for the causal
+mask. For LoRA the base weights are frozen, so their weight gradients are not computed:
+
+    FLOPs/token = 4·N + 6·N_lora + 12·L·H·Q·T_eff
+
+N counts every parameter used in a matmul: all but the input embedding table (a lookup, no
+FLOPs), the untied output projection included. N_lora is the adapter (r=16 on every linear layer
+but the output head). The examples have different lengths and attention never crosses
+examples, so for T the script uses T_eff = E[s²]/E[s] over the tokenized examples (an example of
+s tokens costs 12·L·H·Q·s² for attention, i.e. 12·L·H·Q·s per token). Padding, the
+cross-example attention of packed sdpa rows and activation recomputation are not counted:
+they are not model FLOPs. Achieved TFLOPS = FLOPs/token x real tokens/s; MFU divides that by
+``--peak-tflops`` (default on CUDA: 989, H100 SXM bf16 dense; on CPU only with that flag).
 
     .venv/bin/python bench/train_throughput/run.py                      # CPU, small model
     .venv/bin/python bench/train_throughput/run.py --preset gpu-1b      # CUDA, ~1B parameters
@@ -68,6 +87,55 @@ def make_dataset(path: Path, n: int, seed: int) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+LORA_R = 16
+
+
+def example_lengths(model_dir: Path, data: Path, max_len: int) -> list[int]:
+    """Token counts of the tokenized training examples (what every run draws from)."""
+    from transformers import AutoTokenizer
+
+    from kubetune_trainer.data import DataOptions, DataSource, prepare_datasets
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    train = prepare_datasets(
+        tok, [DataSource(str(data))], DataOptions(max_seq_length=max_len, dedupe="none", seed=0)
+    ).train
+    return [len(train[i]["input_ids"]) for i in range(len(train))]
+
+
+def lora_flops_per_token(model: Any, lengths: list[int], lora_r: int = LORA_R) -> dict[str, float]:
+    """Model FLOPs per trained token for LoRA on ``model`` (PaLM Appendix B, frozen base; module docstring).
+
+    ``4·N + 6·N_lora + 12·L·H·Q·T_eff``: N = parameters used in matmuls (all but the input
+    embedding table), N_lora = the adapter on every Linear but the output head, T_eff = E[s²]/E[s].
+    """
+    import torch
+
+    cfg = model.config
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embed
+    n_total = sum(t.numel() for t in model.parameters())  # tied tensors once
+    n_matmul = n_total - (0 if tied else embed.numel())
+    n_lora = sum(
+        lora_r * (m.in_features + m.out_features)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and m is not head
+    )
+    layers = cfg.num_hidden_layers
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    t_eff = sum(s * s for s in lengths) / sum(lengths)
+    attention = 12 * layers * cfg.num_attention_heads * head_dim * t_eff
+    return {
+        "params": n_total,
+        "non_embedding_params": n_matmul,
+        "lora_params": n_lora,
+        "t_eff": t_eff,
+        "flops_per_token": 4 * n_matmul + 6 * n_lora + attention,
+        "attention_flops_per_token": attention,
+    }
+
+
 def _timing_callback(warmup: int):
     from transformers import TrainerCallback
 
@@ -105,7 +173,7 @@ def _config(model_dir: Path, data: Path, out: Path, p: dict[str, Any], packing: 
         output_dir=str(out),
         train_file=str(data),
         method="lora",
-        lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        lora={"r": LORA_R, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         max_steps=p["steps"],
         per_device_train_batch_size=p["batch"],
         learning_rate=1e-4,
@@ -179,7 +247,11 @@ def run_baseline(
     model = get_peft_model(
         model,
         LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type=TaskType.CAUSAL_LM
+            r=LORA_R,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type=TaskType.CAUSAL_LM,
         ),
     )
     args = TrainingArguments(
@@ -219,7 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         "--preset", choices=sorted(PRESETS), default=None, help="default: gpu-1b on CUDA, else cpu"
     )
     ap.add_argument("--steps", type=int, help="override the preset's steps")
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak (bf16 dense) for MFU")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="accelerator peak (bf16 dense) for MFU; default 989 (H100 SXM) on CUDA, no MFU on CPU",
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -250,10 +327,17 @@ def main(argv: list[str] | None = None) -> int:
         make_dataset(data, p["examples"], seed=0)
         from transformers import AutoModelForCausalLM
 
-        n_params = sum(t.numel() for t in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
-        print(f"model: Llama {p['layers']}x{p['hidden']} ({n_params / 1e6:.1f}M parameters), preset {preset}, "
+        flops = lora_flops_per_token(
+            AutoModelForCausalLM.from_pretrained(model_dir), example_lengths(model_dir, data, p["max_len"])
+        )
+        n_params = flops["params"]
+        peak = args.peak_tflops if args.peak_tflops is not None else (989.0 if cuda else None)
+        print(f"model: Llama {p['layers']}x{p['hidden']} ({n_params / 1e6:.1f}M parameters, "
+              f"{flops['non_embedding_params'] / 1e6:.1f}M non-embedding), preset {preset}, "
               f"{'CUDA ' + torch.cuda.get_device_name() if cuda else 'CPU'} ({torch.get_num_threads()} threads), "
               f"{precision}; batch {p['batch']} examples, {p['steps']} steps ({p['warmup']} warm-up)", flush=True)  # fmt: skip
+        print(f"model FLOPs/token (LoRA, PaLM App. B): {flops['flops_per_token'] / 1e6:.1f}M "
+              f"(attention {flops['attention_flops_per_token'] / 1e6:.1f}M at T_eff {flops['t_eff']:.0f})", flush=True)  # fmt: skip
         results = {}
         runs = {
             "baseline": lambda: run_baseline(model_dir, data, work, p, precision),
@@ -263,10 +347,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in runs.items():
             r = fn()
             r["tokens_per_second"] = r["tokens"] / r["seconds"]
-            if cuda:
-                r["mfu"] = 4 * n_params * r["tokens_per_second"] / (args.peak_tflops * 1e12)
+            r["model_tflops"] = flops["flops_per_token"] * r["tokens_per_second"] / 1e12
+            extra = f", {r['model_tflops']:.3g} model TFLOPS"
+            if peak:
+                r["mfu"] = r["model_tflops"] / peak
+                extra += f", MFU {r['mfu']:.1%}"
             results[name] = r
-            extra = f", MFU {r['mfu']:.1%}" if cuda else ""
             print(f"{name:>15}: {r['tokens']:.0f} tokens in {r['seconds']:.2f} s = "
                   f"{r['tokens_per_second']:,.0f} tokens/s{extra}", flush=True)  # fmt: skip
         base = results["baseline"]["tokens_per_second"]
@@ -274,7 +360,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, ratio in ratios.items():
             print(f"ratio {name} / baseline: {ratio:.2f}x")
         if args.json:
-            doc = {"preset": preset, "params": n_params, "precision": precision, **results, "ratios": ratios}
+            doc = {
+                "preset": preset,
+                "params": n_params,
+                "flops": flops,
+                "peak_tflops": peak,
+                "precision": precision,
+                **results,
+                "ratios": ratios,
+            }
             args.json.write_text(json.dumps(doc, indent=2))
     return 0
 
