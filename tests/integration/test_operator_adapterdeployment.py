@@ -273,3 +273,84 @@ def test_autoscaling_creates_an_hpa_and_leaves_replicas_to_it(cluster: ControlPl
         timeout=60,
         what="the HPA to set replicas to minReplicas",
     )
+
+
+def _available(st: dict) -> dict:
+    return next(c for c in st["conditions"] if c["type"] == "Available")
+
+
+def _set_pod_ready(cluster: ControlPlane, ns: str, pod: str, ready: bool) -> None:
+    """Play the kubelet: a readiness probe that starts failing (or passes again)."""
+    value = "True" if ready else "False"
+    patch = {
+        "status": {
+            "conditions": [{"type": "Ready", "status": value}, {"type": "ContainersReady", "status": value}]
+        }
+    }
+    cluster.kubectl(
+        "patch", "pod", pod, "--subresource=status", "--type=strategic", "-p", json.dumps(patch), namespace=ns
+    )
+
+
+def test_a_serving_deployment_without_ready_pods_is_degraded(cluster: ControlPlane, ns: str) -> None:
+    apply(cluster, ns, adapterdeployment("flappy", [{"name": "a", "source": "s3://adapters/a/"}]))
+    wait_adep(cluster, ns, "flappy", "Ready")
+    [pod] = pods(cluster, ns, "kubetune.io/adapterdeployment=flappy")
+    _set_pod_ready(cluster, ns, pod["metadata"]["name"], False)
+    st = wait_adep(cluster, ns, "flappy", "Degraded")
+    cond = _available(st)
+    assert cond["status"] == "False" and cond["reason"] == "ServerUnavailable"
+    assert "0/1 replicas ready" in cond["message"]
+    assert st["adapters"][0]["ready"] is False and "ServerUnavailable" in st["adapters"][0]["message"]
+    events = json.loads(cluster.kubectl("get", "events", "-o", "json", namespace=ns).stdout)["items"]
+    assert any(
+        e["reason"] == "Degraded" and e["type"] == "Warning" and "ServerUnavailable" in e["message"]
+        for e in events
+        if e["involvedObject"].get("name") == "flappy"
+    )
+    _set_pod_ready(cluster, ns, pod["metadata"]["name"], True)
+    st = wait_adep(cluster, ns, "flappy", "Ready")
+    assert _available(st)["reason"] == "MinimumReplicasAvailable"
+
+
+def test_a_rollout_past_its_progress_deadline_is_degraded(cluster: ControlPlane, ns: str) -> None:
+    apply(
+        cluster,
+        ns,
+        adapterdeployment(
+            "stuck",
+            [{"name": "a", "source": "s3://adapters/a/"}],
+            nodeSelector={"kubetune.io/no-such-node": "x"},
+        ),
+    )
+    eventually(lambda: get(cluster, ns, "deployment", "stuck"), timeout=30, what="Deployment stuck")
+    assert adep_status(cluster, ns, "stuck").get("phase") != "Degraded"
+    # As an admin would for a quick test: the controller default is 600 s (the operator leaves the field alone).
+    cluster.kubectl(
+        "patch",
+        "deployment",
+        "stuck",
+        "--type=merge",
+        "-p",
+        '{"spec":{"progressDeadlineSeconds":1}}',
+        namespace=ns,
+    )
+    st = wait_adep(cluster, ns, "stuck", "Degraded", timeout=60)
+    cond = _available(st)
+    assert cond["status"] == "False" and cond["reason"] == "ProgressDeadlineExceeded"
+    assert "progress" in cond["message"] and "0/1 replicas ready" in cond["message"]
+
+
+def test_pods_that_cannot_be_created_degrade_the_deployment(cluster: ControlPlane, ns: str) -> None:
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-pods"},
+        "spec": {"hard": {"pods": "0"}},
+    }
+    apply(cluster, ns, quota)
+    apply(cluster, ns, adapterdeployment("blocked", [{"name": "a", "source": "s3://adapters/a/"}]))
+    st = wait_adep(cluster, ns, "blocked", "Degraded", timeout=60)
+    cond = _available(st)
+    assert cond["status"] == "False" and cond["reason"] == "ReplicaFailure"
+    assert "cannot create its pods" in cond["message"] and "quota" in cond["message"]

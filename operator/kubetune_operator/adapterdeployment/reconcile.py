@@ -89,6 +89,51 @@ def resolve(kube: Kube, adep: Body) -> tuple[list[builders.ResolvedAdapter], lis
     return resolved, statuses, failures
 
 
+def _deployment_condition(dep: Body, type_: str) -> Body | None:
+    return next(
+        (c for c in (dep.get("status") or {}).get("conditions") or [] if c.get("type") == type_), None
+    )
+
+
+def server_problem(dep: Body, status: Body, ready: int, want: int) -> tuple[str, str] | None:
+    """(reason, message) when the server itself is failing, read from its Deployment.
+
+    - ReplicaFailure=True: pods cannot even be created (quota, admission, ...);
+    - Progressing=False/ProgressDeadlineExceeded: the rollout made no progress within
+      progressDeadlineSeconds (pods that never schedule or never become ready);
+    - no ready replica left in a deployment that was serving (condition Available=True, or
+      already Degraded for this reason): ServerUnavailable.
+    The Deployment's conditions count only once its controller has seen the current generation
+    (a condition of the previous rollout says nothing about this one).
+    """
+    name = dep["metadata"]["name"]
+    dst = dep.get("status") or {}
+    current = int(dst.get("observedGeneration") or 0) >= int(dep["metadata"].get("generation") or 0)
+    if current:
+        failure = _deployment_condition(dep, "ReplicaFailure")
+        if failure and failure.get("status") == "True":
+            why = failure.get("message") or failure.get("reason") or "pods cannot be created"
+            return "ReplicaFailure", f"Deployment {name} cannot create its pods: {why}"
+        progressing = _deployment_condition(dep, "Progressing")
+        if (
+            progressing
+            and progressing.get("status") == "False"
+            and progressing.get("reason") == "ProgressDeadlineExceeded"
+        ):
+            why = progressing.get("message") or "the rollout exceeded its progress deadline"
+            return "ProgressDeadlineExceeded", f"{why} ({ready}/{want} replicas ready)"
+    available = next((c for c in status.get("conditions") or [] if c.get("type") == "Available"), None)
+    was_serving = (available or {}).get("status") == "True" or (available or {}).get(
+        "reason"
+    ) == "ServerUnavailable"
+    if want > 0 and ready == 0 and was_serving:
+        return (
+            "ServerUnavailable",
+            f"no server pod is ready (0/{want} replicas ready); the adapters are not served",
+        )
+    return None
+
+
 def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     adep = store.parents[key]
     status: Body = dict(adep.get("status") or {})
@@ -129,6 +174,11 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
                 "served" if a["ready"] else "rolling out" if ready else "waiting for a ready server pod"
             )
 
+    problem = server_problem(dep, status, ready, want)
+    if problem is not None:
+        for a in adapter_status:
+            if "uri" in a and not a["ready"]:
+                a["message"] = f"server unavailable ({problem[0]})"
     conditions = status.get("conditions") or []
     pending = [a for a in adapter_status if "uri" not in a]
     if failures:
@@ -157,14 +207,19 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
         )
         phase = "Ready" if rolled_out and ready >= want else "Progressing"
     available = rolled_out and ready >= want
-    conditions = set_condition(
-        conditions,
-        "Available",
-        available,
-        "MinimumReplicasAvailable" if available else "RollingOut",
-        f"{ready}/{want} replicas ready" + ("" if rolled_out else ", rollout in progress"),
-        generation,
-    )
+    if problem is not None:
+        # The server itself is failing: Degraded, whatever the adapters (Argo CD shows the reason).
+        phase = "Degraded"
+        conditions = set_condition(conditions, "Available", False, problem[0], problem[1], generation)
+    else:
+        conditions = set_condition(
+            conditions,
+            "Available",
+            available,
+            "MinimumReplicasAvailable" if available else "RollingOut",
+            f"{ready}/{want} replicas ready" + ("" if rolled_out else ", rollout in progress"),
+            generation,
+        )
     if phase == "Ready" and failures:
         phase = "Degraded"
     new: Body = {
@@ -182,11 +237,13 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     if changed:
         kube.patch_status(adep["apiVersion"], KIND, key[0], key[1], changed)
         if status.get("phase") != phase:
+            summary = f"{ready}/{want} replicas ready; {len(resolved)} adapter(s) resolved at {now_iso()}"
             kube.post_event(
                 adep,
                 phase,
-                f"{ready}/{want} replicas ready; {len(resolved)} adapter(s) resolved at {now_iso()}",
+                f"{problem[0]}: {problem[1]}" if problem else summary,
                 "Warning" if phase == "Degraded" else "Normal",
             )
     # Waiting on a FineTuneJob: its events requeue us, but look again now and then anyway.
+    # (A Degraded server needs nothing: its Deployment's and pods' changes are Deployment events.)
     return Result(requeue_after=30.0 if pending else None)

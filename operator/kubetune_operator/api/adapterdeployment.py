@@ -249,7 +249,10 @@ class AdapterDeploymentStatus(ApiModel):
 
     phase: Phase | None = Field(
         None,
-        description="Pending, Progressing (rolling out or waiting for a FineTuneJob), Ready or Degraded.",
+        description=(
+            "Pending, Progressing (rolling out or waiting for a FineTuneJob), Ready or Degraded (a "
+            "referenced FineTuneJob failed, or the server is failing: see the Available condition)."
+        ),
     )
     ready_replicas: int | None = Field(None, ge=0, description="Replicas ready to serve (READY column).")
     replicas: int | None = Field(None, ge=0, description="Replicas wanted.")

@@ -57,7 +57,13 @@ if phase == "Ready" then
   end
 elseif phase == "Degraded" then
   hs.status = "Degraded"
-  if resolved ~= nil and resolved.status == "False" then
+  -- Why it is degraded: a failed FineTuneJob, else the server itself (Available=False:
+  -- ServerUnavailable, ProgressDeadlineExceeded, ReplicaFailure), not an adapter still waiting.
+  if resolved ~= nil and resolved.status == "False" and resolved.reason == "FineTuneJobFailed" then
+    hs.message = explain(resolved, "Degraded")
+  elseif available ~= nil and available.status == "False" then
+    hs.message = explain(available, "Degraded")
+  elseif resolved ~= nil and resolved.status == "False" then
     hs.message = explain(resolved, "Degraded")
   else
     hs.message = explain(available, "Degraded")
