@@ -21,5 +21,5 @@ UV=".venv/bin/uv"
 export UV_CACHE_DIR="${UV_CACHE_DIR:-$HOME/.cache/uv}" VIRTUAL_ENV="$PWD/.venv"
 # DeepSpeed's build reads the installed torch, so torch comes first and DeepSpeed builds without isolation.
 "$UV" pip install --python .venv/bin/python "torch>=2.5" setuptools wheel
-"$UV" pip install --python .venv/bin/python --no-build-isolation-package deepspeed -e '.[operator,train,serve,dev]'
+"$UV" pip install --python .venv/bin/python --no-build-isolation-package deepspeed -e '.[operator,train,serve,semantic,dev]'
 echo "$WANT" > "$STAMP"

@@ -22,7 +22,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.evaluation.metrics import compute_text_metrics, perplexity
+from kubetune_trainer.evaluation.metrics import check_semantic_similarity, compute_text_metrics, perplexity
 
 
 class MetricType(StrEnum):
@@ -208,6 +208,11 @@ class ModelEvaluator:
         references = [r for _, r in pairs]
         start = time.monotonic()
 
+        builtin = list(
+            dict.fromkeys(m.builtin for m in self.metrics if m.builtin and m.builtin != "perplexity")
+        )
+        if "semantic_similarity" in builtin:  # before generating anything
+            check_semantic_similarity(self.semantic_model)
         needs_text = any(m.builtin != "perplexity" for m in self.metrics)
         predictions: list[str] = []
         if needs_text:
@@ -215,12 +220,16 @@ class ModelEvaluator:
                 raise ValueError("these metrics compare generated text: pass generate_func")
             predictions = [str(generate_func(p)) for p in prompts]
 
+        computed = (
+            compute_text_metrics(builtin, predictions, references, self.semantic_model) if builtin else {}
+        )
         results: dict[str, Any] = {}
-        builtin = [m.builtin for m in self.metrics if m.builtin and m.builtin != "perplexity"]
-        if builtin:
-            results.update(compute_text_metrics(builtin, predictions, references, self.semantic_model))
         for m in self.metrics:
-            if m.builtin == "perplexity":
+            if m.builtin == "rouge":  # expands to rouge1, rouge2, rougeL
+                results.update({k: computed[k] for k in ("rouge1", "rouge2", "rougeL")})
+            elif m.builtin and m.builtin != "perplexity":
+                results[m.name] = computed[m.builtin]  # under the metric's own name, like its description
+            elif m.builtin == "perplexity":
                 if score_func is None:
                     raise ValueError(
                         f"metric {m.name!r} (perplexity) needs token log-likelihoods: pass "

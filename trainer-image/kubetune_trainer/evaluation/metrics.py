@@ -145,23 +145,28 @@ def semantic_similarity(
     predictions: Sequence[str], references: Sequence[str], model_name_or_path: str | None
 ) -> float:
     """Mean cosine similarity of sentence embeddings (needs sentence-transformers and a local model)."""
+    _check_lengths(predictions, references)
+    model = _sentence_transformer(check_semantic_similarity(model_name_or_path))
+    a = model.encode(list(predictions), convert_to_tensor=True, normalize_embeddings=True)
+    b = model.encode(list(references), convert_to_tensor=True, normalize_embeddings=True)
+    return float((a * b).sum(dim=-1).mean().item())
+
+
+def check_semantic_similarity(model_name_or_path: str | None) -> str:
+    """Raise the error semantic_similarity would raise, without loading anything; returns the model."""
     import importlib.util
 
-    _check_lengths(predictions, references)
     if importlib.util.find_spec("sentence_transformers") is None:
         raise RuntimeError(
             "metric 'semantic_similarity' needs the sentence-transformers package: "
-            "`pip install sentence-transformers`, or remove the metric"
+            "`pip install sentence-transformers` (kubetune's `semantic` extra), or remove the metric"
         )
     if not model_name_or_path:
         raise ValueError(
             "metric 'semantic_similarity' needs an embedding model: pass "
             "ModelEvaluator(semantic_model='path/to/sentence-transformer')"
         )
-    model = _sentence_transformer(model_name_or_path)
-    a = model.encode(list(predictions), convert_to_tensor=True, normalize_embeddings=True)
-    b = model.encode(list(references), convert_to_tensor=True, normalize_embeddings=True)
-    return float((a * b).sum(dim=-1).mean().item())
+    return model_name_or_path
 
 
 @functools.lru_cache(maxsize=2)
