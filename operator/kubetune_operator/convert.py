@@ -155,6 +155,7 @@ def to_config_dict(ftj: Body, *, in_pod: bool = True, base_dir: Path | None = No
     if ev:
         cfg["metrics"] = ev.get("metrics")
         cfg["eval_steps"] = ev.get("everySteps")
+        cfg["semantic_model"] = ev.get("semanticModel")
         if ev.get("strategy"):
             cfg["eval_strategy"] = ev["strategy"]
         es = ev.get("earlyStopping")

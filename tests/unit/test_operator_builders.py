@@ -234,6 +234,16 @@ def test_early_stopping_block_turns_early_stopping_on(block: dict, expected: tup
     assert (cfg.early_stopping.metric, cfg.early_stopping.patience, cfg.early_stopping.threshold) == expected
 
 
+def test_semantic_model_reaches_the_trainer_config() -> None:
+    evaluation = {
+        "metrics": ["semantic_similarity"],
+        "semanticModel": "sentence-transformers/all-MiniLM-L6-v2",
+    }
+    cfg = finetunejob_to_config(ftj(evaluation=evaluation), in_pod=True)
+    assert cfg.semantic_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "semantic_similarity" in cfg.metrics
+
+
 def test_ddp_strategy_has_no_deepspeed_block() -> None:
     cfg = finetunejob_to_config(ftj(distributed={"strategy": "ddp"}), in_pod=True)
     assert cfg.deepspeed is None

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from kubetune_trainer.config import LOGGED_NAMES, WATCHABLE_METRICS
+
 from .base import ApiModel, KindModel, ListType, PreserveUnknownFields, Rule, immutable, rules
 from .common import (
     DNS1123_SUBDOMAIN,
@@ -307,15 +309,20 @@ class Hyperparameters(ApiModel):
     )
 
 
-NON_SCALAR_METRICS = ("confusion_matrix", "eval_confusion_matrix")
+# The scalar names evaluation logs (the trainer's own list): early stopping can watch exactly
+# these, with or without the eval_ prefix Trainer adds.
+WATCHABLE = [*WATCHABLE_METRICS, *(f"eval_{m}" for m in WATCHABLE_METRICS)]
+# Computed when evaluation.metrics has "rouge" (one metric logged as three F-measures).
+ROUGE_PARTS = [*LOGGED_NAMES["rouge"], *(f"eval_{m}" for m in LOGGED_NAMES["rouge"])]
 
 
 @rules(
     Rule(
-        f"!(self.metric in {list(NON_SCALAR_METRICS)})",
-        "evaluation.earlyStopping.metric cannot be confusion_matrix (a matrix, not a number to compare): "
-        "watch eval_loss, accuracy or f1 instead",
-        check=lambda e: e.metric not in NON_SCALAR_METRICS,
+        f"self.metric in {WATCHABLE}",
+        "evaluation.earlyStopping.metric must be a number evaluation logs: eval_loss, perplexity or one of "
+        "bleu, rouge1, rouge2, rougeL, exact_match, token_f1, semantic_similarity, accuracy, precision, "
+        "recall, f1 (rouge is logged as rouge1/rouge2/rougeL; confusion_matrix is a matrix, not a number)",
+        check=lambda e: e.metric in WATCHABLE,
         field_path=".metric",
     ),
 )
@@ -339,8 +346,10 @@ def _metric_is_computed(ev: Evaluation) -> bool:
     if ev.early_stopping is None:
         return True
     m = ev.early_stopping.metric
-    return m in ("loss", "eval_loss", "perplexity", "eval_perplexity") or any(
-        m in (x, f"eval_{x}") for x in ev.metrics
+    return (
+        m in ("loss", "eval_loss", "perplexity", "eval_perplexity")
+        or any(m in (x, f"eval_{x}") for x in ev.metrics)
+        or (m in ROUGE_PARTS and "rouge" in ev.metrics)
     )
 
 
@@ -362,11 +371,20 @@ def _metric_is_computed(ev: Evaluation) -> bool:
     Rule(
         "!has(self.earlyStopping) || self.earlyStopping.metric in ['loss', 'eval_loss', 'perplexity', "
         "'eval_perplexity'] || self.metrics.exists(m, self.earlyStopping.metric == m || "
-        "self.earlyStopping.metric == 'eval_' + m)",
+        f"self.earlyStopping.metric == 'eval_' + m) || (self.earlyStopping.metric in {ROUGE_PARTS} && "
+        "'rouge' in self.metrics)",
         "evaluation.earlyStopping.metric is not computed: use eval_loss or perplexity, or add the metric to "
         "evaluation.metrics",
         check=_metric_is_computed,
         field_path=".earlyStopping.metric",
+    ),
+    Rule(
+        "!('semantic_similarity' in self.metrics) || has(self.semanticModel)",
+        "evaluation.metrics semantic_similarity needs evaluation.semanticModel: a sentence-transformers model "
+        "name or a model directory in the trainer image (e.g. sentence-transformers/all-MiniLM-L6-v2)",
+        check=lambda e: "semantic_similarity" not in e.metrics or e.semantic_model is not None,
+        field_path=".semanticModel",
+        reason="FieldValueRequired",
     ),
 )
 class Evaluation(ApiModel):
@@ -386,6 +404,14 @@ class Evaluation(ApiModel):
     every_steps: int | None = Field(None, ge=1, le=100000000, description="Evaluate every N optimizer steps.")
     early_stopping: EarlyStopping | None = Field(
         None, description="Early stopping on a validation metric (needs validation data)."
+    )
+    semantic_model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=512,
+        description="Embedding model for the semantic_similarity metric: a sentence-transformers model name "
+        "(the pod needs hub access or a model cache) or a model directory inside the trainer image. The image "
+        "needs the sentence-transformers package (kubetune[semantic]).",
     )
 
 
