@@ -86,15 +86,6 @@ def test_compute_text_metrics_expands_rouge_and_rejects_unknown() -> None:
         compute_text_metrics(["blue"], ["a"], ["a"])
 
 
-def test_semantic_similarity_without_package_is_a_clear_error() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("sentence_transformers") is not None:
-        pytest.skip("sentence-transformers is installed here")
-    with pytest.raises(RuntimeError, match="pip install sentence-transformers"):
-        compute_text_metrics(["semantic_similarity"], ["a"], ["a"])
-
-
 def test_model_evaluator_guide_api(tmp_path: Path) -> None:
     answers = {"capital of France?": "Paris", "2+2?": "4", "colour of the sky?": "blue"}
     dataset = [

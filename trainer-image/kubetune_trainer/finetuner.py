@@ -863,8 +863,8 @@ def check_metric_requirements(config: FinetuningConfig) -> None:
     if importlib.util.find_spec("sentence_transformers") is None:
         raise ConfigError(
             "metric 'semantic_similarity' needs the sentence-transformers package, which is not installed "
-            f"(semantic_model: {config.semantic_model!r}): `pip install sentence-transformers` in the "
-            "training image, or remove the metric from metrics"
+            f"(semantic_model: {config.semantic_model!r}): `pip install 'kubetune[semantic]'` "
+            "(the kubetune trainer image has it), or remove the metric from metrics"
         )
     model = config.semantic_model
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
