@@ -25,6 +25,10 @@ class Settings:
     termination_grace_seconds: int = field(
         default_factory=lambda: int(_env("KUBETUNE_TRAINER_GRACE_SECONDS", "300"))
     )
+    # Per-pod defaults for FineTuneJobs whose spec.resources leaves them out ("" = none).
+    default_trainer_cpu: str = field(default_factory=lambda: _env("KUBETUNE_TRAINER_DEFAULT_CPU", ""))
+    default_trainer_memory: str = field(default_factory=lambda: _env("KUBETUNE_TRAINER_DEFAULT_MEMORY", ""))
+    default_trainer_shm: str = field(default_factory=lambda: _env("KUBETUNE_TRAINER_DEFAULT_SHM", ""))
     trainer_metrics_port: int = 9400
     rendezvous_port: int = 29500
 

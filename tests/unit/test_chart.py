@@ -88,6 +88,7 @@ def test_helm_lint_strict_passes(sets: tuple[str, ...]) -> None:
         (("storage.endpoint=minio:9000",), "at '/storage/endpoint'"),
         (("trainer.terminationGracePeriodSeconds=5",), "at '/trainer/terminationGracePeriodSeconds'"),
         (("metrics.port=8081",), "metrics.port must not be 8081"),
+        (("trainer.resources.memory=lots",), "at '/trainer/resources/memory'"),
         (
             ("metrics.serviceMonitor.enabled=true", "metrics.service.enabled=false"),
             "metrics.serviceMonitor.enabled needs metrics.service.enabled=true",
@@ -178,7 +179,13 @@ def test_operator_env_is_what_the_settings_read() -> None:
     env = {
         e["name"]: e["value"]
         for e in container(
-            render("storage.endpoint=http://minio.minio.svc:9000", "storage.secretName=s3-credentials")
+            render(
+                "storage.endpoint=http://minio.minio.svc:9000",
+                "storage.secretName=s3-credentials",
+                "trainer.resources.cpu=8",
+                "trainer.resources.memory=64Gi",
+                "trainer.resources.sharedMemorySize=16Gi",
+            )
         )["env"]
     }
     kubetune_env = {k for k in env if k.startswith("KUBETUNE_")}
@@ -187,6 +194,11 @@ def test_operator_env_is_what_the_settings_read() -> None:
     assert env["KUBETUNE_TRAINER_IMAGE"] == "ghcr.io/kubetune/trainer:0.1.0"
     assert env["KUBETUNE_DEFAULT_S3_ENDPOINT"] == "http://minio.minio.svc:9000"
     assert env["KUBETUNE_DEFAULT_S3_SECRET"] == "s3-credentials"
+    assert (
+        env["KUBETUNE_TRAINER_DEFAULT_CPU"],
+        env["KUBETUNE_TRAINER_DEFAULT_MEMORY"],
+        env["KUBETUNE_TRAINER_DEFAULT_SHM"],
+    ) == ("8", "64Gi", "16Gi")
 
 
 # -- RBAC --------------------------------------------------------------------------------------

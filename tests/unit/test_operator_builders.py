@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import yaml
@@ -140,6 +141,29 @@ def test_cpu_training_requests_no_gpu() -> None:
     ]["template"]["spec"]["containers"]
     assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
     assert c["resources"]["requests"] == {"cpu": "4", "memory": "16Gi"}
+
+
+def test_operator_defaults_fill_the_resources_a_spec_leaves_out() -> None:
+    defaults = dataclasses.replace(
+        SETTINGS, default_trainer_cpu="8", default_trainer_memory="64Gi", default_trainer_shm="16Gi"
+    )
+
+    def pod(resources: dict) -> tuple[dict, dict]:
+        p = fb.job(ftj(resources=resources), 1, defaults)["spec"]["template"]["spec"]
+        [shm] = [v for v in p["volumes"] if v["name"] == "dshm"]
+        return p["containers"][0]["resources"], shm["emptyDir"]
+
+    res, shm = pod({"nodes": 1, "gpusPerNode": 1})
+    assert res["requests"] == {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "1"}
+    assert res["limits"] == {"memory": "64Gi", "nvidia.com/gpu": "1"}
+    assert shm == {"medium": "Memory", "sizeLimit": "16Gi"}
+    # What the spec says wins over the operator's defaults.
+    res, shm = pod({"nodes": 1, "gpusPerNode": 1, "cpu": "2", "memory": "8Gi", "sharedMemorySize": "1Gi"})
+    assert res["requests"] == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}
+    assert shm["sizeLimit"] == "1Gi"
+    # No defaults configured: nothing is invented.
+    res, shm = fb.job(ftj(), 1, SETTINGS)["spec"]["template"]["spec"]["containers"][0]["resources"], None
+    assert "cpu" not in res["requests"] and "memory" not in res["requests"]
 
 
 def test_pods_are_locked_down() -> None:

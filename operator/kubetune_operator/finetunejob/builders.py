@@ -156,14 +156,17 @@ def _storage_env(ftj: Body, settings: Settings) -> list[Body]:
     return env
 
 
-def _resources(res: Body) -> Body:
+def _resources(res: Body, settings: Settings) -> Body:
+    """Requests and limits of a trainer container: the spec's, else the operator's defaults."""
     gpus = int(res.get("gpusPerNode", 1))
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
-    if res.get("cpu"):
-        requests["cpu"] = str(res["cpu"])
-    if res.get("memory"):
-        requests["memory"] = limits["memory"] = str(res["memory"])
+    cpu = res.get("cpu") or settings.default_trainer_cpu
+    memory = res.get("memory") or settings.default_trainer_memory
+    if cpu:
+        requests["cpu"] = str(cpu)
+    if memory:
+        requests["memory"] = limits["memory"] = str(memory)
     if gpus:
         name = res.get("gpuResourceName") or "nvidia.com/gpu"
         requests[name] = limits[name] = str(gpus)
@@ -219,7 +222,7 @@ def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds:
             {"name": "rendezvous", "containerPort": settings.rendezvous_port},
             {"name": "metrics", "containerPort": settings.trainer_metrics_port},
         ],
-        "resources": _resources(res),
+        "resources": _resources(res, settings),
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
@@ -238,8 +241,9 @@ def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds:
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     shm: Body = {"medium": "Memory"}
-    if res.get("sharedMemorySize"):
-        shm["sizeLimit"] = str(res["sharedMemorySize"])
+    shm_size = res.get("sharedMemorySize") or settings.default_trainer_shm
+    if shm_size:
+        shm["sizeLimit"] = str(shm_size)
     pod_spec: Body = {
         "restartPolicy": "Never",
         "subdomain": n.service,
