@@ -251,6 +251,15 @@ def test_hot_reload_updates_the_adapter_set_without_a_new_template(cluster: Cont
     after = get(cluster, ns, "deployment", "hot")
     assert before is not None and after is not None
     assert after["spec"]["template"] == before["spec"]["template"]
+    # The operator does not see each pod's hot load, and its status does not pretend to.
+    two = eventually(
+        lambda: next(
+            (a for a in adep_status(cluster, ns, "hot").get("adapters", []) if a["name"] == "two"), None
+        ),
+        timeout=30,
+        what="adapter two in the status",
+    )
+    assert two["ready"] is True and "hot reload" in two["message"] and "adapter-sync" in two["message"]
 
 
 def test_autoscaling_creates_an_hpa_and_leaves_replicas_to_it(cluster: ControlPlane, ns: str) -> None:

@@ -95,6 +95,12 @@ def _deployment_condition(dep: Body, type_: str) -> Body | None:
     )
 
 
+HOT_RELOAD_SERVED = (
+    "published to the ready servers for hot reload; each pod's adapter-sync loads it within about a "
+    "minute (its status file says when)"
+)
+
+
 def server_problem(dep: Body, status: Body, ready: int, want: int) -> tuple[str, str] | None:
     """(reason, message) when the server itself is failing, read from its Deployment.
 
@@ -167,11 +173,14 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
         and int(dst.get("availableReplicas") or 0) >= want
         and int(dst.get("replicas") or 0) == updated
     )
+    # With hotReload the pods load a changed set themselves (adapter-sync): the operator sees the
+    # set published and the servers ready, not each pod's load, and says so.
+    served = HOT_RELOAD_SERVED if (adep.get("spec") or {}).get("hotReload") else "served"
     for a in adapter_status:
         if "uri" in a:
             a["ready"] = rolled_out and ready > 0
             a["message"] = (
-                "served" if a["ready"] else "rolling out" if ready else "waiting for a ready server pod"
+                served if a["ready"] else "rolling out" if ready else "waiting for a ready server pod"
             )
 
     problem = server_problem(dep, status, ready, want)
