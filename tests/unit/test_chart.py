@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -317,6 +318,21 @@ def test_podmonitor_selects_the_trainer_and_server_pods_the_operator_creates() -
     assert set(pm["podTargetLabels"]) >= {"kubetune.io/finetunejob", "kubetune.io/adapterdeployment"}
     assert "kubetune.io/finetunejob" in trainer["metadata"]["labels"]
     assert "kubetune.io/adapterdeployment" in server["metadata"]["labels"]
+
+
+def test_podmonitor_scrapes_trainer_metrics_only_on_node_rank_0() -> None:
+    """Only global rank 0 serves the trainer's metrics; the node rank the builder hands torchrun
+    comes from the annotation the PodMonitor keeps on."""
+    pm = one(render(*ALL_ON), "PodMonitor")["spec"]
+    [metrics] = [e for e in pm["podMetricsEndpoints"] if e["port"] == "metrics"]
+    [keep] = metrics["relabelings"]
+    [trainer] = _pod_templates()[0]["spec"]["containers"]
+    [node_rank] = [e for e in trainer["env"] if e["name"] == "NODE_RANK"]
+    annotation = re.fullmatch(
+        r"metadata\.annotations\['(.+)'\]", node_rank["valueFrom"]["fieldRef"]["fieldPath"]
+    ).group(1)
+    prometheus_name = "__meta_kubernetes_pod_annotation_" + re.sub(r"[^A-Za-z0-9_]", "_", annotation)
+    assert keep == {"sourceLabels": [prometheus_name], "regex": "0", "action": "keep"}
 
 
 def test_grafana_dashboard_configmap_carries_the_dashboard_file() -> None:
