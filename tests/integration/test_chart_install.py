@@ -83,7 +83,11 @@ def test_helm_install_namespaced_mode_and_the_operator_runs_with_only_its_roles(
     assert cluster.kubectl("get", "role", "kt-kubetune", namespace=namespace).returncode == 0
 
     kubeconfig = token_kubeconfig(cluster, tmp_path / "operator.kubeconfig", release_ns, "kt-kubetune")
-    op = OperatorProcess(kubeconfig, tmp_path, namespaces=[namespace], resync_seconds=5).start()
+    # Run the operator with the namespaces the installed Deployment passes it.
+    [container] = dep["spec"]["template"]["spec"]["containers"]
+    watched = [a.removeprefix("--namespace=") for a in container["args"] if a.startswith("--namespace=")]
+    assert watched == [namespace]
+    op = OperatorProcess(kubeconfig, tmp_path, namespaces=watched, resync_seconds=5).start()
     try:
         apply(cluster, namespace, finetunejob("scoped", pod_labels=HOLD))
         wait_phase(cluster, namespace, "scoped", "Running")

@@ -92,6 +92,7 @@ def test_children_are_created_owned_and_the_job_runs(cluster: ControlPlane, ns: 
 def test_success_reports_the_trainers_output(cluster: ControlPlane, ns: str) -> None:
     apply(cluster, ns, finetunejob("ok", pod_labels=HOLD))
     [pod] = running_pods(cluster, ns, "ok", 1)
+    wait_phase(cluster, ns, "ok", "Running")  # else a quick finish may skip Running (and its Event)
     report = {
         "adapterUri": "s3://checkpoints/runs/x/ok/uid/final/",
         "trainableParameters": 1234,

@@ -142,8 +142,14 @@ def test_the_operator_runs_with_exactly_the_charts_rbac(
     cluster.kubectl("create", "namespace", "kubetune-system", check=False)
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(rbac))
     kubeconfig = token_kubeconfig(cluster, tmp_path / "operator.kubeconfig", "kubetune-system", "kubetune")
-    op = OperatorProcess(kubeconfig, tmp_path, namespaces=[ns], resync_seconds=5).start()
+    # Watch what the chart's Deployment says: by default (ClusterRole mode) every namespace.
+    [deployment] = [d for d in docs if d["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    namespaces = [a.removeprefix("--namespace=") for a in container["args"] if a.startswith("--namespace=")]
+    assert namespaces == [], "the default chart should run the operator cluster-wide"
+    op = OperatorProcess(kubeconfig, tmp_path, namespaces=namespaces, resync_seconds=5).start()
     try:
+        eventually(lambda: "namespaces: all" in op.log_text(), timeout=10, what="a cluster-wide operator")
         apply(
             cluster,
             ns,
