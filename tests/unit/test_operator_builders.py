@@ -162,7 +162,7 @@ def test_operator_defaults_fill_the_resources_a_spec_leaves_out() -> None:
     assert res["requests"] == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}
     assert shm["sizeLimit"] == "1Gi"
     # No defaults configured: nothing is invented.
-    res, shm = fb.job(ftj(), 1, SETTINGS)["spec"]["template"]["spec"]["containers"][0]["resources"], None
+    res = fb.job(ftj(), 1, SETTINGS)["spec"]["template"]["spec"]["containers"][0]["resources"]
     assert "cpu" not in res["requests"] and "memory" not in res["requests"]
 
 

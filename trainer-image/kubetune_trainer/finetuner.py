@@ -848,34 +848,25 @@ def load_tokenizer(path: str, config: FinetuningConfig) -> Any:
 def check_metric_requirements(config: FinetuningConfig) -> None:
     """Fail before any work when a configured metric cannot be computed here.
 
-    ``semantic_similarity`` needs ``semantic_model`` (checked by the config too) and the optional
-    sentence-transformers package, which the operator's config validation cannot see.
+    ``semantic_similarity`` needs the optional sentence-transformers package, which the
+    operator's config validation cannot see (the config itself requires ``semantic_model``).
     """
-    import importlib.util
+    from kubetune_trainer.evaluation.metrics import check_semantic_similarity
 
-    if "semantic_similarity" not in config.metrics:
+    if "semantic_similarity" not in config.metrics or not config.semantic_model:
         return
-    if not config.semantic_model:
+    try:
+        check_semantic_similarity(config.semantic_model)
+    except (RuntimeError, ValueError) as exc:
         raise ConfigError(
-            "metric 'semantic_similarity' needs an embedding model: set semantic_model to a "
-            "sentence-transformers model directory or name, or remove the metric"
-        )
-    if importlib.util.find_spec("sentence_transformers") is None:
-        raise ConfigError(
-            "metric 'semantic_similarity' needs the sentence-transformers package, which is not installed "
-            f"(semantic_model: {config.semantic_model!r}): `pip install 'kubetune[semantic]'` "
-            "(the kubetune trainer image has it), or remove the metric from metrics"
-        )
+            f"{exc} (semantic_model: {config.semantic_model!r}; the kubetune trainer image has the package)"
+        ) from exc
     model = config.semantic_model
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
         raise ConfigError(
             f"semantic_model {model!r}: directory not found; give a sentence-transformers model "
             "directory or a model name"
         )
-
-
-TRAINER_STATE_FILE = "trainer_state.json"
-_CHECKPOINT_DIR_PREFIX = "checkpoint-"
 
 
 def local_checkpoint_problem(path: Path, deepspeed: bool) -> str | None:
@@ -887,13 +878,15 @@ def local_checkpoint_problem(path: Path, deepspeed: bool) -> str | None:
     checkpoint, so "complete" means: ``trainer_state.json`` parses as JSON and, with DeepSpeed,
     ``latest`` names a ``global_step*`` folder that exists.
     """
-    state = path / TRAINER_STATE_FILE
+    from kubetune_trainer.storage.checkpoints import TRAINER_STATE_NAME
+
+    state = path / TRAINER_STATE_NAME
     if not state.is_file():
-        return f"no {TRAINER_STATE_FILE} (the save was interrupted)"
+        return f"no {TRAINER_STATE_NAME} (the save was interrupted)"
     try:
         json.loads(state.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        return f"{TRAINER_STATE_FILE} is unreadable ({exc})"
+        return f"{TRAINER_STATE_NAME} is unreadable ({exc})"
     if deepspeed:
         latest = path / "latest"
         if not latest.is_file():
@@ -910,14 +903,16 @@ def last_complete_checkpoint(folder: str | os.PathLike[str], deepspeed: bool = F
     Unlike transformers' ``get_last_checkpoint`` (the newest folder, whatever it holds), this
     skips folders a ``kill -9`` left half-written (see :func:`local_checkpoint_problem`).
     """
+    from kubetune_trainer.storage import checkpoint_step
+
     root = Path(folder)
     if not root.is_dir():
         return None
     steps = []
     for child in root.iterdir():
-        suffix = child.name.removeprefix(_CHECKPOINT_DIR_PREFIX)
-        if child.name.startswith(_CHECKPOINT_DIR_PREFIX) and suffix.isdigit() and child.is_dir():
-            steps.append((int(suffix), child))
+        step = checkpoint_step(child.name)
+        if step is not None and child.is_dir():
+            steps.append((step, child))
     for _, path in sorted(steps, reverse=True):
         problem = local_checkpoint_problem(path, deepspeed)
         if problem is None:
@@ -938,8 +933,9 @@ def restore_best_checkpoint(
     restored: then the run keeps the best of the evaluations still to come, with a warning).
     """
     from kubetune_trainer.storage import StorageError, best_step_from_state
+    from kubetune_trainer.storage.checkpoints import TRAINER_STATE_NAME
 
-    state_path = resumed / TRAINER_STATE_FILE
+    state_path = resumed / TRAINER_STATE_NAME
     try:
         state = json.loads(state_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -947,12 +943,8 @@ def restore_best_checkpoint(
     best = best_step_from_state(state)
     if best is None:
         return None
-    best_dir: Path | None = local_root / f"{_CHECKPOINT_DIR_PREFIX}{best}"
-    if (
-        best_dir is not None
-        and best_dir.resolve() != resumed.resolve()
-        and local_checkpoint_problem(best_dir, deepspeed) is not None
-    ):
+    best_dir: Path | None = local_root / f"checkpoint-{best}"
+    if best_dir.resolve() != resumed.resolve() and local_checkpoint_problem(best_dir, deepspeed) is not None:
         try:
             best_dir = store.download(best, local_root)
             log.info("restored the best checkpoint (step %d) to %s", best, best_dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import meta, metrics
-from ..conditions import now_iso, set_condition
+from ..conditions import get_condition, now_iso, set_condition
 from ..controller import Key, Result, Store
 from ..kube import Kube
 from ..settings import Settings, load
@@ -89,12 +89,6 @@ def resolve(kube: Kube, adep: Body) -> tuple[list[builders.ResolvedAdapter], lis
     return resolved, statuses, failures
 
 
-def _deployment_condition(dep: Body, type_: str) -> Body | None:
-    return next(
-        (c for c in (dep.get("status") or {}).get("conditions") or [] if c.get("type") == type_), None
-    )
-
-
 HOT_RELOAD_SERVED = (
     "published to the ready servers for hot reload; each pod's adapter-sync loads it within about a "
     "minute (its status file says when)"
@@ -116,11 +110,11 @@ def server_problem(dep: Body, status: Body, ready: int, want: int) -> tuple[str,
     dst = dep.get("status") or {}
     current = int(dst.get("observedGeneration") or 0) >= int(dep["metadata"].get("generation") or 0)
     if current:
-        failure = _deployment_condition(dep, "ReplicaFailure")
+        failure = get_condition(dst.get("conditions"), "ReplicaFailure")
         if failure and failure.get("status") == "True":
             why = failure.get("message") or failure.get("reason") or "pods cannot be created"
             return "ReplicaFailure", f"Deployment {name} cannot create its pods: {why}"
-        progressing = _deployment_condition(dep, "Progressing")
+        progressing = get_condition(dst.get("conditions"), "Progressing")
         if (
             progressing
             and progressing.get("status") == "False"
@@ -128,7 +122,7 @@ def server_problem(dep: Body, status: Body, ready: int, want: int) -> tuple[str,
         ):
             why = progressing.get("message") or "the rollout exceeded its progress deadline"
             return "ProgressDeadlineExceeded", f"{why} ({ready}/{want} replicas ready)"
-    available = next((c for c in status.get("conditions") or [] if c.get("type") == "Available"), None)
+    available = get_condition(status.get("conditions"), "Available")
     was_serving = (available or {}).get("status") == "True" or (available or {}).get(
         "reason"
     ) == "ServerUnavailable"
@@ -176,18 +170,16 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     # With hotReload the pods load a changed set themselves (adapter-sync): the operator sees the
     # set published and the servers ready, not each pod's load, and says so.
     served = HOT_RELOAD_SERVED if (adep.get("spec") or {}).get("hotReload") else "served"
+    problem = server_problem(dep, status, ready, want)
     for a in adapter_status:
         if "uri" in a:
             a["ready"] = rolled_out and ready > 0
-            a["message"] = (
-                served if a["ready"] else "rolling out" if ready else "waiting for a ready server pod"
-            )
-
-    problem = server_problem(dep, status, ready, want)
-    if problem is not None:
-        for a in adapter_status:
-            if "uri" in a and not a["ready"]:
+            if a["ready"]:
+                a["message"] = served
+            elif problem is not None:
                 a["message"] = f"server unavailable ({problem[0]})"
+            else:
+                a["message"] = "rolling out" if ready else "waiting for a ready server pod"
     conditions = status.get("conditions") or []
     pending = [a for a in adapter_status if "uri" not in a]
     if failures:

@@ -320,8 +320,8 @@ ROUGE_PARTS = [*LOGGED_NAMES["rouge"], *(f"eval_{m}" for m in LOGGED_NAMES["roug
     Rule(
         f"self.metric in {WATCHABLE}",
         "evaluation.earlyStopping.metric must be a number evaluation logs: eval_loss, perplexity or one of "
-        "bleu, rouge1, rouge2, rougeL, exact_match, token_f1, semantic_similarity, accuracy, precision, "
-        "recall, f1 (rouge is logged as rouge1/rouge2/rougeL; confusion_matrix is a matrix, not a number)",
+        + ", ".join(m for m in WATCHABLE_METRICS if m not in ("loss", "perplexity"))
+        + " (rouge is logged as rouge1/rouge2/rougeL; confusion_matrix is a matrix, not a number)",
         check=lambda e: e.metric in WATCHABLE,
         field_path=".metric",
     ),

@@ -70,14 +70,20 @@ def _index(pod: Body) -> int:
         return 0
 
 
+def _failed_trainers(pods: list[Body]) -> list[tuple[Body, Body]]:
+    """(pod, terminated state) of the pods whose trainer exited non-zero, lowest node rank first."""
+    out = []
+    for pod in sorted(pods, key=_index):
+        term = _terminated(pod) or {}
+        if (pod.get("status") or {}).get("phase") == "Failed" and term.get("exitCode") not in (None, 0):
+            out.append((pod, term))
+    return out
+
+
 def failure(job: Body, pods: list[Body]) -> Failure:
     """Why the attempt failed: the first failed trainer (lowest node rank), else the Job's own reason."""
-    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
-    for pod in sorted(failed, key=_index):
-        term = _terminated(pod) or {}
-        code = term.get("exitCode")
-        if code in (None, 0):
-            continue
+    for pod, term in _failed_trainers(pods):
+        code = term["exitCode"]
         name = pod["metadata"]["name"]
         known = NON_RETRYABLE_EXIT_CODES.get(code)
         detail = (term.get("message") or "").strip()
@@ -122,11 +128,7 @@ def outcome_visible(job: Body, pods: list[Body]) -> bool:
         reason = (job_condition(job, "Failed") or {}).get("reason")
         if reason == "DeadlineExceeded":
             return True  # the Job killed its pods: no trainer exit code to wait for
-        return any(
-            (p.get("status") or {}).get("phase") == "Failed"
-            and (_terminated(p) or {}).get("exitCode") not in (None, 0)
-            for p in pods
-        )
+        return bool(_failed_trainers(pods))
     return True
 
 

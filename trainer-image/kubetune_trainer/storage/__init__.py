@@ -11,6 +11,7 @@ from .checkpoints import (
     PruneResult,
     UploadResult,
     best_step_from_state,
+    checkpoint_step,
     merge_node_lists,
 )
 from .client import S3Settings, make_s3_client, resolve_s3_settings, s3_client_from_env
@@ -52,6 +53,7 @@ __all__ = [
     "UploadResult",
     "best_step_from_state",
     "call_with_retry",
+    "checkpoint_step",
     "download_prefix",
     "is_retryable",
     "make_s3_client",

@@ -39,7 +39,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from boto3.s3.transfer import TransferConfig
@@ -65,8 +65,13 @@ NODES_DIR = "_nodes"
 MANIFEST_FORMAT = "kubetune.io/checkpoint-manifest/v1"
 NODE_LIST_FORMAT = "kubetune.io/checkpoint-node-files/v1"
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
-_STEP_DIR_SUFFIX = re.compile(r"(?:^|/)checkpoint-(\d+)/*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a Trainer checkpoint folder named ``checkpoint-<step>``, else None."""
+    m = _STEP_DIR.match(name)
+    return int(m.group(1)) if m else None
 
 
 def _now() -> str:
@@ -192,9 +197,7 @@ def best_step_from_state(state: Any) -> int | None:
         return step
     path = state.get("best_model_checkpoint")
     if isinstance(path, str):
-        m = _STEP_DIR_SUFFIX.search(path.replace("\\", "/"))
-        if m:
-            return int(m.group(1))
+        return checkpoint_step(PurePosixPath(path.replace("\\", "/")).name)
     return None
 
 
@@ -290,9 +293,9 @@ class CheckpointStore:
         found: dict[int, dict[str, int]] = {}
         for key, size in list_sizes(self.client, prefix, policy=self.retry).items():
             top, _, rel = prefix.relative_key(key).partition("/")
-            m = _STEP_DIR.match(top)
-            if m and rel:
-                found.setdefault(int(m.group(1)), {})[rel] = size
+            step = checkpoint_step(top)
+            if step is not None and rel:
+                found.setdefault(step, {})[rel] = size
         return found
 
     def list_steps(self) -> list[int]:
