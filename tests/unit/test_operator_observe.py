@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from typing import Any
 
@@ -15,8 +16,23 @@ from kubetune_operator.finetunejob import reconcile as ftj_reconcile
 NS, NAME = "team-a", "llama"
 
 
+FINISHED_AT = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
+
+
 def job(cond: str | None, reason: str = "", message: str = "") -> dict[str, Any]:
-    conditions = [{"type": cond, "status": "True", "reason": reason, "message": message}] if cond else []
+    conditions = (
+        [
+            {
+                "type": cond,
+                "status": "True",
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": "2026-01-01T12:00:00Z",
+            }
+        ]
+        if cond
+        else []
+    )
     return {
         "metadata": {
             "name": f"{NAME}-1",
@@ -148,8 +164,8 @@ def _store(j: dict, pods: list[dict]) -> Store:
 def test_a_finished_job_waits_for_its_pods_then_reads_them_from_the_api_server(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    clock = [1000.0]
-    monkeypatch.setattr(ftj_reconcile.time, "monotonic", lambda: clock[0])
+    clock = [FINISHED_AT + dt.timedelta(seconds=1)]  # the Job finished a second ago
+    monkeypatch.setattr(ftj_reconcile, "_utcnow", lambda: clock[0])
     report = {"adapterUri": "s3://ckpt/final/", "trainableParameters": 7, "totalParameters": 70}
     kube = FakeKube([pod("Succeeded", 0, json.dumps(report))])
     store = _store(job("Complete"), [pod("Running")])  # the pod's last event is not in yet
@@ -159,16 +175,15 @@ def test_a_finished_job_waits_for_its_pods_then_reads_them_from_the_api_server(
     assert r.requeue_after == ftj_reconcile.SETTLE_REQUEUE and not kube.lists
     assert all(p.get("phase") != "Succeeded" for p in kube.status_patches)
 
-    clock[0] += ftj_reconcile.SETTLE_SECONDS - 0.1
+    clock[0] += dt.timedelta(seconds=ftj_reconcile.SETTLE_SECONDS - 1.1)
     assert ftj_reconcile.reconcile(kube, store, key).requeue_after == ftj_reconcile.SETTLE_REQUEUE  # type: ignore[arg-type]
     assert not kube.lists
 
-    clock[0] += 0.2
+    clock[0] += dt.timedelta(seconds=0.2)
     ftj_reconcile.reconcile(kube, store, key)  # type: ignore[arg-type]
     assert kube.lists == [("Pod", NS, "batch.kubernetes.io/controller-uid=job-uid")]
     [done] = [p for p in kube.status_patches if p.get("phase") == "Succeeded"]
     assert done["output"] == report
-    assert not ftj_reconcile._settling
 
 
 def test_a_finished_job_whose_pod_is_seen_is_decided_at_once() -> None:
@@ -182,12 +197,12 @@ def test_a_finished_job_whose_pod_is_seen_is_decided_at_once() -> None:
 
 
 def test_when_the_api_server_has_no_pods_either_the_job_decides(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = [0.0]
-    monkeypatch.setattr(ftj_reconcile.time, "monotonic", lambda: clock[0])
+    clock = [FINISHED_AT]
+    monkeypatch.setattr(ftj_reconcile, "_utcnow", lambda: clock[0])
     kube = FakeKube([])
     store = _store(job("Failed", "PodFailurePolicy", POLICY_MSG), [])
     assert ftj_reconcile.reconcile(kube, store, (NS, NAME)).requeue_after is not None  # type: ignore[arg-type]
-    clock[0] += ftj_reconcile.SETTLE_SECONDS + 1
+    clock[0] += dt.timedelta(seconds=ftj_reconcile.SETTLE_SECONDS + 1)
     ftj_reconcile.reconcile(kube, store, (NS, NAME))  # type: ignore[arg-type]
     [done] = [p for p in kube.status_patches if p.get("phase") == "Failed"]
     assert done.get("attempt", 1) == 1

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
-import time
 from typing import Any
 
 from kubetune_trainer.config import FinetuningConfig
@@ -37,12 +35,15 @@ TERMINAL = ("Succeeded", "Failed")
 _settings: Settings | None = None
 
 # A finished Job whose deciding pods are not in the cache yet (they come on another watch) is
-# looked at again every SETTLE_REQUEUE seconds; after SETTLE_SECONDS its pods are read from the
-# API server once, and then the outcome is decided with what there is.
+# looked at again every SETTLE_REQUEUE seconds; SETTLE_SECONDS after the Job finished (its
+# Complete/Failed condition's lastTransitionTime) its pods are read from the API server once,
+# and then the outcome is decided with what there is.
 SETTLE_REQUEUE = 0.5
 SETTLE_SECONDS = 5.0
-_settling: dict[str, float] = {}  # Job uid -> when it was first seen finished (monotonic)
-_settling_lock = threading.Lock()
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 def settings() -> Settings:
@@ -279,16 +280,13 @@ def _settled_pods(kube: Kube, job: Body, pods: list[Body]) -> list[Body] | None:
     ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
     uid = job["metadata"].get("uid") or f"{ns}/{name}"
     if observe.outcome_visible(job, pods):
-        with _settling_lock:
-            _settling.pop(uid, None)
         return pods
-    now = time.monotonic()
-    with _settling_lock:
-        first = _settling.setdefault(uid, now)
-    if now - first < SETTLE_SECONDS:
+    finished = observe.job_condition(job, "Complete" if observe.job_succeeded(job) else "Failed") or {}
+    since = _parse_time(finished.get("lastTransitionTime"))
+    # Without a transition time (or with a clock behind the API server's) the wait is bounded by
+    # the live read below, which never waits.
+    if since is not None and 0 <= (_utcnow() - since).total_seconds() < SETTLE_SECONDS:
         return None
-    with _settling_lock:
-        _settling.pop(uid, None)
     selector = f"batch.kubernetes.io/controller-uid={uid}"
     try:
         live = [slim("Pod", p) for p in kube.list("v1", "Pod", ns, selector)]
