@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +120,11 @@ def make_s3_secret(cluster: ControlPlane, namespace: str, name: str = "s3-creden
 
 def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj))
+
+
+def rbac_denials(log: str) -> list[str]:
+    """Log entries where the API server refused the operator (403), other than writes into a
+    namespace being deleted (NamespaceTerminating: a 403 that says nothing about RBAC, which a
+    cluster-wide operator meets when earlier tests' namespaces go away)."""
+    entries = re.split(r"\n(?=\[\d{4}-\d\d-\d\d )", log)
+    return [e for e in entries if ("403" in e or "Forbidden" in e) and "NamespaceTerminating" not in e]
