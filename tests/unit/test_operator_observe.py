@@ -207,3 +207,14 @@ def test_when_the_api_server_has_no_pods_either_the_job_decides(monkeypatch: pyt
     [done] = [p for p in kube.status_patches if p.get("phase") == "Failed"]
     assert done.get("attempt", 1) == 1
     assert next(c for c in done["conditions"] if c["type"] == "Failed")["reason"] == "InvalidData"
+
+
+def test_a_worker_that_exited_before_the_job_completes_keeps_the_job_running() -> None:
+    # The trainer exited 0; the Job controller has not marked the Job Complete yet.
+    kube = FakeKube([])
+    store = _store(job(None), [pod("Succeeded", 0, "{}")])
+    ftj_reconcile.reconcile(kube, store, (NS, NAME))  # type: ignore[arg-type]
+    [patch] = kube.status_patches  # only what changed: the phase stays Running
+    assert patch.get("phase", "Running") == "Running"
+    running = next(c for c in patch["conditions"] if c["type"] == "Running")
+    assert running["status"] == "True" and "1 finished" in running["message"]

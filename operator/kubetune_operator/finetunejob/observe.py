@@ -141,6 +141,11 @@ def running_workers(pods: list[Body]) -> int:
     )
 
 
+def finished_workers(pods: list[Body]) -> int:
+    """Pods whose trainer has exited (the Job may not have counted them yet)."""
+    return sum(1 for p in pods if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"))
+
+
 def unschedulable(pods: list[Body]) -> str | None:
     """The scheduler's message for the first pod it could not place, if any."""
     for pod in sorted(pods, key=_index):

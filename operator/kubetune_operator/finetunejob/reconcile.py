@@ -242,16 +242,20 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
                 f"{len(attempt_pods)} of {nodes} pods scheduled",
                 generation,
             )
-        if running >= nodes:
+        # Workers that already exited count as started: between a trainer's exit and the Job's
+        # Complete/Failed the job is finishing, not back to Pending.
+        finished = observe.finished_workers(attempt_pods)
+        if running >= nodes or (finished and running + finished >= nodes):
             new["phase"] = "Running"
             if not status.get("startTime"):
                 new["startTime"] = now_iso()
+            done = f", {finished} finished" if finished else ""
             conditions = set_condition(
                 conditions,
                 "Running",
                 True,
                 "AllWorkersRunning",
-                f"{running} of {nodes} workers running (attempt {attempt})",
+                f"{running} of {nodes} workers running{done} (attempt {attempt})",
                 generation,
             )
         else:
