@@ -74,3 +74,42 @@ def test_already_exists_is_not_retried() -> None:
     with pytest.raises(ApiException):
         kube.retry_conflicts(fn)
     assert len(calls) == 1
+
+
+PARENT = {
+    "apiVersion": "kubetune.io/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "j", "namespace": "team-a", "uid": "u"},
+}
+
+
+class RefusingKube(kube.Kube):
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def request(self, *args: object, **kwargs: object) -> None:
+        raise self.error
+
+
+def _refusal(status: int, body: str) -> ApiException:
+    e = ApiException(status=status, reason="Forbidden")
+    e.body = body
+    return e
+
+
+def test_an_event_into_a_terminating_namespace_is_dropped_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    body = '{"reason":"Forbidden","details":{"causes":[{"reason":"NamespaceTerminating"}]},"code":403}'
+    RefusingKube(_refusal(403, body)).post_event(PARENT, "Running", "ok")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [_refusal(403, '{"message":"events is forbidden: User cannot create"}'), ConnectionError("refused")],
+    ids=["rbac", "network"],
+)
+def test_an_event_that_cannot_be_posted_is_a_warning_not_an_error(
+    caplog: pytest.LogCaptureFixture, error: Exception
+) -> None:
+    RefusingKube(error).post_event(PARENT, "Running", "ok")  # never raises
+    assert any("could not post event Running on team-a/j" in r.getMessage() for r in caplog.records)
