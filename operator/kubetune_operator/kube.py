@@ -195,9 +195,11 @@ class Kube:
         }
         try:
             self.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", event)
-        except ApiException as e:
-            if e.status == 403 and "NamespaceTerminating" in str(e.body or ""):
-                return  # the namespace (and the object) are going away: nobody will read it
-            log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], e)
         except Exception as e:  # an event is best effort: never fail a reconcile over it
+            if (
+                isinstance(e, ApiException)
+                and e.status == 403
+                and "NamespaceTerminating" in str(e.body or "")
+            ):
+                return  # the namespace (and the object) are going away: nobody will read it
             log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], e)
