@@ -22,6 +22,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from kubetune_trainer.config import LOGGED_NAMES
 from kubetune_trainer.evaluation.metrics import check_semantic_similarity, compute_text_metrics, perplexity
 
 
@@ -226,7 +227,7 @@ class ModelEvaluator:
         results: dict[str, Any] = {}
         for m in self.metrics:
             if m.builtin == "rouge":  # expands to rouge1, rouge2, rougeL
-                results.update({k: computed[k] for k in ("rouge1", "rouge2", "rougeL")})
+                results.update({k: computed[k] for k in LOGGED_NAMES["rouge"]})
             elif m.builtin and m.builtin != "perplexity":
                 results[m.name] = computed[m.builtin]  # under the metric's own name, like its description
             elif m.builtin == "perplexity":
