@@ -31,6 +31,10 @@ class Settings:
     default_trainer_shm: str = field(default_factory=lambda: _env("KUBETUNE_TRAINER_DEFAULT_SHM", ""))
     trainer_metrics_port: int = 9400
     rendezvous_port: int = 29500
+    # Seconds the nodes of a multi-node job wait for each other at the rendezvous (pod 0).
+    rendezvous_timeout_seconds: int = field(
+        default_factory=lambda: int(_env("KUBETUNE_TRAINER_RENDEZVOUS_TIMEOUT_SECONDS", "1800"))
+    )
 
 
 def load() -> Settings:

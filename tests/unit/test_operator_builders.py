@@ -111,6 +111,7 @@ def test_two_nodes_by_eight_gpus_renders_an_indexed_job_with_torchrun_rendezvous
         "--node-rank=$(NODE_RANK)",
         "--master-addr=llama-lora-1-0.llama-lora-workers.team-a.svc",
         "--master-port=29500",
+        "--rdzv-conf=timeout=1800",
         "-m",
         "kubetune_trainer",
         "train",

@@ -19,9 +19,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .. import meta
+from .. import meta, podspec
 from ..convert import resolve_uri
-from ..finetunejob.builders import TRAINER_UID
 from ..settings import Settings
 
 Body = dict[str, Any]
@@ -162,15 +161,6 @@ def _resources(res: Body) -> Body:
     return out
 
 
-def _container_security() -> Body:
-    return {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "runAsNonRoot": True,
-        "capabilities": {"drop": ["ALL"]},
-    }
-
-
 # vLLM sizes its LoRA slots at start; with hot reload the adapters to come are unknown, so
 # spec.vllm.maxLoras / maxLoraRank decide, else these (rank 64: vLLM's largest common size).
 HOT_RELOAD_MAX_LORAS = 8
@@ -192,16 +182,15 @@ def deployment(adep: Body, adapters: list[ResolvedAdapter], settings: Settings) 
     res = spec.get("resources") or {}
     base_uri = (spec.get("baseModel") or {}).get("uri", "")
     served_name = (spec.get("baseModel") or {}).get("servedName") or adep["metadata"]["name"]
-    env = [
-        *_storage_env(adep, settings),
-        {"name": "HOME", "value": "/workspace"},
-        *[dict(e) for e in spec.get("env") or []],
-    ]
+    # Every container (init, server, sidecar) gets the same HOME, caches and writable mounts;
+    # the user's env comes last, so it may override them.
+    base_env = [*_storage_env(adep, settings), *podspec.runtime_env()]
+    user_env = [dict(e) for e in spec.get("env") or []]
+    env = [*base_env, *user_env]
     mounts: list[Body] = [
         {"name": "adapter-set", "mountPath": ADAPTER_SET_MOUNT, "readOnly": True},
         {"name": "adapters", "mountPath": ADAPTERS_DIR},
-        {"name": "workspace", "mountPath": "/workspace"},
-        {"name": "tmp", "mountPath": "/tmp"},
+        *podspec.writable_mounts(),
     ]
     trainer_image = spec.get("image") or settings.trainer_image
     init_containers: list[Body] = []
@@ -272,8 +261,13 @@ def deployment(adep: Body, adapters: list[ResolvedAdapter], settings: Settings) 
             "imagePullPolicy": settings.image_pull_policy,
             "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
             "args": args,
-            # Runtime load/unload (hot reload) is off in vLLM unless this is set.
-            "env": [*env, {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}],
+            "env": [
+                *base_env,
+                {"name": "VLLM_CACHE_ROOT", "value": podspec.VLLM_CACHE_ROOT},
+                *user_env,
+                # Runtime load/unload (hot reload) is off in vLLM unless this is set.
+                {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
+            ],
         }
     else:
         args = [
@@ -298,10 +292,11 @@ def deployment(adep: Body, adapters: list[ResolvedAdapter], settings: Settings) 
             "env": env,
         }
     main.update(
+        workingDir=podspec.WORKSPACE,
         ports=[{"name": "http", "containerPort": SERVER_PORT}],
         resources=_resources(res),
         volumeMounts=mounts,
-        securityContext=_container_security(),
+        securityContext=podspec.container_security_context(),
         **probes,
     )
     if hot:
@@ -320,9 +315,10 @@ def deployment(adep: Body, adapters: list[ResolvedAdapter], settings: Settings) 
                     "--dest",
                     ADAPTERS_DIR,
                 ],
+                "workingDir": podspec.WORKSPACE,
                 "env": env,
                 "volumeMounts": mounts,
-                "securityContext": _container_security(),
+                "securityContext": podspec.container_security_context(),
                 "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},
             }
         )
@@ -333,20 +329,13 @@ def deployment(adep: Body, adapters: list[ResolvedAdapter], settings: Settings) 
     volumes = [
         {"name": "adapter-set", "configMap": {"name": n["config_map"]}},
         {"name": "adapters", "emptyDir": {}},
-        {"name": "workspace", "emptyDir": {}},
-        {"name": "tmp", "emptyDir": {}},
+        *podspec.writable_volumes(),
     ]
     if any(m["name"] == "models" for m in mounts):
         volumes.append({"name": "models", "emptyDir": {}})
     pod_spec: Body = {
         "automountServiceAccountToken": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": TRAINER_UID,
-            "runAsGroup": TRAINER_UID,
-            "fsGroup": TRAINER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": podspec.pod_security_context(),
         "initContainers": init_containers,
         "containers": [main, *sidecars],
         "volumes": volumes,
@@ -392,9 +381,10 @@ def _fetch_container(
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["kubetune"],
         "args": ["fetch", "--dest", dest, *pairs],
+        "workingDir": podspec.WORKSPACE,
         "env": env,
         "volumeMounts": mounts
         if any(m["mountPath"] == dest for m in mounts)
         else [*mounts, {"name": "models", "mountPath": dest}],
-        "securityContext": _container_security(),
+        "securityContext": podspec.container_security_context(),
     }

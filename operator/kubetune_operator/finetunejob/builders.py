@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from .. import meta
+from .. import meta, podspec
 from ..convert import PVC_MOUNT_ROOT, pvc_claims
 from ..settings import Settings
 from .observe import NON_RETRYABLE_EXIT_CODES, TRAINER_CONTAINER
@@ -19,8 +19,9 @@ Body = dict[str, Any]
 
 CONFIG_MOUNT = "/etc/kubetune"
 CONFIG_FILE = "config.yaml"
-WORKSPACE = "/workspace"
-TRAINER_UID = 1000
+# kubetune_trainer.launch gives the workers this many seconds (less a margin) after SIGTERM
+# before torchrun kills them: the pod's terminationGracePeriodSeconds.
+GRACE_ENV = "KUBETUNE_TERMINATION_GRACE_SECONDS"
 
 
 @dataclass(frozen=True)
@@ -128,10 +129,16 @@ def torchrun_command(ftj: Body, attempt: int, settings: Settings) -> list[str]:
     else:
         n = names(ftj)
         ns = ftj["metadata"]["namespace"]
+        # Static rendezvous: pod 0 serves a TCPStore at <job>-0.<service> (the headless Service
+        # publishes not-ready pods; the Job sets hostname <job>-<index>, the pod spec subdomain).
+        # Until that name resolves, or every node has joined, the agents retry for `timeout`
+        # seconds (torch's default is 600): long enough for a node to be scaled up and a large
+        # image to be pulled on some of the nodes. $(NODE_RANK) is declared in the env below.
         cmd += [
             "--node-rank=$(NODE_RANK)",
             f"--master-addr={n.job(attempt)}-0.{n.service}.{ns}.svc",
             f"--master-port={settings.rendezvous_port}",
+            f"--rdzv-conf=timeout={settings.rendezvous_timeout_seconds}",
         ]
     return [*cmd, "-m", "kubetune_trainer", "train", "--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}"]
 
@@ -206,9 +213,8 @@ def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds:
                 "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
             },
         },
-        {"name": "HOME", "value": WORKSPACE},
-        {"name": "HF_HOME", "value": f"{WORKSPACE}/.cache/huggingface"},
-        {"name": "TRITON_CACHE_DIR", "value": f"{WORKSPACE}/.cache/triton"},
+        {"name": GRACE_ENV, "value": str(settings.termination_grace_seconds)},
+        *podspec.runtime_env(),
         *_storage_env(ftj, settings),
         *[dict(e) for e in spec.get("env") or []],
     ]
@@ -217,6 +223,7 @@ def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds:
         "image": spec.get("image") or settings.trainer_image,
         "imagePullPolicy": spec.get("imagePullPolicy") or settings.image_pull_policy,
         "command": torchrun_command(ftj, attempt, settings),
+        "workingDir": podspec.WORKSPACE,
         "env": env,
         "ports": [
             {"name": "rendezvous", "containerPort": settings.rendezvous_port},
@@ -226,16 +233,10 @@ def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds:
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "workspace", "mountPath": WORKSPACE},
-            {"name": "tmp", "mountPath": "/tmp"},
+            *podspec.writable_mounts(),
             {"name": "token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": True},
         ],
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": podspec.container_security_context(),
         # The trainer writes its report (output URIs, parameter counts) or its error here.
         "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -251,19 +252,12 @@ def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds:
         # Only the trainer's own projected token is mounted (below), with a bounded lifetime.
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": TRAINER_UID,
-            "runAsGroup": TRAINER_UID,
-            "fsGroup": TRAINER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": podspec.pod_security_context(),
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": n.config_map}},
             {"name": "dshm", "emptyDir": shm},
-            {"name": "workspace", "emptyDir": {}},
-            {"name": "tmp", "emptyDir": {}},
+            *podspec.writable_volumes(),
             {
                 "name": "token",
                 "projected": {
