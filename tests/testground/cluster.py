@@ -1,5 +1,6 @@
 """A real Kubernetes control plane on loopback: etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler and kwok (fake GPU nodes). No Docker, no kubelet: kwok plays the kubelets.
+kube-scheduler, kwok (fake GPU nodes, for scheduling and scale) and, on demand, one real node
+(containerd + kubelet + kube-proxy + CoreDNS, see node.py) that runs real containers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 from . import pki as pki_mod
+from .node import Network, RealNode, host_can_run_containers
 from .procs import Proc, TestgroundError, free_port, start, stop, stop_pid, wait_for
 
 HERE = Path(__file__).resolve().parent
@@ -105,11 +107,18 @@ class ControlPlane:
     nodes: list[dict[str, Any]] = field(default_factory=default_nodes)
     procs: dict[str, Proc] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
+    # The real node's network (a namespace + veth) exists from the start, because the API server
+    # advertises the host end of it to pods (the `kubernetes` Service); the node itself starts on
+    # demand (`start_node`).
+    with_real_node: bool = True
+    network: Network | None = None
+    node: RealNode | None = None
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
         self.logs = self.workdir / "logs"
         self.kubeconfig = self.workdir / "kubeconfig"
+        self.node_kubeconfig = self.workdir / "node-kubeconfig"
         self.pki: pki_mod.Pki | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -118,7 +127,11 @@ class ControlPlane:
         self._check_binaries()
         t0 = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.pki = pki_mod.generate(self.workdir / "pki")
+        if self.with_real_node:
+            host_can_run_containers()
+            self.network = Network().create()
+        extra_ips = (self.network.host_ip,) if self.network else ()
+        self.pki = pki_mod.generate(self.workdir / "pki", extra_ips=extra_ips)
         self.ports = {"etcd": free_port(), "etcd-peer": free_port(), "apiserver": free_port()}
         self._write_kubeconfig()
         try:
@@ -133,8 +146,31 @@ class ControlPlane:
         return self
 
     def stop(self) -> None:
+        if self.node is not None:
+            self.node.stop()
+            self.node = None
         for name in reversed(list(self.procs)):
             stop(self.procs.pop(name))
+        if self.network is not None:
+            self.network.delete()
+
+    def start_node(self, registry_port: int | None = None) -> RealNode:
+        """Start the real node (once); its pods pull ``localhost:<registry_port>/...`` images."""
+        if self.node is not None:
+            return self.node
+        if self.network is None or self.pki is None:
+            raise TestgroundError("this ControlPlane was started with with_real_node=False")
+        node = RealNode(
+            self.workdir / "node",
+            self.bin_dir,
+            self.network,
+            kubeconfig=self.node_kubeconfig,
+            ca_crt=self.pki.ca_crt,
+            registry_port=registry_port,
+        )
+        node.start(self.kubectl)
+        self.node = node
+        return node
 
     def restart_apiserver(self) -> None:
         """Stop and start kube-apiserver on the same port (watches must recover)."""
@@ -209,6 +245,14 @@ class ControlPlane:
             return resp.status, resp.read()
 
     def _write_kubeconfig(self) -> None:
+        self._write_kubeconfig_to(self.kubeconfig, self.server)
+        if self.network is not None:
+            # The node's kubelet, kube-proxy and CoreDNS reach the API server across the veth.
+            self._write_kubeconfig_to(
+                self.node_kubeconfig, f"https://{self.network.host_ip}:{self.ports['apiserver']}"
+            )
+
+    def _write_kubeconfig_to(self, path: Path, server: str) -> None:
         assert self.pki
         cfg = {
             "apiVersion": "v1",
@@ -216,7 +260,7 @@ class ControlPlane:
             "clusters": [
                 {
                     "name": "kubetune-testground",
-                    "cluster": {"server": self.server, "certificate-authority": str(self.pki.ca_crt)},
+                    "cluster": {"server": server, "certificate-authority": str(self.pki.ca_crt)},
                 }
             ],
             "users": [
@@ -236,8 +280,8 @@ class ControlPlane:
             ],
             "current-context": "kubetune-testground",
         }
-        self.kubeconfig.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        self.kubeconfig.chmod(0o600)
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        path.chmod(0o600)
 
     def _start_etcd(self) -> None:
         p1, p2 = self.ports["etcd"], self.ports["etcd-peer"]
@@ -269,24 +313,36 @@ class ControlPlane:
     def _start_apiserver(self) -> None:
         assert self.pki
         port = self.ports["apiserver"]
+        if self.network is not None:
+            # Pods reach the API server through the `kubernetes` Service, whose endpoint is the
+            # advertised address: the host end of the real node's veth (127.0.0.1 is the pod's own).
+            where = ["--bind-address=0.0.0.0", f"--advertise-address={self.network.host_ip}"]
+        else:
+            where = [
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                "--endpoint-reconciler-type=none",
+            ]
         proc = start(
             "kube-apiserver",
             [
                 self._bin("kube-apiserver"),
                 f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
                 f"--secure-port={port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                *where,
                 f"--tls-cert-file={self.pki.serving_crt}",
                 f"--tls-private-key-file={self.pki.serving_key}",
                 f"--client-ca-file={self.pki.ca_crt}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
-                "--authorization-mode=RBAC",
+                "--authorization-mode=Node,RBAC",
+                # logs, exec and port-forward: the API server calls the kubelet as an admin.
+                f"--kubelet-client-certificate={self.pki.admin_crt}",
+                f"--kubelet-client-key={self.pki.admin_key}",
+                "--kubelet-preferred-address-types=InternalIP",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-account-key-file={self.pki.sa_pub}",
                 f"--service-account-signing-key-file={self.pki.sa_key}",
-                "--endpoint-reconciler-type=none",
                 f"--cert-dir={self.workdir / 'apiserver-certs'}",
                 "--profiling=false",
                 "--v=1",

@@ -86,8 +86,11 @@ def _sign(
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def generate(directory: Path) -> Pki:
-    """Write a CA, the API server's serving cert, an admin client cert and the SA signing key."""
+def generate(directory: Path, extra_ips: tuple[str, ...] = ()) -> Pki:
+    """Write a CA, the API server's serving cert, an admin client cert and the SA signing key.
+
+    ``extra_ips``: more addresses the API server is reached at (the real node's side of the host).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     pem = serialization.Encoding.PEM
 
@@ -105,6 +108,7 @@ def generate(directory: Path) -> Pki:
             x509.DNSName("kubernetes.default.svc.cluster.local"),
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
             x509.IPAddress(ipaddress.ip_address("10.0.0.1")),
+            *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in extra_ips),
         ]
     )
     serving_crt = _sign(

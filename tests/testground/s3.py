@@ -39,6 +39,10 @@ class SeaweedS3:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.ports['s3']}"
 
+    def endpoint_at(self, host: str) -> str:
+        """The S3 endpoint as seen from elsewhere, e.g. from the real node's pods (its host_ip)."""
+        return f"http://{host}:{self.ports['s3']}"
+
     def start(self) -> SeaweedS3:
         self.workdir = Path(self.workdir).resolve()
         data = self.workdir / "data"
@@ -67,7 +71,8 @@ class SeaweedS3:
                 "server",
                 f"-dir={data}",
                 "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1",
+                # All addresses: real pods reach S3 at the host end of the node's veth (endpoint_at).
+                "-ip.bind=0.0.0.0",
                 f"-master.port={self.ports['master']}",
                 f"-volume.port={self.ports['volume']}",
                 f"-filer.port={self.ports['filer']}",
