@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.kubetune-installed
 BINDIR  = $(shell hack/build-binaries.sh --print-dir)
 PYTEST_ARGS ?=
 
-.PHONY: help venv binaries quickstart test test-fast lint fmt generate verify dev-cluster dev-cluster-down bench clean
+.PHONY: help venv binaries images quickstart test test-fast lint fmt generate verify dev-cluster dev-cluster-down bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -19,10 +19,13 @@ venv: ## create .venv with every Python dependency (cached by uv outside the rep
 binaries: ## build etcd, kube-apiserver, controller-manager, scheduler, kwok, helm (cached in ~/.cache/kubetune)
 	@hack/build-binaries.sh >/dev/null
 
+images: venv binaries ## build the operator and trainer images (buildah) and push them to the loopback registry
+	@hack/images.sh
+
 quickstart: venv ## fine-tune a LoRA adapter on CPU on a generated task and show it learned
 	$(VENV)/bin/kubetune quickstart
 
-test: venv binaries lint verify ## everything CI runs: lint, generated files, the whole test suite
+test: venv binaries images lint verify ## everything CI runs: lint, generated files, the whole test suite
 	PATH="$(BINDIR):$$PATH" $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-fast: venv ## unit tests only (no control plane, no S3)

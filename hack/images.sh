@@ -134,7 +134,7 @@ build() {
   # TLS-intercepting proxy the host trusts is trusted by pip and uv in the build too.
   local ca=()
   [[ -f /etc/ssl/certs/ca-certificates.crt ]] && ca=(--volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)
-  buildah bud --format docker --layers --network host --pull-never \
+  buildah bud --format docker --layers --force-rm --network host --pull-never \
     --build-arg "BASE_IMAGE=$base" "${ca[@]}" \
     --volume "$UV_CACHE:/var/cache/kubetune-uv:rw" --build-arg UV_CACHE_DIR=/var/cache/kubetune-uv \
     -f "$dockerfile" -t "$image" . >"$LOGS/$(basename "$(dirname "$dockerfile")").log" 2>&1 \
@@ -161,6 +161,10 @@ main() {
   TIMINGS+=("base images ${bases[*]}: $(since "$tb") s")
   build "localhost/kubetune/operator:$version" operator/Dockerfile "${bases[0]}"
   build "localhost/kubetune/trainer:$version" trainer-image/Dockerfile "${bases[1]}"
+
+  # Layers of earlier builds that no image uses any more (the cache of a replaced dependency
+  # layer is ~6 GB); the current images' layers stay, so the next build reuses them.
+  buildah rmi --prune >/dev/null 2>&1 || true
 
   # Push to the loopback registry (started for the push, stopped after it).
   local tp
