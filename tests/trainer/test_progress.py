@@ -73,6 +73,13 @@ def test_status_patch_shape_omits_unknowns_and_non_finite_values() -> None:
     assert build_status_patch(None, None) == {"status": {}}
 
 
+def test_status_losses_have_four_significant_digits() -> None:
+    """`kubectl get ftj` prints the LOSS column as stored: 0.7286, not 0.7285616397857666."""
+    progress = ProgressState(step=1, train_loss=0.7285616397857666, eval_loss=12.345678)
+    shown = build_status_patch(progress, None)["status"]["progress"]
+    assert shown["trainLoss"] == 0.7286 and shown["evalLoss"] == 12.35
+
+
 def test_merge_patches_newer_wins_field_by_field() -> None:
     older = {"status": {"progress": {"step": 1, "evalLoss": 2.0}, "checkpoint": {"step": 1}}}
     newer = {"status": {"progress": {"step": 2, "trainLoss": 1.0}}}

@@ -41,6 +41,12 @@ def finite(value: float | None) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def significant(value: float | None, digits: int = 4) -> float | None:
+    """``value`` rounded to ``digits`` significant digits (None for None / NaN / inf)."""
+    value = finite(value)
+    return float(f"{value:.{digits}g}") if value is not None else None
+
+
 def progress_percent(step: int, total_steps: int | None) -> float | None:
     if not total_steps or total_steps <= 0:
         return None
@@ -103,8 +109,9 @@ def build_status_patch(progress: ProgressState | None, checkpoint: CheckpointSta
                 "totalSteps": int(progress.total_steps) if progress.total_steps else None,
                 "epoch": round(epoch, 4) if epoch is not None else None,
                 "percent": progress_percent(progress.step, progress.total_steps),
-                "trainLoss": finite(progress.train_loss),
-                "evalLoss": finite(progress.eval_loss),
+                # Four significant digits: the LOSS column shows 0.7286, not 0.7285616397857666.
+                "trainLoss": significant(progress.train_loss),
+                "evalLoss": significant(progress.eval_loss),
                 "learningRate": finite(progress.learning_rate),
                 "tokensPerSecond": round(tps, 1) if tps is not None else None,
                 "etaSeconds": round(eta) if eta is not None else None,
