@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make images`: builds the operator and trainer images with buildah (no daemon) and pushes them
-# to the loopback registry the test cluster pulls from.
+# `make images`: builds the operator and trainer images with buildah (no daemon), and the test
+# node's pause image (hack/pause/build.sh), and pushes them to the loopback registry the test
+# cluster pulls from.
 #
 #   hack/images.sh          # base image (once), both images, push; prints what it did and timings
 #   hack/images.sh base     # only the Debian base image; prints its name
@@ -161,6 +162,11 @@ main() {
   TIMINGS+=("base images ${bases[*]}: $(since "$tb") s")
   build "localhost/kubetune/operator:$version" operator/Dockerfile "${bases[0]}"
   build "localhost/kubetune/trainer:$version" trainer-image/Dockerfile "${bases[1]}"
+  # The real test node's pod sandbox image (registry.k8s.io is not reachable either).
+  local tpause pause="localhost/kubetune/pause:${PAUSE_TAG:-3.10}"
+  tpause=$(now)
+  hack/pause/build.sh || die "building the pause image failed (see above)."
+  TIMINGS+=("build $pause: $(since "$tpause") s")
 
   # Layers of earlier builds that no image uses any more (the cache of a replaced dependency
   # layer is ~6 GB); the current images' layers stay, so the next build reuses them.
@@ -169,11 +175,12 @@ main() {
   # Push to the loopback registry (started for the push, stopped after it).
   local tp
   tp=$(now)
-  "$PY" -m tests.testground.images push "localhost/kubetune/operator:$version" "localhost/kubetune/trainer:$version"
+  "$PY" -m tests.testground.images push "localhost/kubetune/operator:$version" "localhost/kubetune/trainer:$version" "$pause"
   TIMINGS+=("push: $(since "$tp") s")
 
   echo "images (buildah storage $CACHE/containers/storage):"
-  buildah images --format '  {{.Name}}:{{.Tag}}  {{.Size}}' | grep -E "kubetune/(operator|trainer):$version" || true
+  buildah images --format '{{.Name}}:{{.Tag}} {{.Size}}' | awk -v v="$version" '$1 ~ "kubetune/(operator|trainer):" v "$" || $1 ~ "kubetune/pause:" { $1 = $1; print "  " $0 }'
+  echo "registry storage $(du -sh "$CACHE/registry" | cut -f1) in $CACHE/registry"
   echo "timings:"
   printf '  %s\n' "${TIMINGS[@]}" "total: $(since "$t0") s"
 }

@@ -21,8 +21,8 @@ from tests.testground.cluster import ControlPlane
 from tests.testground.images import (
     Container,
     app_version,
-    buildah,
     image_config,
+    image_id,
     local_name,
     repository,
     require_local,
@@ -212,23 +212,7 @@ def test_registry_holds_the_images_just_built(tmp_path: Path) -> None:
         for name in ("operator", "trainer"):
             ref = reg.require(repository(name), app_version())
             assert ref == f"localhost:{reg.port}/kubetune/{name}:{app_version()}"
-            req = urllib.request.Request(
-                f"{reg.url}/v2/{repository(name)}/manifests/{app_version()}",
-                headers={
-                    "Accept": "application/vnd.docker.distribution.manifest.v2+json, "
-                    "application/vnd.oci.image.manifest.v1+json"
-                },
-            )
-            with urllib.request.urlopen(req, timeout=10) as r:
-                manifest = json.loads(r.read())
-            local_id = image_config_digest(local_name(name))
-            assert manifest["config"]["digest"] == local_id, (
+            local_id = image_id(local_name(name))
+            assert reg.config_digest(repository(name), app_version()) == local_id, (
                 f"the registry's {name} image is not the one in buildah's storage: run `make images`"
             )
-
-
-def image_config_digest(image: str) -> str:
-    return (
-        "sha256:"
-        + buildah("inspect", "--type", "image", "--format", "{{.FromImageID}}", image).stdout.strip()
-    )

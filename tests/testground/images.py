@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ from typing import Any
 import yaml
 
 from .cluster import REPO
-from .procs import TestgroundError, stop_pid
-from .registry import Registry
+from .procs import TestgroundError, free_port, port_is_free, stop_pid
+from .registry import Registry, default_storage
 
 NAMES = ("operator", "trainer")
 
@@ -90,6 +91,14 @@ def require_local(name: str) -> str:
             f"image {image} is not in buildah's storage ({storage_conf()}): run `make images`."
         )
     return image
+
+
+def image_id(image: str) -> str:
+    """sha256:<id> of a local image: the digest of its config, as a registry's manifest names it."""
+    return (
+        "sha256:"
+        + buildah("inspect", "--type", "image", "--format", "{{.FromImageID}}", image).stdout.strip()
+    )
 
 
 def image_config(image: str) -> dict[str, Any]:
@@ -309,23 +318,39 @@ def run_container(
         ctr.remove()
 
 
+def push_port(storage: Path) -> int:
+    """The same port for every push to one storage when it is free (else any free port).
+
+    buildah remembers which layer blobs it already sent, per registry address: at a stable
+    address an image whose dependency layer did not change sends only its new layers.
+    """
+    port = 20000 + zlib.crc32(str(storage).encode()) % 10000
+    return port if port_is_free(port) else free_port()
+
+
 def push(images: list[str], *, host: str = "127.0.0.1") -> list[str]:
     """Push local images (localhost/kubetune/<name>:<tag>) to the persistent registry; lines of what happened.
 
+    An image the registry already holds (same config digest, i.e. same image ID) is not pushed.
     Layers are gzipped (buildah's default; buildah 1.28's --disable-compression still gzips).
-    Blobs the registry already has are not sent again, so an unchanged image pushes in seconds.
     """
     lines = []
     with tempfile.TemporaryDirectory(prefix="kubetune-registry-") as tmp:
-        reg = Registry(Path(tmp), host=host)
+        storage = default_storage()
+        reg = Registry(Path(tmp), storage=storage, host=host, port=push_port(storage))
         t0 = time.monotonic()
         reg.start()
         lines.append(f"registry up at {reg.url} in {time.monotonic() - t0:.1f}s (storage {reg.storage})")
+        pushed = False
         try:
             for image in images:
                 if not image.startswith("localhost/"):
                     raise TestgroundError(f"{image}: expected a local name localhost/<repository>:<tag>")
                 dest = image.removeprefix("localhost/")
+                repo, tag = dest.rsplit(":", 1)
+                if reg.config_digest(repo, tag) == image_id(image):
+                    lines.append(f"{reg.ref(repo, tag)} is up to date (image {image_id(image)[7:19]})")
+                    continue
                 t1 = time.monotonic()
                 buildah(
                     "push",
@@ -335,16 +360,16 @@ def push(images: list[str], *, host: str = "127.0.0.1") -> list[str]:
                     f"docker://{reg.address}/{dest}",
                     timeout=3600,
                 )
-                lines.append(
-                    f"pushed {image} -> {reg.ref(*dest.rsplit(':', 1))} in {time.monotonic() - t1:.1f}s"
-                )
+                pushed = True
+                lines.append(f"pushed {image} -> {reg.ref(repo, tag)} in {time.monotonic() - t1:.1f}s")
         finally:
             reg.stop()
-        t2 = time.monotonic()
-        reg.garbage_collect()
-        lines.append(
-            f"registry: untagged manifests and unreferenced blobs dropped in {time.monotonic() - t2:.1f}s"
-        )
+        if pushed:
+            t2 = time.monotonic()
+            reg.garbage_collect()
+            lines.append(
+                f"registry: untagged manifests and unreferenced blobs dropped in {time.monotonic() - t2:.1f}s"
+            )
     return lines
 
 

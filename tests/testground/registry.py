@@ -26,6 +26,10 @@ from typing import Any
 from .cluster import binaries_dir
 from .procs import Proc, TestgroundError, free_port, start, stop, wait_for
 
+MANIFEST_TYPES = (
+    "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json"
+)
+
 
 def default_storage() -> Path:
     """Where pushed images are kept between sessions (beside the test binaries)."""
@@ -168,9 +172,10 @@ class Registry:
         status, _ = self._get("/v2/")
         return status == 200
 
-    def _get(self, path: str) -> tuple[int, Any]:
+    def _get(self, path: str, accept: str | None = None) -> tuple[int, Any]:
+        req = urllib.request.Request(self.url + path, headers={"Accept": accept} if accept else {})
         try:
-            with urllib.request.urlopen(self.url + path, timeout=5) as r:
+            with urllib.request.urlopen(req, timeout=5) as r:
                 body = r.read()
                 return r.status, json.loads(body) if body else None
         except urllib.error.HTTPError as e:
@@ -199,6 +204,20 @@ class Registry:
         if status != 200:
             raise TestgroundError(f"GET {self.url}/v2/{repository}/tags/list answered {status}")
         return sorted((body or {}).get("tags") or [])
+
+    def manifest(self, repository: str, tag: str) -> dict[str, Any] | None:
+        """The image manifest of repository:tag (Docker v2 schema 2 or OCI), None when absent."""
+        status, body = self._get(f"/v2/{repository}/manifests/{tag}", accept=MANIFEST_TYPES)
+        if status == 404:
+            return None
+        if status != 200:
+            raise TestgroundError(f"GET {self.url}/v2/{repository}/manifests/{tag} answered {status}")
+        return body
+
+    def config_digest(self, repository: str, tag: str) -> str | None:
+        """The digest of repository:tag's config blob (equal to the image ID buildah shows)."""
+        manifest = self.manifest(repository, tag)
+        return manifest["config"]["digest"] if manifest else None
 
     def has(self, repository: str, tag: str) -> bool:
         return tag in self.tags(repository)
