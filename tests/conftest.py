@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.testground.cluster import ControlPlane
+from tests.testground.images import app_version
+from tests.testground.node import PAUSE_IMAGE, RealNode
 from tests.testground.procs import wait_for
+from tests.testground.registry import Registry
 from tests.testground.s3 import SeaweedS3
 
 
@@ -31,6 +34,29 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
         yield cp
     finally:
         cp.stop()
+
+
+@pytest.fixture(scope="session")
+def registry(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """The registry `make images` pushed to, serving the real node at the host end of its veth."""
+    assert cluster.network is not None
+    reg = Registry(tmp_path_factory.mktemp("registry"), host=cluster.network.host_ip).start()
+    try:
+        for name in ("operator", "trainer"):
+            reg.require(f"kubetune/{name}", app_version())
+        reg.require(*PAUSE_IMAGE.split(":"))
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(scope="session")
+def real_node(cluster: ControlPlane, registry: Registry) -> RealNode:
+    """The cluster's real node (containerd + kubelet + kube-proxy + CoreDNS), started on first use;
+    `cluster` tears it down. Pods reach it with tests.testground.node.scheduling()."""
+    node = cluster.start_node(registry_port=registry.port)
+    print(f"\n[testground] real node {node.name} Ready in {node.startup_seconds:.1f}s")
+    return node
 
 
 _ns_counter = itertools.count()

@@ -27,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 STAGES = HERE / "stages.yaml"
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+FAKE_NODE_TAINT = {"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}
 SERVICE_CIDR = "10.0.0.0/24"
 POD_CIDR = "10.244.0.0/16"
 
@@ -111,6 +112,10 @@ class ControlPlane:
     # advertises the host end of it to pods (the `kubernetes` Service); the node itself starts on
     # demand (`start_node`).
     with_real_node: bool = True
+    # False (tests): the real node is tainted and the kwok nodes take every pod that does not ask
+    # for it. True (`make dev-cluster`): the kwok nodes carry kwok's recommended taint instead,
+    # so a plain manifest runs in real containers.
+    real_node_default: bool = False
     network: Network | None = None
     node: RealNode | None = None
 
@@ -167,6 +172,7 @@ class ControlPlane:
             kubeconfig=self.node_kubeconfig,
             ca_crt=self.pki.ca_crt,
             registry_port=registry_port,
+            tainted=not self.real_node_default,
         )
         node.start(self.kubectl)
         self.node = node
@@ -428,6 +434,9 @@ class ControlPlane:
 
     def _create_nodes(self) -> None:
         watch = list(self.procs.values())
+        if self.real_node_default:
+            for n in self.nodes:
+                n.setdefault("spec", {})["taints"] = [FAKE_NODE_TAINT]
         docs = "\n---\n".join(yaml.safe_dump(n) for n in self.nodes)
         self.kubectl("apply", "-f", "-", input=docs)
         names = [n["metadata"]["name"] for n in self.nodes]

@@ -24,6 +24,7 @@ through a hosts.toml mirror, the way kind documents local registries.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -36,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from .procs import Proc, TestgroundError, start, stop, wait_for
+from .procs import Proc, TestgroundError, pid_alive, start, stop_pid, wait_for
 
 NODE_NAME = "real-node-0"
 # Pods that must run for real carry this toleration and node selector; everything else keeps
@@ -260,6 +261,10 @@ class RealNode:
     registry_port: int | None = None
     name: str = NODE_NAME
     procs: dict[str, Proc] = field(default_factory=dict)
+    detached_pids: dict[str, int] = field(default_factory=dict)
+    # Tainted (the test session: only pods that ask land here) or not (the dev cluster, where
+    # the kwok nodes are tainted instead and every pod runs for real).
+    tainted: bool = True
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -291,13 +296,20 @@ class RealNode:
 
     def stop(self) -> None:
         """Stop everything and leave nothing: pods, containers, mounts, namespaces, cgroups."""
-        if "kubelet" in self.procs:
-            stop(self.procs.pop("kubelet"))
-        if "containerd" in self.procs and self.procs["containerd"].alive():
+        # Processes this object started, or (`make dev-cluster-down`) the pids a state file recorded.
+        pids = {name: p.pid for name, p in self.procs.items()} | self.detached_pids
+        if "kubelet" in pids:
+            stop_pid(pids.pop("kubelet"))
+        if "containerd" in pids and pid_alive(pids["containerd"]):
             # Stop and remove every pod sandbox through the CRI, so CNI DEL runs for each.
             self._crictl("rmp", "--all", "--force", check=False, timeout=120)
-        for name in reversed(list(self.procs)):
-            stop(self.procs.pop(name))
+        for name in reversed(list(pids)):
+            stop_pid(pids[name])
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=1)
+        self.procs.clear()
+        self.detached_pids = {}
         inode = self.mnt.inode()
         if inode is not None:
             # Shims and container processes outlive containerd by design: sweep the namespace.
@@ -314,6 +326,28 @@ class RealNode:
                 os.kill(pid, 9)
         self.mnt.delete()
         self.cgroups.delete()
+
+    def state(self) -> dict[str, Any]:
+        """What `from_state` needs to tear the node down from another process (dev cluster)."""
+        return {
+            "workdir": str(self.workdir),
+            "bin_dir": str(self.bin_dir),
+            "network": {"ident": self.network.ident, "subnet": self.network.subnet},
+            "kubeconfig": str(self.kubeconfig),
+            "ca_crt": str(self.ca_crt),
+            "pids": {name: p.pid for name, p in self.procs.items()},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> RealNode:
+        return cls(
+            Path(state["workdir"]),
+            Path(state["bin_dir"]),
+            Network(**state["network"]),
+            kubeconfig=Path(state["kubeconfig"]),
+            ca_crt=Path(state["ca_crt"]),
+            detached_pids=dict(state["pids"]),
+        )
 
     def leftovers(self) -> list[str]:
         """What a torn-down node left on the host (empty when the teardown is complete)."""
@@ -375,9 +409,29 @@ class RealNode:
     def _node_kubeconfig(self) -> str:
         return str(self.kubeconfig)
 
+    def _containerd_root(self) -> Path:
+        """containerd's image store, kept between sessions (the trainer image is ~5 GB to unpack).
+
+        A second node running at the same time (a dev cluster beside a test session) cannot share
+        it (containerd locks its metadata database), so that one gets a fresh store of its own.
+        """
+        cache = Path(os.environ.get("KUBETUNE_CACHE") or Path.home() / ".cache" / "kubetune")
+        shared = cache / "containerd" / self.bin_dir.name
+        db = shared / "io.containerd.metadata.v1.bolt" / "meta.db"
+        shared.mkdir(parents=True, exist_ok=True)
+        if not db.exists():
+            return shared
+        with open(db, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return self.workdir / "containerd" / "root"
+            fcntl.flock(f, fcntl.LOCK_UN)
+        return shared
+
     def _start_containerd(self) -> None:
         base = self.workdir / "containerd"
-        root, state = base / "root", base / "state"
+        root, state = self._containerd_root(), base / "state"
         cni_conf = self.workdir / "cni" / "net.d"
         certs = self.workdir / "certs.d"
         for d in (root, state, cni_conf, certs):
@@ -495,7 +549,7 @@ state = "{state}"
                     "resolvConf": "",  # pods see cluster DNS only, not the host's search domains
                     "failSwapOn": False,
                     "serializeImagePulls": False,
-                    "registerWithTaints": [REAL_NODE_TAINT],
+                    "registerWithTaints": [REAL_NODE_TAINT] if self.tainted else [],
                     # The development disk is shared with everything else: do not evict or GC
                     # the multi-GB trainer image because the host disk is busy.
                     "evictionHard": {

@@ -106,16 +106,16 @@ def stop_pid(pid: int, timeout: float = 5.0) -> None:
             os.kill(pid, sig)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 return
             time.sleep(0.05)
-    if _pid_alive(pid):
+    if pid_alive(pid):
         raise TestgroundError(
             f"process {pid} survived SIGKILL (is it stuck in the kernel? check `ps -o stat= {pid}`)"
         )
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         # Reap it if it is our child, so a zombie does not count as alive.
         done, _ = os.waitpid(pid, os.WNOHANG)
