@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import eventually
 from tests.integration.operator_support import (
@@ -145,3 +146,17 @@ def test_helm_install_namespaced_mode_and_the_operator_runs_with_only_its_roles(
     helm(cluster, "uninstall", "kt", "--namespace", release_ns, "--wait")
     assert cluster.kubectl("get", "role", "kt-kubetune", namespace=namespace, check=False).returncode != 0
     assert cluster.kubectl("get", "crd", "finetunejobs.kubetune.io").returncode == 0
+
+
+def test_helm_template_renders_the_chart_offline() -> None:
+    """`helm template` (no cluster) checks kubeVersion against the version helm was built for: a
+    helm built without its version ldflags says v1.20 and refuses the chart (>= 1.30)."""
+    res = subprocess.run(
+        [str(binaries_dir() / "helm"), "template", "kt", str(CHART)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    kinds = {doc["kind"] for doc in yaml.safe_load_all(res.stdout) if doc}
+    assert {"Deployment", "ServiceAccount", "ClusterRole"} <= kinds

@@ -159,9 +159,11 @@ class MountNamespace:
     """A persistent, private mount namespace (a bind-mounted nsfs file), with tmpfs on /run and
     /var/log inside so containerd's and the kubelet's fixed paths there stay in the node."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, binds: dict[str, Path] | None = None) -> None:
         self.dir = workdir / "mntns"
         self.file = self.dir / "mnt"
+        # Host directories shown at short paths inside (unix sockets live under them: 108 bytes at most).
+        self.binds = binds or {}
 
     def create(self) -> MountNamespace:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -175,6 +177,9 @@ class MountNamespace:
             "mount --make-rshared / && mount -t tmpfs -o mode=755 tmpfs /run && "
             "mount -t tmpfs -o mode=755 tmpfs /var/log && mkdir -p /run/containerd /var/log/pods /var/log/containers"
         )
+        for inside, host in self.binds.items():
+            host.mkdir(parents=True, exist_ok=True)
+            script += f" && mkdir -p {inside} && mount --bind {host} {inside}"
         run(self.enter(["sh", "-c", script]))
         return self
 
@@ -269,9 +274,12 @@ class RealNode:
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
         self.logs = self.workdir / "logs"
-        self.mnt = MountNamespace(self.workdir)
+        # The kubelet's root dir, where pod volumes live, is on disk in workdir but appears at a
+        # short path in the node (it creates unix sockets below it).
+        self.kubelet_root = "/run/kubetune/kubelet"
+        self.mnt = MountNamespace(self.workdir, binds={self.kubelet_root: self.workdir / "kubelet"})
         self.cgroups = Cgroups(f"kubetune-{self.network.ident}")
-        self.containerd_sock = self.workdir / "containerd" / "state" / "containerd.sock"
+        self.containerd_sock = "/run/containerd/containerd.sock"  # in the node's own /run
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -520,9 +528,7 @@ state = "{state}"
         wait_for(up, what="containerd's CRI to answer", timeout=60, watch=[proc], interval=0.3)
 
     def _start_kubelet(self) -> None:
-        root = self.workdir / "kubelet"
-        root.mkdir(parents=True, exist_ok=True)
-        config = root / "config.yaml"
+        config = self.workdir / "kubelet.yaml"
         config.write_text(
             yaml.safe_dump(
                 {
@@ -573,7 +579,7 @@ state = "{state}"
                 self._bin("kubelet"),
                 f"--config={config}",
                 f"--kubeconfig={self._node_kubeconfig()}",
-                f"--root-dir={root}",
+                f"--root-dir={self.kubelet_root}",
                 f"--hostname-override={self.name}",
                 f"--node-ip={self.network.node_ip}",
                 f"--node-labels={REAL_NODE_LABEL}=true,type=real",
