@@ -29,8 +29,8 @@ from typing import Any
 import yaml
 
 from .cluster import REPO
-from .procs import TestgroundError, free_port, port_is_free, stop_pid
-from .registry import Registry, default_storage
+from .procs import TestgroundError, free_port, stop_pid
+from .registry import Registry, default_storage, port_free_on
 
 NAMES = ("operator", "trainer")
 
@@ -325,7 +325,7 @@ def push_port(storage: Path) -> int:
     address an image whose dependency layer did not change sends only its new layers.
     """
     port = 20000 + zlib.crc32(str(storage).encode()) % 10000
-    return port if port_is_free(port) else free_port()
+    return port if port_free_on("127.0.0.1", port) else free_port()
 
 
 def push(images: list[str], *, host: str = "127.0.0.1") -> list[str]:

@@ -41,8 +41,11 @@ def registry_binary() -> Path:
     return binaries_dir() / "registry"
 
 
-def _port_free_on(host: str, port: int) -> bool:
+def port_free_on(host: str, port: int) -> bool:
+    """Whether the registry can listen on host:port (it binds as Go does, with SO_REUSEADDR:
+    connections of an earlier run in TIME_WAIT do not block the port)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -111,7 +114,7 @@ class Registry:
         self.storage.mkdir(parents=True, exist_ok=True)
         if self.port == 0:
             self.port = free_port()
-        if not _port_free_on(self.host or "0.0.0.0", self.port):
+        if not port_free_on(self.host or "0.0.0.0", self.port):
             raise TestgroundError(
                 f"port {self.port} on {self.host}, needed by the registry, is taken: "
                 f"find the process with `ss -ltnp 'sport = :{self.port}'`, or pass port=0."
