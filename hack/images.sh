@@ -119,6 +119,7 @@ ensure_base_images() {
 
 # ---- the images -----------------------------------------------------------------------------
 check_host() {
+  [[ $(id -u) -eq 0 ]] || die "make images runs buildah and debootstrap as root (like the test node); run it as root."
   hack/host-packages.sh || die "host packages missing (see above)."
   command -v buildah >/dev/null || die "buildah is missing: run hack/host-packages.sh (or apt-get install buildah)."
 }
