@@ -101,10 +101,12 @@ def world(
     values_file = tmp_path_factory.mktemp("helm") / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))
     t0 = time.monotonic()
+    # Released as `kubetune`, as docs/operations.md does: a Service kubetune-metrics then exists,
+    # whose link env vars once crashed the operator (KUBETUNE_METRICS_PORT=tcp://...).
     helm(
         cluster,
         "install",
-        "kt",
+        "kubetune",
         str(CHART),
         "-n",
         release_ns,
@@ -119,7 +121,7 @@ def world(
         yield {"ns": ns, "release_ns": release_ns, "bucket": bucket, "s3": s3, "endpoint": endpoint}
     finally:
         operator_log = cluster.kubectl(
-            "logs", "deploy/kt-kubetune", "--tail=200", namespace=release_ns, check=False
+            "logs", "deploy/kubetune", "--tail=200", namespace=release_ns, check=False
         ).stdout
         print(f"\n[e2e] operator log (tail):\n{operator_log[-6000:]}")
         subprocess.run(
@@ -128,7 +130,7 @@ def world(
                 "--kubeconfig",
                 str(cluster.kubeconfig),
                 "uninstall",
-                "kt",
+                "kubetune",
                 "-n",
                 release_ns,
             ],

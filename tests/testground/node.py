@@ -311,6 +311,7 @@ class RealNode:
         if "containerd" in pids and pid_alive(pids["containerd"]):
             # Stop and remove every pod sandbox through the CRI, so CNI DEL runs for each.
             self._crictl("rmp", "--all", "--force", check=False, timeout=120)
+            self._prune_images()
         for name in reversed(list(pids)):
             stop_pid(pids[name])
         for proc in self.procs.values():
@@ -335,6 +336,23 @@ class RealNode:
         self.mnt.delete()
         self.cgroups.delete()
 
+    def _prune_images(self) -> None:
+        """Keep in the shared image store only what this node pulled from its registry by name.
+
+        Rebuilt images leave their old versions behind (the tag moved on), and so do names from
+        other sessions' registry ports: without this the store grows by GBs per trainer rebuild.
+        """
+        if self.registry_port is None:
+            return
+        res = self._crictl("images", "--output=json", check=False)
+        if res.returncode != 0:
+            return
+        current = f"localhost:{self.registry_port}/"
+        for image in json.loads(res.stdout).get("images", []):
+            tags = image.get("repoTags") or []
+            if not any(t.startswith(current) for t in tags):
+                self._crictl("rmi", image["id"], check=False, timeout=120)
+
     def state(self) -> dict[str, Any]:
         """What `from_state` needs to tear the node down from another process (dev cluster)."""
         return {
@@ -343,6 +361,7 @@ class RealNode:
             "network": {"ident": self.network.ident, "subnet": self.network.subnet},
             "kubeconfig": str(self.kubeconfig),
             "ca_crt": str(self.ca_crt),
+            "registry_port": self.registry_port,
             "pids": {name: p.pid for name, p in self.procs.items()},
         }
 
@@ -354,6 +373,7 @@ class RealNode:
             Network(**state["network"]),
             kubeconfig=Path(state["kubeconfig"]),
             ca_crt=Path(state["ca_crt"]),
+            registry_port=state.get("registry_port"),
             detached_pids=dict(state["pids"]),
         )
 

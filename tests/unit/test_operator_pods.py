@@ -213,3 +213,15 @@ def test_nodes_wait_for_each_other_longer_than_torchs_default() -> None:
     assert SETTINGS.rendezvous_timeout_seconds == 1800
     env = [e["name"] for e in c["env"]]
     assert "NODE_RANK" in env
+
+
+@pytest.mark.parametrize("shape", sorted(rendered_pods()))
+def test_no_service_link_env_vars_shadow_the_pods_settings(shape: str) -> None:
+    """A Service named kubetune-metrics would inject KUBETUNE_METRICS_PORT=tcp://... (seen on the
+    real node: the operator, released as `kubetune`, crashed parsing it)."""
+    assert rendered_pods()[shape]["enableServiceLinks"] is False
+
+
+def test_the_charts_operator_pod_gets_no_service_link_env_vars() -> None:
+    deployment = (REPO / "charts" / "kubetune" / "templates" / "deployment.yaml").read_text()
+    assert "enableServiceLinks: false" in deployment

@@ -335,6 +335,8 @@ def deployment(adep: Body, adapters: list[ResolvedAdapter], settings: Settings) 
         volumes.append({"name": "models", "emptyDir": {}})
     pod_spec: Body = {
         "automountServiceAccountToken": False,
+        # Services in the namespace would otherwise inject KUBETUNE_*_PORT=tcp://... env vars.
+        "enableServiceLinks": False,
         "securityContext": podspec.pod_security_context(),
         "initContainers": init_containers,
         "containers": [main, *sidecars],

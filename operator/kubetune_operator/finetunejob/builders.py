@@ -251,6 +251,8 @@ def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds:
         "serviceAccountName": n.service_account,
         # Only the trainer's own projected token is mounted (below), with a bounded lifetime.
         "automountServiceAccountToken": False,
+        # Services in the namespace would otherwise inject KUBETUNE_*_PORT=tcp://... env vars.
+        "enableServiceLinks": False,
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,
         "securityContext": podspec.pod_security_context(),
         "containers": [container],
