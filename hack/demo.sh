@@ -67,7 +67,7 @@ step "4/6 fine-tune: two CPU pods train a LoRA adapter (watch it yourself with: 
 kubectl delete ftj cpu-tiny-lora --ignore-not-found --wait=true >/dev/null  # a re-run starts afresh
 run kubectl apply -f examples/cpu-tiny-lora.yaml
 echo "\$ kubectl get ftj cpu-tiny-lora -w"
-kubectl get ftj cpu-tiny-lora | head -1
+kubectl get ftj cpu-tiny-lora | sed -n 1p  # the header (sed reads on: head would SIGPIPE kubectl)
 last="" phase=""
 deadline=$((SECONDS + 1200))
 while [[ $phase != Succeeded ]]; do
