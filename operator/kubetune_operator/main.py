@@ -188,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.verbose:
         # kopf reports every handler call at INFO; ours only queue work, so that is noise.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        # One line per kubelet probe (every 10 s, twice) would bury everything else in the pod log.
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     namespaces = args.namespaces or [
         n.strip() for n in os.environ.get("KUBETUNE_WATCH_NAMESPACES", "").split(",") if n.strip()
     ]

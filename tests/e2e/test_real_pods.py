@@ -228,6 +228,9 @@ def test_two_trainer_pods_rendezvous_through_dns_and_upload_the_adapter(
     }
     assert f"runs/{ns}/codewords/{uid}/final/adapter_model.safetensors" in keys
     assert any("/checkpoints/checkpoint-120/" in k for k in keys), sorted(keys)[:20]
+    # The operator pod's log says what it did, not every kubelet probe.
+    operator_log = cluster.kubectl("logs", "deploy/kubetune", namespace=world["release_ns"]).stdout
+    assert "codewords: Running -> Succeeded" in operator_log and "kube-probe" not in operator_log
 
 
 def container_pid(node: RealNode, pod: dict) -> int:
