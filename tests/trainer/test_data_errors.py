@@ -127,10 +127,15 @@ def test_unknown_format_from_keys(tokenizer, tmp_path):
     assert '{"prompt": ..., "completion": ...}' in err.fix
 
 
-def test_sharegpt_keys_get_a_specific_hint(tokenizer, tmp_path):
+def test_sharegpt_unknown_role_names_file_line_and_role(tokenizer, tmp_path):
+    good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    bad = {"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "hello"}]}
     path = tmp_path / "sharegpt.jsonl"
-    path.write_text(lines({"conversations": [{"from": "human", "value": "hi"}]}))
-    assert 'rename "conversations" to "messages"' in data_error(tokenizer, path).fix
+    path.write_text(lines(good, bad))
+    err = data_error(tokenizer, path)
+    assert "sharegpt.jsonl, line 2, field 'conversations[1].from': unknown role 'bot'" in str(err)
+    assert (err.line, err.field) == (2, "conversations[1].from")
+    assert "'human'" in err.fix and "'gpt'" in err.fix and "messages with role/content" in err.fix
 
 
 def test_unknown_format_name(tmp_path):

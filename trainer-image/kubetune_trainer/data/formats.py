@@ -5,6 +5,7 @@ Four formats, told apart by the keys of the first record (docs/data.md):
 - text:        {"text": "..."}                                         loss on every token
 - instruction: {"instruction": "...", "input": "..."?, "output": "..."} loss on the output only
 - chat:        {"messages": [{"role": "...", "content": "..."}, ...]}   loss on assistant turns only
+               or ShareGPT: {"conversations": [{"from": "human", "value": "..."}, ...], "system": "..."?}
 - completion:  {"prompt": "...", "completion": "..."}                   loss on the completion only
 
 Rendering turns an example into text *segments*, each marked trainable or not; tokenize.py turns
@@ -27,6 +28,7 @@ ROLES = ("system", "user", "assistant")
 # Detection order matters only for records that carry the keys of several formats.
 _DETECT_KEYS: tuple[tuple[str, str], ...] = (
     ("messages", "chat"),
+    ("conversations", "chat"),  # ShareGPT
     ("instruction", "instruction"),
     ("prompt", "completion"),
     ("text", "text"),
@@ -81,8 +83,6 @@ def detect_format(record: Record) -> Format:
             return fmt  # type: ignore[return-value]
     keys = ", ".join(sorted(record.data)) or "(none)"
     fix = f"give each record the keys of {_FORMAT_HELP}, or set the format explicitly"
-    if "conversations" in record.data:
-        fix = 'rename "conversations" to "messages" with {"role", "content"} entries (ShareGPT from/value is not read)'
     raise record.error(None, f"cannot tell the data format from the keys of the first record ({keys})", fix)
 
 
@@ -105,7 +105,7 @@ _ALIASES = {
     "output": ("response", "answer", "target"),
     "completion": ("response", "answer", "target"),
     "instruction": ("question", "query"),
-    "messages": ("conversations", "conversation", "dialog"),
+    "messages": ("conversation", "dialog"),
 }
 
 
@@ -141,6 +141,8 @@ def validate(record: Record, fmt: Format, *, require_response: bool = True) -> d
             out["completion"] = _string(record, "completion", _require(record, "completion", fmt))
         return out
     if fmt == "chat":
+        if "messages" not in d and "conversations" in d:
+            return {"messages": _sharegpt_messages(record)}
         return {"messages": _messages(record, _require(record, "messages", fmt))}
     raise ValueError(f"unknown format {fmt!r}")
 
@@ -171,6 +173,64 @@ def _messages(record: Record, value: Any) -> list[dict[str, str]]:
                 f"{where}.role", f"unknown role '{role}'", f"use one of {', '.join(repr(r) for r in ROLES)}"
             )
         out.append({"role": role, "content": _string(record, f"{where}.content", msg["content"])})
+    return out
+
+
+# ShareGPT speaker names (the "from" of a turn) -> chat roles, as Axolotl and LLaMA-Factory read them.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+}
+
+
+def _sharegpt_messages(record: Record) -> list[dict[str, str]]:
+    """ShareGPT ``conversations`` (plus an optional top-level ``system``) as chat messages."""
+    value = record.data["conversations"]
+    if not isinstance(value, list):
+        fix = 'make "conversations" an array of {"from": ..., "value": ...} objects'
+        if record.unit == "row" or isinstance(value, str):
+            fix += " (chat data must be JSON or JSON Lines: a CSV cell cannot hold a list)"
+        raise record.error("conversations", f"expected an array, got {json_type(value)}", fix)
+    if not value:
+        raise record.error("conversations", "is an empty array", "add at least a human and a gpt turn")
+    out = []
+    for j, turn in enumerate(value):
+        where = f"conversations[{j}]"
+        if not isinstance(turn, dict):
+            raise record.error(
+                where,
+                f"expected an object, got {json_type(turn)}",
+                'write each turn as {"from": ..., "value": ...}',
+            )
+        for key in ("from", "value"):
+            if key not in turn:
+                raise record.error(
+                    f"{where}.{key}", f"missing field '{key}'", 'give each ShareGPT turn "from" and "value"'
+                )
+        speaker = _string(record, f"{where}.from", turn["from"])
+        role = SHAREGPT_ROLES.get(speaker.strip().lower())
+        if role is None:
+            known = ", ".join(repr(r) for r in SHAREGPT_ROLES)
+            raise record.error(
+                f"{where}.from",
+                f"unknown role '{speaker}'",
+                f"use one of {known} (human/user -> user, gpt/assistant/model -> assistant), "
+                "or convert the file to messages with role/content yourself",
+            )
+        out.append({"role": role, "content": _string(record, f"{where}.value", turn["value"])})
+    system = _string(record, "system", record.data.get("system"), optional=True)
+    if system.strip():
+        if out[0]["role"] == "system":
+            raise record.error(
+                "system",
+                'a system prompt both in the top-level "system" field and as the first turn',
+                'keep one of them: remove "system" or the first {"from": "system"} turn',
+            )
+        out.insert(0, {"role": "system", "content": system})
     return out
 
 
