@@ -53,6 +53,9 @@ def _config(tiny_model_dir: Path, task_files: dict[str, Path], out: Path, **kw) 
         "progress_bar": False,
         "resume": "never",
         "seed": 0,
+        # These tests compare logits with fp32 reloads at fp32 tolerances; auto would pick bf16 on
+        # CPUs with AMX / AVX-512 BF16 (test_precision.py covers that).
+        "precision": "fp32",
     }
     return FinetuningConfig(**{**base, **kw})
 

@@ -97,8 +97,11 @@ def test_apply_method_freezes_the_base_for_peft_and_not_for_full(tiny_model_dir:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
-def test_cpu_precision_and_hardware_checks() -> None:
-    assert resolve_precision(_cfg()) == "fp32"
+def test_cpu_precision_and_hardware_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetune_trainer import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_features", lambda: frozenset())  # a CPU without bf16 units
+    assert resolve_precision(_cfg()) == "fp32"  # test_precision.py: CPUs with AMX / AVX-512 BF16
     assert resolve_precision(_cfg(precision="bf16")) == "bf16"  # bf16 autocast works on CPU
     with pytest.raises(UnsupportedHardwareError, match=r"fp16.*needs a CUDA GPU"):
         resolve_precision(_cfg(precision="fp16"))

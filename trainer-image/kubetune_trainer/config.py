@@ -310,7 +310,9 @@ class FinetuningConfig(_Strict):
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0 = off)")
     optim: str = Field("adamw_torch", description="transformers optimizer name")
     precision: Precision = Field(
-        "auto", description="auto: bf16 on GPUs that support it, fp16 on others, fp32 on CPU"
+        "auto",
+        description="auto: bf16 on GPUs that support it (fp16 on older GPUs) and on CPUs that compute it "
+        "natively (AMX or AVX-512 BF16), fp32 on other CPUs",
     )
     seed: int = 42
     gradient_checkpointing: bool = False

@@ -55,8 +55,10 @@ def check_supported(config: FinetuningConfig) -> None:
 
 
 def resolve_precision(config: FinetuningConfig) -> ResolvedPrecision:
-    """``auto``: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    """``auto``: see :func:`kubetune_trainer.precision.auto_precision` (shared with the server)."""
     import torch
+
+    from .precision import auto_precision
 
     if config.precision != "auto":
         if config.precision == "fp16" and not torch.cuda.is_available():
@@ -65,9 +67,7 @@ def resolve_precision(config: FinetuningConfig) -> ResolvedPrecision:
                 "use precision 'auto' or 'fp32' on CPU"
             )
         return config.precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    return auto_precision("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _torch_dtype(precision: str) -> torch.dtype:

@@ -299,7 +299,9 @@ class Hyperparameters(ApiModel):
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="Gradient clipping norm (0 = off).")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto: bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."
+        "auto",
+        description="auto: bf16 where the GPU supports it (fp16 on older GPUs) and on CPUs that compute it "
+        "natively (AMX or AVX-512 BF16), fp32 on other CPUs.",
     )
     seed: int = Field(
         42, ge=0, le=4294967295, description="Random seed (data order, initialization, splits)."

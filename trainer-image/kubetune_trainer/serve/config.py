@@ -74,7 +74,12 @@ class ServerConfig(BaseModel):
         ge=2,
         description="prompt + completion token limit; default: the model's max_position_embeddings",
     )
-    dtype: DType = Field("auto", description="auto: bfloat16 on GPUs that support it, float32 on CPU")
+    dtype: DType = Field(
+        "auto",
+        description="auto: bfloat16 on GPUs that support it (float16 on older GPUs) and on CPUs that "
+        "compute it natively (AMX or AVX-512 BF16), float32 on other CPUs; the same rule as training's "
+        "precision: auto",
+    )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     scheduling: Scheduling = Field(
         "mixed",

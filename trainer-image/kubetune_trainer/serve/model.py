@@ -51,11 +51,12 @@ def available_cpus() -> int:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: the precision training's ``precision: auto`` picks on this device."""
     if dtype != "auto":
         return _DTYPES[dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    from kubetune_trainer.precision import auto_precision
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[auto_precision(device.type)]
 
 
 class LoadedModel:
