@@ -46,7 +46,7 @@ from kubetune_trainer.methods import (
 
 if TYPE_CHECKING:  # the data package imports tokenizers; loaded when first used
     from kubetune_trainer.data import DataSource
-    from kubetune_trainer.data.options import SourceFormat
+    from kubetune_trainer.data.options import Dedupe, SourceFormat
 
 log = logging.getLogger(__name__)
 
@@ -438,50 +438,79 @@ class ModelFinetuner:
     # ------------------------------------------------------------------------- evaluation
 
     def evaluate(self) -> dict[str, Any]:
-        """Metrics on the validation data: eval_loss, perplexity and the configured metrics."""
+        """Metrics on the validation data: eval_loss, perplexity and the configured metrics.
+
+        Works after train(), and before it (a baseline after load_model()) or on a saved model
+        (after load_finetuned_model()) when the config has validation_file or validation_split.
+        The validation set is built by the same pipeline as train()'s, so the numbers compare.
+        """
         self._require_model()
-        if self.trainer is None:
-            raise RuntimeError(
-                "evaluate() needs validation data from a train() run; use test(data) otherwise"
-            )
-        if self.trainer.eval_dataset is None:
+        if self.trainer is not None and self.trainer.eval_dataset is not None:
+            metrics = self.trainer.evaluate()
+            self.eval_metrics = _clean(metrics, self.trainer.last_extra_metrics, "eval")
+            return self.eval_metrics
+        cfg = self.config
+        if self.trainer is None and cfg.validation_file:
+            # Read, checked, tokenised and deduplicated as train() reads its validation_file.
+            view: Any = _TestView(self._prepare_eval_file(None, cfg.validation_file, cfg.dedupe))
+            dataset = view.dataset
+        elif self.trainer is None and cfg.validation_split is not None:
+            # Held out from the training files exactly as train() holds it out (same seed, same hash).
+            view = self.prepare_data()
+            dataset = view.validation
+        else:
             raise ConfigError("no validation data: set validation_file or validation_split")
-        metrics = self.trainer.evaluate()
-        self.eval_metrics = _clean(metrics, self.trainer.last_extra_metrics, "eval")
+        self.eval_metrics = self._evaluate_on(view, dataset, "eval")
         return self.eval_metrics
 
     def test(self, data: DataInput = None) -> dict[str, Any]:
-        """Metrics on held-out data (a file or a list of records; default: test_file)."""
-        from transformers import PrinterCallback
+        """Metrics on held-out data (a file or a list of records; default: test_file).
 
-        from kubetune_trainer.data import DataOptions, DataSource, make_collator, prepare_datasets
-        from kubetune_trainer.training import KubetuneTrainer
-
+        Works on any loaded model: the base (load_model()), a trained one, or a saved one.
+        """
         self._require_model()
         cfg = self.config
         if data is None and not cfg.test_file:
             raise ConfigError("no test data: pass test(data) or set test_file")
+        view = _TestView(self._prepare_eval_file(data, cfg.test_file))
+        self.test_metrics = self._evaluate_on(view, view.dataset, "test")
+        return self.test_metrics
+
+    def _prepare_eval_file(self, data: DataInput, configured: str | None, dedupe: Dedupe = "none") -> Any:
+        """One evaluation file (or list of records) through the training data pipeline."""
+        from kubetune_trainer.data import DataOptions, DataSource, prepare_datasets
+
+        cfg = self.config
         scratch = Path(cfg.output_dir) / ".data"
         if data is not None:
             source = DataSource(_materialise(data, scratch, "test"), cfg.data_format)
         else:
-            with _local_main_first(self.dist):  # s3:// test data: one download per node
-                local = _local_source(cfg.test_file, scratch, self.dist, cfg.data_format)
-            assert local is not None  # test_file is set (checked above)
+            with _local_main_first(self.dist):  # s3:// data: one download per node
+                local = _local_source(configured, scratch, self.dist, cfg.data_format)
+            assert local is not None  # the caller checked that a file is configured
             source = local
-        prepared = prepare_datasets(
+        # The file goes in as "train" of its own PreparedData; _TestView presents it to the eval hook.
+        return prepare_datasets(
             self.tokenizer,
             [source],
             DataOptions(
                 max_seq_length=cfg.max_seq_length,
-                dedupe="none",
+                dedupe=dedupe,
                 seed=cfg.seed,
                 drop_too_long=cfg.drop_too_long,
             ),
         )
+
+    def _evaluate_on(self, data: Any, dataset: Any, prefix: str) -> dict[str, Any]:
+        """Evaluate ``dataset``; the eval hook reads generation examples from ``data``."""
+        from transformers import PrinterCallback
+
+        from kubetune_trainer.data import make_collator
+        from kubetune_trainer.training import KubetuneTrainer
+
+        cfg = self.config
         previous = self.data
-        # The test set goes in as "train" of its own PreparedData; the eval hook reads it as "test".
-        self.data = _TestView(prepared)
+        self.data = data
         try:
             trainer = self.trainer
             if trainer is None:
@@ -497,12 +526,12 @@ class ModelFinetuner:
                     processing_class=self.tokenizer,
                     eval_hook=self._eval_hook,
                 )
-                trainer.remove_callback(PrinterCallback)  # test() returns its metrics; no raw dict on stdout
-            metrics = trainer.evaluate(eval_dataset=prepared.train, metric_key_prefix="test")
-            self.test_metrics = _clean(metrics, trainer.last_extra_metrics, "test")
+                trainer.remove_callback(PrinterCallback)  # the metrics are returned; no raw dict on stdout
+            metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=prefix)
+            return _clean(metrics, trainer.last_extra_metrics, prefix)
         finally:
-            self.data = previous
-        return self.test_metrics
+            # A validation split prepared for a baseline stays (train() prepares its own anyway).
+            self.data = previous if isinstance(data, _TestView) else data
 
     def score(self, prompt: str, reference: str) -> tuple[float, int]:
         """(sum of token NLLs, number of tokens) of ``reference`` after ``prompt`` — for perplexity."""
@@ -756,10 +785,12 @@ def run_training(config: FinetuningConfig) -> TrainingResult:
 
 
 class _TestView:
-    """Presents a PreparedData whose train split is test data, for the evaluation hook."""
+    """Presents a PreparedData whose train split is evaluation data (test or validation file),
+    for the evaluation hook, which asks for the split by name."""
 
     def __init__(self, prepared: Any):
         self._prepared = prepared
+        self.dataset = prepared.train
         self.fingerprints = prepared.fingerprints
 
     def eval_examples(self, split: str = "test") -> list[dict[str, Any]]:

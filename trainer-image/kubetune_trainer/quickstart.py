@@ -83,11 +83,13 @@ def _say(msg: str = "") -> None:
 
 
 def _table(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Test metrics (test()) and the validation loss (evaluate()), before and after training."""
     rows = [
         ("exact match", "test_exact_match", "{:.2f}"),
         ("token F1", "test_token_f1", "{:.2f}"),
         ("loss", "test_loss", "{:.3f}"),
         ("perplexity", "test_perplexity", "{:.1f}"),
+        ("validation loss", "eval_loss", "{:.3f}"),
     ]
     lines = [f"  {'held-out metric':<16}{'before':>10}{'after':>10}"]
     for label, key, fmt in rows:
@@ -165,9 +167,12 @@ def run_quickstart(
     ft = ModelFinetuner(config)
     ft.load_model()
 
-    _say("[3/5] Before fine-tuning, on the held-out test examples:")
-    before = ft.test(test_rows)
-    _say(f"      exact match {before['test_exact_match']:.2f}, token F1 {before['test_token_f1']:.2f}")
+    _say("[3/5] Before fine-tuning, on the held-out test examples and the validation set:")
+    before = {**ft.test(test_rows), **ft.evaluate()}  # the public API: test(data), evaluate()
+    _say(
+        f"      exact match {before['test_exact_match']:.2f}, token F1 {before['test_token_f1']:.2f}, "
+        f"validation loss {before['eval_loss']:.3f}"
+    )
     probe = {"instruction": INSTRUCTION, "input": test_rows[0]["input"]}
     _say(f"      {probe['input']!r} -> {ft.generate(probe, max_new_tokens=16, temperature=0)!r}\n")
 
@@ -181,8 +186,8 @@ def run_quickstart(
     out = ft.save_model()
     _say(f"      trained in {train_s:.0f} s; adapter saved to {out}\n")
 
-    _say("[5/5] After fine-tuning, on the same held-out examples:")
-    after = ft.test(test_rows)
+    _say("[5/5] After fine-tuning, on the same held-out examples and validation set:")
+    after = {**ft.test(test_rows), **ft.evaluate()}
     _say(_table(before, after))
     _say("")
     for row in test_rows[:3]:
