@@ -141,8 +141,9 @@ def test_end_to_end_training_on_sharegpt(tiny_model_dir, tmp_path):
         output_dir=str(tmp_path / "out"),
         train_file=str(train),
         validation_split=0.25,
+        precision="fp32",
         method="lora",
-        max_steps=6,
+        max_steps=12,
         per_device_train_batch_size=4,
         learning_rate=3e-3,
         logging_steps=1,
@@ -153,13 +154,18 @@ def test_end_to_end_training_on_sharegpt(tiny_model_dir, tmp_path):
     ft = ModelFinetuner(cfg)
     try:
         ft.load_model()
+        before = ft.evaluate()
         ft.train()
-        metrics = ft.evaluate()
+        after = ft.evaluate()
         out = ft.save_model()
     finally:
         ft.close()
     assert ft.data.stats.sources[0].format == "chat"
-    assert metrics["eval_loss"] > 0
+    assert ft.data.stats.train_examples + ft.data.stats.validation_examples == len(rows)
+    # The model learned something from the gpt turns.
+    losses = [h["loss"] for h in ft.trainer.state.log_history if "loss" in h]
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    assert after["eval_loss"] < before["eval_loss"]
     assert (out / "adapter_model.safetensors").is_file()
     reply = ft.generate(
         [{"role": "system", "content": "You repeat the colour twice."}, {"role": "user", "content": "red"}],
