@@ -91,7 +91,8 @@ class DataSource(ApiModel):
     )
     format: DataFormat = Field(
         "auto",
-        description="Record layout: text {text}, instruction {instruction, input, output}, chat {messages}, "
+        description="Record layout: text {text}, instruction {instruction, input, output}, chat {messages} "
+        "or ShareGPT {conversations}, "
         "completion {prompt, completion}; auto: detected from the records' keys.",
     )
 
