@@ -40,7 +40,14 @@ examples, so for T the script uses T_eff = E[s²]/E[s] over the tokenized exampl
 s tokens costs 12·L·H·Q·s² for attention, i.e. 12·L·H·Q·s per token). Padding, the
 cross-example attention of packed sdpa rows and activation recomputation are not counted:
 they are not model FLOPs. Achieved TFLOPS = FLOPs/token x real tokens/s; MFU divides that by
-``--peak-tflops`` (default on CUDA: 989, H100 SXM bf16 dense; on CPU only with that flag).
+the peak of the run's precision: ``--peak-tflops`` where given (default on CUDA: 989, H100 SXM bf16 dense); on CPU the
+peak this machine measures in the same run, the best of several large square ``torch.matmul``
+(sizes 1024-4096, the threads the training runs use) in bf16 and in fp32 -- what the CPU's
+matmul units (AMX, AVX-512) deliver, not a datasheet figure.
+
+Runs use ``precision: auto`` (bf16 on GPUs and on CPUs with AMX or AVX-512 BF16); where that
+is not fp32, the baseline and kubetune also run in fp32 (``baseline-fp32``, ``kubetune-fp32``);
+each run's ratio is against the baseline in its own precision.
 
     .venv/bin/python bench/train_throughput/run.py                      # CPU, small model
     .venv/bin/python bench/train_throughput/run.py --preset gpu-1b      # CUDA, ~1B parameters
@@ -134,6 +141,48 @@ def lora_flops_per_token(model: Any, lengths: list[int], lora_r: int = LORA_R) -
         "flops_per_token": 4 * n_matmul + 6 * n_lora + attention,
         "attention_flops_per_token": attention,
     }
+
+
+PEAK_SIZES = (1024, 2048, 4096)
+
+
+def measure_matmul_peak(dtype: Any, sizes: tuple[int, ...] = PEAK_SIZES, repeats: int = 5) -> dict[str, Any]:
+    """This machine's dense matmul rate in ``dtype``: best of ``repeats`` timings per size, best size.
+
+    ``2·n³`` FLOPs per ``n x n`` product; the calls run back to back (enough of them for ~0.2 s)
+    after one untimed warm-up call, on the device the training runs use, with torch's current
+    thread count (the one the training runs in this process get).
+    """
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    per_size: dict[int, float] = {}
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for n in sizes:
+        a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        torch.matmul(a, b)  # warm-up: kernel selection, AMX tile set-up, page faults
+        sync()
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        sync()
+        calls = max(1, min(50, int(0.2 / max(time.perf_counter() - t0, 1e-6))))
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                torch.matmul(a, b)
+            sync()
+            best = min(best, (time.perf_counter() - t0) / calls)
+        per_size[n] = 2 * n**3 / best / 1e12
+        del a, b
+    size = max(per_size, key=lambda k: per_size[k])
+    return {"tflops": per_size[size], "size": size, "per_size": per_size, "threads": torch.get_num_threads()}
 
 
 def _timing_callback(warmup: int):
@@ -295,13 +344,15 @@ def main(argv: list[str] | None = None) -> int:
         "--peak-tflops",
         type=float,
         default=None,
-        help="accelerator peak (bf16 dense) for MFU; default 989 (H100 SXM) on CUDA, no MFU on CPU",
+        help="accelerator peak (bf16 dense) for MFU; default 989 (H100 SXM) on CUDA, "
+        "on CPU the bf16 and fp32 matmul peaks measured in the same run",
     )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
 
     import torch
 
+    from kubetune_trainer.precision import auto_precision
     from kubetune_trainer.tiny_model import make_tiny_model
 
     cuda = torch.cuda.is_available()
@@ -309,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     p = dict(PRESETS[preset])
     if args.steps:
         p["steps"] = args.steps
-    precision = "bf16" if cuda else "fp32"
+    precision = auto_precision("cuda" if cuda else "cpu")  # what precision: auto trains in here
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     with tempfile.TemporaryDirectory(prefix="kt-bench-train-") as tmp:
         work = Path(tmp)
         model_dir = make_tiny_model(
@@ -331,7 +383,18 @@ def main(argv: list[str] | None = None) -> int:
             AutoModelForCausalLM.from_pretrained(model_dir), example_lengths(model_dir, data, p["max_len"])
         )
         n_params = flops["params"]
-        peak = args.peak_tflops if args.peak_tflops is not None else (989.0 if cuda else None)
+        # MFU of each run against the peak of its precision.
+        peaks: dict[str, float] = {}
+        measured: dict[str, Any] = {}
+        if args.peak_tflops is not None or cuda:
+            peaks[precision] = args.peak_tflops if args.peak_tflops is not None else 989.0
+        else:
+            for prec in dict.fromkeys(["bf16", precision, "fp32"]):
+                measured[prec] = measure_matmul_peak(dtypes[prec])
+                peaks[prec] = measured[prec]["tflops"]
+                sizes = ", ".join(f"{n}: {t:.3g}" for n, t in measured[prec]["per_size"].items())
+                print(f"measured {prec} matmul peak: {peaks[prec]:.3g} TFLOPS (n x n matmul, "
+                      f"{measured[prec]['threads']} threads; TFLOPS by n {sizes})", flush=True)  # fmt: skip
         print(f"model: Llama {p['layers']}x{p['hidden']} ({n_params / 1e6:.1f}M parameters, "
               f"{flops['non_embedding_params'] / 1e6:.1f}M non-embedding), preset {preset}, "
               f"{'CUDA ' + torch.cuda.get_device_name() if cuda else 'CPU'} ({torch.get_num_threads()} threads), "
@@ -340,31 +403,52 @@ def main(argv: list[str] | None = None) -> int:
               f"(attention {flops['attention_flops_per_token'] / 1e6:.1f}M at T_eff {flops['t_eff']:.0f})", flush=True)  # fmt: skip
         results = {}
         runs = {
-            "baseline": lambda: run_baseline(model_dir, data, work, p, precision),
-            "kubetune": lambda: run_kubetune(model_dir, data, work, p, precision, packing=False),
-            "kubetune-packed": lambda: run_kubetune(model_dir, data, work, p, precision, packing=True),
-        }
-        for name, fn in runs.items():
+            "baseline": (precision, lambda: run_baseline(model_dir, data, work, p, precision)),
+            "kubetune": (precision, lambda: run_kubetune(model_dir, data, work, p, precision, packing=False)),
+            "kubetune-packed": (precision, lambda: run_kubetune(model_dir, data, work, p, precision, packing=True)),
+        }  # fmt: skip
+        if precision != "fp32" and not cuda:
+            runs["baseline-fp32"] = ("fp32", lambda: run_baseline(model_dir, data, work, p, "fp32"))
+            runs["kubetune-fp32"] = (
+                "fp32",
+                lambda: run_kubetune(model_dir, data, work, p, "fp32", packing=False),
+            )
+        for name, (prec, fn) in runs.items():
             r = fn()
+            r["precision"] = prec
             r["tokens_per_second"] = r["tokens"] / r["seconds"]
             r["model_tflops"] = flops["flops_per_token"] * r["tokens_per_second"] / 1e12
             extra = f", {r['model_tflops']:.3g} model TFLOPS"
-            if peak:
-                r["mfu"] = r["model_tflops"] / peak
-                extra += f", MFU {r['mfu']:.1%}"
+            if prec in peaks:
+                r["mfu"] = r["model_tflops"] / peaks[prec]
+                extra += f", MFU {r['mfu']:.1%} of the {prec} peak"
+            if prec != "bf16" and "bf16" in peaks:
+                r["mfu_of_bf16_peak"] = r["model_tflops"] / peaks["bf16"]
+                extra += f" ({r['mfu_of_bf16_peak']:.1%} of the bf16 peak)"
             results[name] = r
-            print(f"{name:>15}: {r['tokens']:.0f} tokens in {r['seconds']:.2f} s = "
+            print(f"{name:>15} ({prec}): {r['tokens']:.0f} tokens in {r['seconds']:.2f} s = "
                   f"{r['tokens_per_second']:,.0f} tokens/s{extra}", flush=True)  # fmt: skip
-        base = results["baseline"]["tokens_per_second"]
-        ratios = {name: r["tokens_per_second"] / base for name, r in results.items() if name != "baseline"}
+        # Each run against the baseline in its own precision; kubetune's default against fp32 too.
+        baselines = {r["precision"]: name for name, r in results.items() if name.startswith("baseline")}
+        ratios = {}
+        for name, r in results.items():
+            if name.startswith("baseline"):
+                continue
+            base = baselines[r["precision"]]
+            ratios[f"{name} / {base}"] = r["tokens_per_second"] / results[base]["tokens_per_second"]
+        if "kubetune-fp32" in results:
+            ratios["kubetune / kubetune-fp32"] = (
+                results["kubetune"]["tokens_per_second"] / results["kubetune-fp32"]["tokens_per_second"]
+            )
         for name, ratio in ratios.items():
-            print(f"ratio {name} / baseline: {ratio:.2f}x")
+            print(f"ratio {name}: {ratio:.2f}x")
         if args.json:
             doc = {
                 "preset": preset,
                 "params": n_params,
                 "flops": flops,
-                "peak_tflops": peak,
+                "peak_tflops": peaks,
+                "measured_peaks": measured,
                 "precision": precision,
                 **results,
                 "ratios": ratios,

@@ -52,3 +52,12 @@ def test_attention_term_uses_the_length_spread(bench, tiny_model_dir: Path) -> N
     spread = bench.lora_flops_per_token(model, [20, 180])  # same tokens, more attention work
     assert even["t_eff"] == 100 and spread["t_eff"] == pytest.approx((20**2 + 180**2) / 200)
     assert spread["attention_flops_per_token"] > even["attention_flops_per_token"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_peak_reports_the_best_size(bench, monkeypatch: pytest.MonkeyPatch, dtype) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    peak = bench.measure_matmul_peak(dtype, sizes=(64, 128), repeats=2)
+    assert set(peak["per_size"]) == {64, 128}
+    assert peak["tflops"] == max(peak["per_size"].values()) == peak["per_size"][peak["size"]] > 0
+    assert peak["threads"] == torch.get_num_threads()
