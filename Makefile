@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.kubetune-installed
 BINDIR  = $(shell hack/build-binaries.sh --print-dir)
 PYTEST_ARGS ?=
 
-.PHONY: help venv binaries images quickstart demo test test-fast lint fmt generate verify dev-cluster dev-cluster-down bench clean
+.PHONY: help venv binaries images vllm quickstart demo test test-fast lint fmt generate verify dev-cluster dev-cluster-down bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -22,13 +22,16 @@ binaries: ## build the cluster's binaries (control plane, kubelet, containerd, C
 images: venv binaries ## build the operator and trainer images (buildah) and push them to the loopback registry
 	@hack/images.sh
 
+vllm: venv ## set up vLLM's CPU build in its own environment (cached in ~/.cache/kubetune/vllm; the tests start it)
+	@hack/vllm-env.sh
+
 quickstart: venv ## fine-tune a LoRA adapter on CPU on a generated task and show it learned
 	$(VENV)/bin/kubetune quickstart
 
 demo: venv binaries images ## the user guide on this machine: cluster, helm install, train on CPU, serve, curl
 	@hack/demo.sh
 
-test: venv binaries images lint verify ## everything CI runs: lint, generated files, the whole test suite
+test: venv binaries images vllm lint verify ## everything CI runs: lint, generated files, the whole test suite
 	PATH="$(BINDIR):$$PATH" $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-fast: venv ## unit tests only (no control plane, no S3)

@@ -45,7 +45,9 @@ def task_prompts(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choices(WORDS, k=rng.randint(1, 7))) + " ->" for _ in range(n)]
 
 
-def train_adapter(base_dir: Path, out_dir: Path, phrase: str, rank: int, steps: int = 40) -> Path:
+def train_adapter(
+    base_dir: Path, out_dir: Path, phrase: str, rank: int, steps: int = 40, targets: list[str] | None = None
+) -> Path:
     """Train a LoRA adapter that answers every prompt with ``phrase``; returns its directory."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
@@ -74,7 +76,9 @@ def train_adapter(base_dir: Path, out_dir: Path, phrase: str, rank: int, steps: 
 
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base_dir),
-        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, task_type=TaskType.CAUSAL_LM),
+        LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=targets or TARGETS, task_type=TaskType.CAUSAL_LM
+        ),
     )
     args = TrainingArguments(
         output_dir=str(out_dir.with_name(out_dir.name + "-run")),
