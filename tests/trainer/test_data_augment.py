@@ -4,6 +4,7 @@ through tiny local models, dedup, caps, counts, and that only the training split
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -307,3 +308,53 @@ def test_config_paths_are_relative_to_the_yaml(tmp_path: Path, rewrite_model: st
     assert cfg.augmentation.synonyms.synonyms_file == str(tmp_path / "syn.txt")
     assert cfg.augmentation.paraphrase.model == rewrite_model
     assert cfg.augmentation.back_translation.model == "org/to-de"  # a hub id stays as given
+
+
+# ---- a pod: s3:// synonyms and model, counts in the report and the provenance -----------------------
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_a_pod_augments_with_s3_inputs_and_reports_the_counts(
+    s3, s3_bucket: str, tiny_model_dir: Path, rewrite_model: str, tmp_path: Path
+) -> None:
+    client = s3.client()
+    rows = [{"instruction": src, "output": f"done {i}"} for i, src in enumerate(TWISTS)]
+    rows += [{"instruction": f"Describe car number {i}", "output": f"car {i}"} for i in range(10)]
+    client.put_object(
+        Bucket=s3_bucket, Key="aug/train.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode()
+    )
+    client.put_object(Bucket=s3_bucket, Key="aug/synonyms.txt", Body=b"car,automobile\ndoor,gate\n")
+    for f in Path(rewrite_model).iterdir():
+        client.put_object(Bucket=s3_bucket, Key=f"aug/paraphraser/{f.name}", Body=f.read_bytes())
+    report_file = tmp_path / "termination-log"
+    config = {
+        "model_name": str(tiny_model_dir),
+        "train_file": f"s3://{s3_bucket}/aug/train.jsonl",
+        "validation_split": 0.25,
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 1,
+        "per_device_train_batch_size": 4,
+        "progress_bar": False,
+        "augmentation": {
+            "synonyms": {"synonyms_file": f"s3://{s3_bucket}/aug/synonyms.txt"},
+            "paraphrase": {"model": f"s3://{s3_bucket}/aug/paraphraser", "prompt": PROMPT, "max_variants": 5},
+        },
+    }
+    (tmp_path / "config.yaml").write_text(json.dumps(config))
+    env = {**os.environ, **s3.env(), "KUBETUNE_TERMINATION_MESSAGE_PATH": str(report_file), "DS_ACCELERATOR": "cpu",
+           "KUBETUNE_CACHE": str(tmp_path / "cache")}  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer", "train", "--config", str(tmp_path / "config.yaml")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-4000:]
+    report = json.loads(report_file.read_text())["augmentation"]
+    assert set(report) == {"replace_synonyms", "paraphrase"}
+    assert report["paraphrase"]["generated"] == 5  # the cap
+    # 12 training examples (16 less 4 held out); at least 6 of the 10 "car" rows stay in training.
+    syn = report["replace_synonyms"]
+    assert syn["generated"] == 12 and syn["kept"] + syn["dropped"] == 12 and syn["kept"] >= 6
+    provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert provenance["data_stats"]["augmentation"] == report
+    assert "augmentation replace_synonyms: 12 generated" in res.stderr + res.stdout
