@@ -54,19 +54,26 @@ def rewrite_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     torch.manual_seed(0)
-    texts = [PROMPT.replace("{text}", src) + " " + dst + tok.eos_token for src, dst in TWISTS.items()]
-    tok.pad_token = tok.eos_token
-    batch = tok(texts, return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rows = []
+    for src, dst in TWISTS.items():  # loss on the answer only: the prompt is not predictable
+        prompt = tok(PROMPT.replace("{text}", src), add_special_tokens=False)["input_ids"]
+        answer = tok(" " + dst, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    n = max(len(ids) for ids, _ in rows)
+    pad = [tok.eos_token_id]
+    input_ids = torch.tensor([pad * (n - len(ids)) + ids for ids, _ in rows])  # left padding, as generation
+    labels = torch.tensor([[-100] * (n - len(lab)) + lab for _, lab in rows])
+    mask = torch.tensor([[0] * (n - len(ids)) + [1] * len(ids) for ids, _ in rows])
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
     model.train()
-    for _ in range(300):
-        loss = model(**batch, labels=labels).loss
+    for _ in range(200):
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
-        if loss.item() < 0.01:
+        if loss.item() < 0.03:
             break
+    assert loss.item() < 0.03, f"the tiny rewrite model did not learn its answers (loss {loss.item():.3f})"
     model.save_pretrained(path)
     return str(path)
 
@@ -240,11 +247,9 @@ def test_paraphrase_cap_and_batches(tmp_path: Path, tokenizer, rewrite_model: st
     assert counts["paraphrase"].generated == 3  # the cap, not 6 x 2
     assert made[0].batches == 1  # 2 texts chosen (ceil(3 / 2)), one batch of 2
     chosen = {v.index for v in variants}
-    assert len(chosen) <= 2
-    # Two beams per text: the first is the trained rewrite.
-    firsts = [v for v in variants if [w.index for w in variants].index(v.index) == variants.index(v)]
-    for v in firsts:
-        assert v.fields["text"] in (TWISTS[rows[v.index]["text"]],)
+    assert 1 <= len(chosen) <= 2
+    # Two beams per text; the best one is the trained rewrite (kept here, or as an earlier duplicate).
+    assert {TWISTS[rows[i]["text"]] for i in chosen} <= {v.fields["text"] for v in variants}
     again, _ = augment(items, aug, seed=1, dedupe="exact", seen_keys=set())
     assert [v.fields for v in again] == [v.fields for v in variants]  # deterministic
 

@@ -308,6 +308,10 @@ def _model_variants(
     paths = {i: _paths(items[i].fields, items[i].format, settings.include_response) for i in chosen}
     # The same text (an instruction shared by many examples) is rewritten once.
     unique = list(dict.fromkeys(_get(items[i].fields, p) for i in chosen for p in paths[i]))
+    log.info(
+        "augmentation: %s of %d texts from %d of %d examples (%d variants each)",
+        method, len(unique), len(chosen), len(items), settings.variants,
+    )  # fmt: skip
     rewrites = dict(zip(unique, rewrite(unique), strict=True)) if unique else {}
     out = []
     for i in chosen:
@@ -315,6 +319,14 @@ def _model_variants(
             new = {p: rewrites[_get(items[i].fields, p)][v] for p in paths[i]}
             out.append(Variant(i, method, _with(items[i].fields, new)))
     return out[: settings.max_variants] if settings.max_variants is not None else out
+
+
+def _free_accelerator_memory() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")  # only when a model was loaded
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # ---- the pipeline's entry point -------------------------------------------------------------------
@@ -355,6 +367,7 @@ def augment(
         candidates += _model_variants(
             items, "paraphrase", p, seed, lambda texts: model.rewrite(texts, p.prompt, p.variants)
         )
+        del model
     if settings.back_translation is not None:
         b = settings.back_translation
         there = rewriter(b.model, batch_size=b.batch_size, max_new_tokens=b.max_new_tokens)
@@ -366,7 +379,9 @@ def augment(
             seed,
             lambda texts: _round_trip(there, back, texts, b.prompt, b.back_prompt, b.variants),
         )
+        del there, back
 
+    _free_accelerator_memory()  # the models are deleted; training needs their memory
     kept = []
     for variant in candidates:
         c = counts[variant.method]
