@@ -65,7 +65,7 @@ class DataStats:
             "truncated",
             "kept",
             "to_val",
-            "augmented",
+            "augmented",  # shown only when augmentation is on
             "used",
             "file",
         )
@@ -74,6 +74,10 @@ class DataStats:
              s.kept, s.to_validation, s.augmented, s.used, s.file)
             for s in self.sources
         ]  # fmt: skip
+        if not self.augmentation:
+            drop = cols.index("augmented")
+            cols = cols[:drop] + cols[drop + 1 :]
+            rows = [r[:drop] + r[drop + 1 :] for r in rows]
         widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(cols)]
         lines = [head, "  " + "  ".join(str(c).ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()]
         lines += [
