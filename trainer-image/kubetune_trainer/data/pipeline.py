@@ -2,7 +2,8 @@
 
 Order of work for each source: read -> validate every record (fail fast, before any tokenisation)
 -> drop empty -> drop duplicates -> render + tokenise -> drop (or truncate) over-long. Then the
-train sources are split (validation_split), mixed by weight, and replay examples are added.
+train sources are split (validation_split), augmented (augmentation: the training side only, see
+augment.py), mixed by weight, and replay examples are added.
 """
 
 from __future__ import annotations
