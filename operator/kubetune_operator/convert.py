@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.config import EarlyStoppingSettings, FinetuningConfig
+from kubetune_trainer.config import AUGMENT_DEFAULT_FRACTION, EarlyStoppingSettings, FinetuningConfig
 
 Body = dict[str, Any]
 
@@ -37,6 +37,10 @@ def _all_uris(spec: Body) -> list[str]:
         uris.append((ds.get(k) or {}).get("uri"))
     uris += [m.get("uri") for m in ds.get("mixture") or []]
     uris.append((ds.get("replay") or {}).get("uri"))
+    aug = ds.get("augmentation") or {}
+    uris.append((aug.get("synonyms") or {}).get("file"))
+    uris.append((aug.get("paraphrase") or {}).get("model"))
+    uris += [(aug.get("backTranslation") or {}).get(k) for k in ("model", "backModel")]
     return [u for u in uris if u]
 
 
@@ -110,6 +114,10 @@ def to_config_dict(ftj: Body, *, in_pod: bool = True, base_dir: Path | None = No
         cfg["replay_fraction"] = replay.get("fraction")
         cfg["ewc_lambda"] = replay.get("ewcLambda")
 
+    aug = ds.get("augmentation") or {}
+    if aug:
+        cfg["augmentation"] = _augmentation(aug, loc)
+
     lora = method.get("lora") or method.get("qlora") or {}
     if lora:
         cfg["lora"] = {
@@ -181,6 +189,38 @@ def to_config_dict(ftj: Body, *, in_pod: bool = True, base_dir: Path | None = No
     if in_pod:
         cfg.update(metrics_port=TRAINER_METRICS_PORT, progress_bar=False)
     return _drop_none(cfg)
+
+
+def _augmentation(aug: Body, loc: Any) -> Body:
+    """spec.dataset.augmentation -> FinetuningConfig.augmentation (URIs resolved like the base model's)."""
+    common = ("variants", "maxVariants", "batchSize", "maxNewTokens", "includeResponse", "prompt")
+
+    def model_block(block: Body, *uris: str) -> Body:
+        out = {_snake(k): block.get(k) for k in common}
+        out |= {_snake(k): loc(block.get(k)) for k in uris}
+        if "backPrompt" in block:
+            out["back_prompt"] = block["backPrompt"]
+        return out
+
+    out: Body = {}
+    if aug.get("synonyms") is not None:
+        syn = aug["synonyms"]
+        out["synonyms"] = {
+            # Present means on, even as `synonyms: {}` in a manifest the API server has not defaulted.
+            "fraction": syn.get("fraction", AUGMENT_DEFAULT_FRACTION),
+            "variants": syn.get("variants"),
+            "synonyms_file": loc(syn.get("file")),
+            "include_response": syn.get("includeResponse"),
+        }
+    if aug.get("paraphrase") is not None:
+        out["paraphrase"] = model_block(aug["paraphrase"], "model")
+    if aug.get("backTranslation") is not None:
+        out["back_translation"] = model_block(aug["backTranslation"], "model", "backModel")
+    return out
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name)
 
 
 def _drop_none(value: Any) -> Any:

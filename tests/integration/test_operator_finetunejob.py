@@ -98,11 +98,13 @@ def test_success_reports_the_trainers_output(cluster: ControlPlane, ns: str) -> 
         "trainableParameters": 1234,
         "totalParameters": 99999,
         "metrics": {"eval_loss": 1.5, "exact_match": 0.75},
+        "augmentation": {"replace_synonyms": {"generated": 20, "kept": 18, "dropped": 2}},
     }
     finish_pod(cluster.api_client(), ns, pod["metadata"]["name"], 0, json.dumps(report))
     st = wait_phase(cluster, ns, "ok", "Succeeded")
     assert st["output"]["adapterUri"] == report["adapterUri"]
     assert st["output"]["trainableParameters"] == 1234
+    assert st["output"]["augmentation"] == {"replace_synonyms": {"generated": 20, "kept": 18, "dropped": 2}}
     assert st["metrics"] == {"eval_loss": 1.5, "exact_match": 0.75}
     assert st["completionTime"]
     events = json.loads(cluster.kubectl("get", "events", "-o", "json", namespace=ns).stdout)["items"]

@@ -228,6 +228,37 @@ def test_pvc_sources_are_mounted_read_only_and_resolved() -> None:
     assert cfg["train_file"] == "/mnt/kubetune/data/train.jsonl"
 
 
+def test_augmentation_is_converted_with_its_uris_resolved_and_mounted() -> None:
+    augmentation = {
+        "synonyms": {"file": "pvc://data/synonyms.txt", "variants": 2, "includeResponse": True},
+        "paraphrase": {
+            "model": "pvc://models/paraphraser",
+            "maxVariants": 100,
+            "prompt": "paraphrase: {text}",
+        },
+        "backTranslation": {"model": "hf://org/en-de", "backModel": "file:///models/de-en", "batchSize": 4},
+    }
+    parent = ftj(dataset={"train": {"uri": "s3://data/train.jsonl"}, "augmentation": augmentation})
+    pod = fb.job(parent, 1, SETTINGS)["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {"models", "data"}
+    aug = finetunejob_to_config(parent, in_pod=True).augmentation
+    assert aug is not None and aug.synonyms is not None and aug.paraphrase is not None
+    assert aug.synonyms.synonyms_file == "/mnt/kubetune/data/synonyms.txt"
+    assert aug.synonyms.variants == 2 and aug.synonyms.include_response is True
+    assert aug.paraphrase.model == "/mnt/kubetune/models/paraphraser"
+    assert aug.paraphrase.max_variants == 100 and aug.paraphrase.prompt == "paraphrase: {text}"
+    assert aug.back_translation is not None
+    assert (aug.back_translation.model, aug.back_translation.back_model) == ("org/en-de", "/models/de-en")
+    assert aug.back_translation.batch_size == 4
+    # `synonyms: {}` (a manifest the API server has not defaulted) still turns synonyms on.
+    bare = finetunejob_to_config(
+        ftj(dataset={"train": {"uri": "s3://d/t.jsonl"}, "augmentation": {"synonyms": {}}})
+    )
+    assert bare.augmentation is not None and bare.augmentation.synonyms is not None
+    assert finetunejob_to_config(ftj()).augmentation is None
+
+
 def test_long_names_stay_valid_dns_labels() -> None:
     parent = ftj()
     parent["metadata"]["name"] = "a" * 63

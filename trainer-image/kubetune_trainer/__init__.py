@@ -20,7 +20,10 @@ __all__ = [
     "MetricType",
     "ModelEvaluator",
     "ModelFinetuner",
+    "back_translate",
     "make_tiny_model",
+    "paraphrase",
+    "replace_synonyms",
 ]
 
 _LAZY = {
@@ -31,10 +34,15 @@ _LAZY = {
     "EvaluationReport": "kubetune_trainer.evaluation",
     "MetricType": "kubetune_trainer.evaluation",
     "make_tiny_model": "kubetune_trainer.tiny_model",
+    # The guide's data augmentation functions.
+    "paraphrase": "kubetune_trainer.data.augment",
+    "back_translate": "kubetune_trainer.data.augment",
+    "replace_synonyms": "kubetune_trainer.data.augment",
 }
 
 if TYPE_CHECKING:
     from kubetune_trainer.config import FinetuningConfig
+    from kubetune_trainer.data.augment import back_translate, paraphrase, replace_synonyms
     from kubetune_trainer.evaluation import EvaluationMetric, EvaluationReport, MetricType, ModelEvaluator
     from kubetune_trainer.finetuner import ModelFinetuner
     from kubetune_trainer.tiny_model import make_tiny_model

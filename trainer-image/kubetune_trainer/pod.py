@@ -59,7 +59,7 @@ def scalar_metrics(*groups: dict[str, Any]) -> dict[str, float]:
 
 
 def report(result: TrainingResult) -> dict[str, Any]:
-    """The success report: ``adapterUri``, ``mergedUri``, parameter counts and final metrics.
+    """The success report: ``adapterUri``, ``mergedUri``, parameter counts, final metrics, augmentation counts.
 
     URIs are present only when the output was uploaded (``storage_uri`` set); without them the
     operator falls back to the deterministic S3 layout.
@@ -70,6 +70,7 @@ def report(result: TrainingResult) -> dict[str, Any]:
         "trainableParameters": result.trainable_parameters,
         "totalParameters": result.total_parameters,
         "metrics": scalar_metrics(result.eval_metrics, result.test_metrics),
+        "augmentation": result.augmentation or None,  # {method: {generated, kept, dropped}}
     }
     return {k: v for k, v in doc.items() if v is not None}
 

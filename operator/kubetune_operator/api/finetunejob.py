@@ -12,7 +12,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from kubetune_trainer.config import LOGGED_NAMES, WATCHABLE_METRICS
+from kubetune_trainer.config import (
+    AUGMENT_DEFAULT_BATCH_SIZE,
+    AUGMENT_DEFAULT_FRACTION,
+    AUGMENT_DEFAULT_MAX_NEW_TOKENS,
+    AUGMENT_MAX_VARIANTS,
+    AUGMENT_PROMPT_DEFAULT,
+    LOGGED_NAMES,
+    WATCHABLE_METRICS,
+)
 
 from .base import ApiModel, KindModel, ListType, PreserveUnknownFields, Rule, immutable, rules
 from .common import (
@@ -31,6 +39,7 @@ from .common import (
     Timestamp,
     Toleration,
     data_uri_rule,
+    model_uri_rule,
     pattern_rule,
 )
 
@@ -125,6 +134,121 @@ class Replay(ApiModel):
     )
 
 
+def _prompt_rule(field: str) -> Rule:
+    return Rule(
+        "self.contains('{text}')",
+        f"{field} must contain {{text}}, where the text to rewrite goes (e.g. 'paraphrase: {{text}}')",
+        check=lambda v: "{text}" in v,
+    )
+
+
+PROMPT_MAX = 4096
+
+
+class SynonymAugmentation(ApiModel):
+    """Synonym replacement from the built-in Moby thesaurus (offline) or your own synonyms file."""
+
+    fraction: float = Field(
+        AUGMENT_DEFAULT_FRACTION,
+        gt=0,
+        le=1,
+        description="Share of the words that have a synonym replaced in each variant (at least one word).",
+    )
+    variants: int = Field(
+        1, ge=1, le=AUGMENT_MAX_VARIANTS, description="Variants made from each training example."
+    )
+    file: Annotated[str, data_uri_rule("dataset.augmentation.synonyms.file")] | None = Field(
+        None,
+        max_length=URI_MAX,
+        description="Your synonyms: JSON {word: [synonyms]} or one 'word,synonym,...' line per word. "
+        "Default: the built-in Moby thesaurus.",
+    )
+    include_response: bool = Field(
+        False, description="Also rewrite the trained response (output, completion, assistant turns)."
+    )
+
+
+@rules(
+    Rule(
+        "!has(self.maxVariants) || self.maxVariants >= self.variants",
+        "maxVariants is below variants: raise maxVariants or lower variants",
+        check=lambda m: m.max_variants is None or m.max_variants >= m.variants,
+        field_path=".maxVariants",
+    )
+)
+class _ModelAugmentation(ApiModel):
+    variants: int = Field(
+        1, ge=1, le=AUGMENT_MAX_VARIANTS, description="Variants made from each training example."
+    )
+    max_variants: int | None = Field(
+        None,
+        ge=1,
+        le=100_000_000,
+        description="Cap on the variants this method makes for the whole training set.",
+    )
+    batch_size: int = Field(
+        AUGMENT_DEFAULT_BATCH_SIZE, ge=1, le=1024, description="Texts the model rewrites at once."
+    )
+    max_new_tokens: int = Field(
+        AUGMENT_DEFAULT_MAX_NEW_TOKENS, ge=1, le=4096, description="Longest rewrite, in tokens."
+    )
+    include_response: bool = Field(
+        False, description="Also rewrite the trained response (output, completion, assistant turns)."
+    )
+
+
+class ParaphraseAugmentation(_ModelAugmentation):
+    """Paraphrases by a model you name (seq2seq or causal, loaded with transformers)."""
+
+    model: Annotated[str, model_uri_rule("dataset.augmentation.paraphrase.model")] = Field(
+        max_length=URI_MAX, description="The paraphrase model: hf://org/name, s3://, pvc:// or file://."
+    )
+    prompt: Annotated[str, _prompt_rule("dataset.augmentation.paraphrase.prompt")] = Field(
+        AUGMENT_PROMPT_DEFAULT,
+        max_length=PROMPT_MAX,
+        description="The model's input; {text} is replaced by the text to paraphrase.",
+    )
+
+
+class BackTranslationAugmentation(_ModelAugmentation):
+    """Back-translation: model translates into a pivot language, backModel translates back."""
+
+    model: Annotated[str, model_uri_rule("dataset.augmentation.backTranslation.model")] = Field(
+        max_length=URI_MAX, description="Into the pivot language: hf://org/name, s3://, pvc:// or file://."
+    )
+    back_model: Annotated[str, model_uri_rule("dataset.augmentation.backTranslation.backModel")] = Field(
+        max_length=URI_MAX,
+        description="From the pivot language back: hf://org/name, s3://, pvc:// or file://.",
+    )
+    prompt: Annotated[str, _prompt_rule("dataset.augmentation.backTranslation.prompt")] = Field(
+        AUGMENT_PROMPT_DEFAULT, max_length=PROMPT_MAX, description="Input of model; {text} is the text."
+    )
+    back_prompt: Annotated[str, _prompt_rule("dataset.augmentation.backTranslation.backPrompt")] = Field(
+        AUGMENT_PROMPT_DEFAULT,
+        max_length=PROMPT_MAX,
+        description="Input of backModel; {text} is the translation.",
+    )
+
+
+@rules(
+    Rule(
+        "has(self.synonyms) || has(self.paraphrase) || has(self.backTranslation)",
+        "dataset.augmentation needs at least one method: set synonyms, paraphrase or backTranslation "
+        "(or remove augmentation)",
+        check=lambda a: a.synonyms is not None or a.paraphrase is not None or a.back_translation is not None,
+        reason="FieldValueRequired",
+    )
+)
+class Augmentation(ApiModel):
+    """More training examples made from the training split (never from validation or test data)."""
+
+    synonyms: SynonymAugmentation | None = Field(None, description="Synonym replacement.")
+    paraphrase: ParaphraseAugmentation | None = Field(None, description="Paraphrasing by a model.")
+    back_translation: BackTranslationAugmentation | None = Field(
+        None, description="Back-translation through a pivot language by two models."
+    )
+
+
 @rules(
     Rule(
         "has(self.train) || (has(self.mixture) && size(self.mixture) > 0)",
@@ -172,6 +296,11 @@ class Dataset(ApiModel):
         description="Multi-task training: several sources sampled by weight (alone or together with train).",
     )
     replay: Replay | None = Field(None, description="Continual learning replay data.")
+    augmentation: Augmentation | None = Field(
+        None,
+        description="Data augmentation of the training split: synonyms, paraphrase, backTranslation. Counts "
+        "appear in status.output.augmentation.",
+    )
 
 
 # ---- method ------------------------------------------------------------------------------------
@@ -759,6 +888,14 @@ class CheckpointStatus(ApiModel):
     count: int | None = Field(None, ge=0, description="Complete checkpoints in storage.")
 
 
+class AugmentationCounts(ApiModel):
+    """What one augmentation method made."""
+
+    generated: int = Field(0, ge=0, description="Variants made.")
+    kept: int = Field(0, ge=0, description="Variants added to the training split.")
+    dropped: int = Field(0, ge=0, description="Duplicates, unchanged, empty or too-long variants.")
+
+
 class OutputStatus(ApiModel):
     """What the finished job produced."""
 
@@ -772,6 +909,12 @@ class OutputStatus(ApiModel):
     )
     trainable_parameters: int | None = Field(None, ge=0, description="Parameters trained.")
     total_parameters: int | None = Field(None, ge=0, description="Parameters of the model.")
+    augmentation: dict[str, AugmentationCounts] | None = Field(
+        None,
+        max_length=8,
+        description="Data augmentation per method (replace_synonyms, paraphrase, back_translate): variants "
+        "generated, kept and dropped (duplicates, unchanged, empty or too long).",
+    )
 
 
 class FineTuneJobStatus(ApiModel):

@@ -3,6 +3,7 @@
 See docs/data.md. The finetuner uses only the names exported here.
 """
 
+from kubetune_trainer.data.augment import back_translate, paraphrase, replace_synonyms
 from kubetune_trainer.data.collate import PadToLongestCollator, make_collator
 from kubetune_trainer.data.errors import DataError
 from kubetune_trainer.data.formats import FALLBACK_CHAT_TEMPLATE, chat_template_for, format_prompt
@@ -23,9 +24,12 @@ __all__ = [
     "PreparedData",
     "SourceStats",
     "TokenizedDataset",
+    "back_translate",
     "chat_template_for",
     "encode_prompt",
     "format_prompt",
     "make_collator",
+    "paraphrase",
     "prepare_datasets",
+    "replace_synonyms",
 ]

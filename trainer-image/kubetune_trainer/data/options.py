@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from kubetune_trainer.config import AugmentationSettings
 from kubetune_trainer.data.errors import DataError
 from kubetune_trainer.data.filters import DEDUPE_MODES, Dedupe
 from kubetune_trainer.data.formats import FORMATS
@@ -62,6 +63,7 @@ class DataOptions:
     drop_too_long: bool = (
         True  # False: truncate from the right instead (examples left with no response are dropped)
     )
+    augmentation: AugmentationSettings | None = None  # of the training split only (data/augment.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_seq_length, int) or self.max_seq_length < 2:

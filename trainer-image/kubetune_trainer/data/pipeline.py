@@ -2,20 +2,22 @@
 
 Order of work for each source: read -> validate every record (fail fast, before any tokenisation)
 -> drop empty -> drop duplicates -> render + tokenise -> drop (or truncate) over-long. Then the
-train sources are split (validation_split), mixed by weight, and replay examples are added.
+train sources are split (validation_split), augmented (augmentation: the training side only, see
+augment.py), mixed by weight, and replay examples are added.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch.utils.data import Dataset
 
+from kubetune_trainer.data.augment import Item, augment
 from kubetune_trainer.data.errors import DataError
-from kubetune_trainer.data.filters import Deduper, dedupe_key, fit_length
+from kubetune_trainer.data.filters import Dedupe, Deduper, dedupe_key, fit_length
 from kubetune_trainer.data.formats import (
     Format,
     Rendered,
@@ -45,6 +47,7 @@ class Example:
     rendered: Rendered
     input_ids: list[int]
     labels: list[int]
+    fields: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # for augmentation
 
 
 class TokenizedDataset(Dataset):
@@ -134,7 +137,7 @@ def _load(
 
     rendered = [render(tokenizer, fields, fmt, record) for record, fields, _ in keep]
     examples = []
-    for (record, _, parts), r, (input_ids, labels) in zip(
+    for (record, fields, parts), r, (input_ids, labels) in zip(
         keep, rendered, encoder.encode(rendered), strict=True
     ):
         fitted = fit_length(input_ids, labels, options.max_seq_length, options.drop_too_long)
@@ -143,7 +146,9 @@ def _load(
             continue
         if len(fitted[0]) < len(input_ids):
             stats.truncated += 1
-        examples.append(Example(source.name, record.line, fmt, dedupe_key(parts, "exact", fmt), r, *fitted))
+        examples.append(
+            Example(source.name, record.line, fmt, dedupe_key(parts, "exact", fmt), r, *fitted, fields=fields)
+        )
     stats.kept = len(examples)
     stats.tokens = sum(len(ex.input_ids) for ex in examples)
     if not examples:
@@ -153,6 +158,45 @@ def _load(
             "check the file's content, raise max_seq_length, or set drop_too_long to false to truncate",
         )
     return examples, stats
+
+
+def _augment(
+    tokenizer: Any,
+    encoder: SegmentEncoder,
+    groups: list[list[Example]],
+    originals: list[Example],
+    options: DataOptions,
+    stats: DataStats,
+) -> list[list[Example]]:
+    """The train groups with their augmented variants appended (each after its source's examples)."""
+    assert options.augmentation is not None
+    mode: Dedupe = "exact" if options.dedupe == "none" else options.dedupe
+    seen = {dedupe_key(dedupe_texts(ex.fields or {}, ex.format), mode, ex.format) for ex in originals}
+    owners = [(g, ex) for g, group in enumerate(groups) for ex in group]
+    items = [Item(ex.key, ex.format, ex.fields or {}) for _, ex in owners]
+    variants, counts = augment(
+        items, options.augmentation, seed=options.seed, dedupe=options.dedupe, seen_keys=seen
+    )
+    rendered = []
+    for v in variants:
+        original = owners[v.index][1]
+        record = Record(original.source, original.line, {})
+        rendered.append(render(tokenizer, v.fields, original.format, record))
+    out = [list(group) for group in groups]
+    for v, r, (input_ids, labels) in zip(variants, rendered, encoder.encode(rendered), strict=True):
+        g, original = owners[v.index]
+        fitted = fit_length(input_ids, labels, options.max_seq_length, options.drop_too_long)
+        if fitted is None:  # a rewrite can be longer than its original
+            counts[v.method].kept -= 1
+            counts[v.method].dropped += 1
+            continue
+        parts = dedupe_texts(v.fields, original.format)
+        key = dedupe_key(parts, "exact", original.format)
+        out[g].append(
+            Example(original.source, original.line, original.format, key, r, *fitted, fields=v.fields)
+        )
+    stats.augmentation = {method: asdict(c) for method, c in counts.items()}
+    return out
 
 
 def prepare_datasets(
@@ -186,6 +230,7 @@ def prepare_datasets(
 
     groups = [load(s, "train", train_deduper) for s in train]
     train_stats = list(stats.sources)
+    train_originals = list(groups)  # before the split: a variant must not repeat a validation example
 
     validation_examples: list[Example] | None = None
     if validation is not None:
@@ -202,6 +247,13 @@ def prepare_datasets(
             train_stats[i].to_validation = len(held_out)
         if not validation_examples:
             raise ValueError("validation_split needs at least 2 training examples per source")
+    group_sizes = [len(g) for g in groups]
+
+    if options.augmentation is not None:
+        originals = [ex for group in train_originals for ex in group] + (validation_examples or [])
+        groups = _augment(tokenizer, encoder, groups, originals, options, stats)
+        for source_stats, group, before in zip(train_stats, groups, group_sizes, strict=True):
+            source_stats.augmented = len(group) - before
 
     if len(groups) > 1:
         train_examples, counts = mix(groups, [s.weight for s in train], options.seed)

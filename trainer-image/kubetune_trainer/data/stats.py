@@ -19,6 +19,7 @@ class SourceStats:
     truncated: int = 0  # over-long examples cut to max_seq_length (drop_too_long=False)
     kept: int = 0  # after the filters above
     to_validation: int = 0  # kept examples moved to the validation split (validation_split)
+    augmented: int = 0  # variants added by data augmentation (train sources only)
     used: int = 0  # examples in the final split; more than kept when a mixture upsamples the source
     tokens: int = 0  # tokens in the kept examples
 
@@ -37,6 +38,8 @@ class DataStats:
     validation_examples: int = 0
     test_examples: int = 0
     replay_examples: int = 0
+    # Data augmentation: {method: {generated, kept, dropped}} (data/augment.py METHODS)
+    augmentation: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def source(self, file: str, split: str = "train") -> SourceStats:
         for s in self.sources:
@@ -62,17 +65,26 @@ class DataStats:
             "truncated",
             "kept",
             "to_val",
+            "augmented",  # shown only when augmentation is on
             "used",
             "file",
         )
         rows = [
             (s.split, s.format, s.read, s.empty_dropped, s.duplicates_removed, s.too_long_dropped, s.truncated,
-             s.kept, s.to_validation, s.used, s.file)
+             s.kept, s.to_validation, s.augmented, s.used, s.file)
             for s in self.sources
         ]  # fmt: skip
+        if not self.augmentation:
+            drop = cols.index("augmented")
+            cols = cols[:drop] + cols[drop + 1 :]
+            rows = [r[:drop] + r[drop + 1 :] for r in rows]
         widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(cols)]
         lines = [head, "  " + "  ".join(str(c).ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()]
         lines += [
             "  " + "  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows
+        ]
+        lines += [
+            f"  augmentation {method}: {c['generated']} generated, {c['kept']} kept, {c['dropped']} dropped"
+            for method, c in self.augmentation.items()
         ]
         return "\n".join(lines)
