@@ -213,7 +213,7 @@ def load_system(name: str, spec: str, *, base_model: str | None, download_dir: P
         base_path = str(path)
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     log.info("%s: loading %s%s", what, base_path, f" + adapter {spec}" if adapter else "")
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    model: Any = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
     if adapter:
         from peft import PeftModel
 
@@ -222,7 +222,8 @@ def load_system(name: str, spec: str, *, base_model: str | None, download_dir: P
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    model.to(device)
+    return model.eval(), tokenizer
 
 
 # --------------------------------------------------------------------------- export
