@@ -6,6 +6,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -73,7 +74,7 @@ def test_export_with_real_models_is_blind_and_seeded(
     tiny_model_dir: Path, adapter_dir: Path, prompts_file: Path, tmp_path: Path
 ) -> None:
     systems = {"base": str(tiny_model_dir), "tuned": str(adapter_dir)}
-    opts = {"max_new_tokens": 6, "batch_size": 4, "progress": False}
+    opts: dict[str, Any] = {"max_new_tokens": 6, "batch_size": 4, "progress": False}
     first = export_sheet(systems, prompts_file, tmp_path / "a", seed=7, **opts)
     again = export_sheet(systems, prompts_file, tmp_path / "b", seed=7, **opts)
     other = export_sheet(systems, prompts_file, tmp_path / "c", seed=8, **opts)
