@@ -424,3 +424,45 @@ def test_cli_round_trip_with_an_adapter(
     assert main(["eval", "import", str(filled), "--key", str(out / "key.json")]) == 3
     err = capsys.readouterr().err
     assert "row 2, column 'score_A': '4' is out of range 1-3" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- s3
+
+
+@pytest.mark.s3
+def test_export_reads_adapter_and_prompts_from_s3(
+    s3,
+    s3_bucket: str,
+    tiny_model_dir: Path,
+    adapter_dir: Path,
+    prompts_file: Path,
+    tmp_path: Path,
+    monkeypatch,
+) -> None:
+    client = s3.client()
+    for f in adapter_dir.iterdir():
+        client.upload_file(str(f), s3_bucket, f"runs/tuned/{f.name}")
+    client.upload_file(str(prompts_file), s3_bucket, "data/prompts.jsonl")
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    opts: dict[str, Any] = {"max_prompts": 3, "max_new_tokens": 4, "progress": False}
+
+    remote = export_sheet(
+        {"base": str(tiny_model_dir), "tuned": f"s3://{s3_bucket}/runs/tuned/"},
+        f"s3://{s3_bucket}/data/prompts.jsonl",
+        tmp_path / "remote",
+        **opts,
+    )
+    local = export_sheet(
+        {"base": str(tiny_model_dir), "tuned": str(adapter_dir)}, prompts_file, tmp_path / "local", **opts
+    )
+    assert remote.csv.read_bytes() == local.csv.read_bytes()  # the same outputs in the same places
+    assert _key(remote.key)["systems"]["tuned"] == f"s3://{s3_bucket}/runs/tuned/"
+
+    with pytest.raises(HumanEvalError, match=f"system 'tuned'.*s3://{s3_bucket}/nothing/"):
+        export_sheet(
+            {"base": str(tiny_model_dir), "tuned": f"s3://{s3_bucket}/nothing/"},
+            prompts_file,
+            tmp_path / "x",
+            **opts,
+        )

@@ -191,8 +191,9 @@ def load_system(name: str, spec: str, *, base_model: str | None, download_dir: P
     try:
         path = materialize(str(spec), what, download_dir=download_dir)
     except SourceError as exc:
+        text = str(exc) if str(exc).startswith(what) else f"{what}: {exc}"
         raise HumanEvalError(
-            f"{exc}; give a model or adapter directory (or s3:// prefix) per system"
+            f"{text}; give a model or adapter directory (or s3:// prefix) per system"
         ) from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     adapter = (path / "adapter_config.json").is_file()
