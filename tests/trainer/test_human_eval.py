@@ -370,6 +370,9 @@ def test_bad_key_and_jsonl_errors(filled, tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"item": 1}\n{"item": 2,\n')
     with pytest.raises(HumanEvalError, match=r"bad.jsonl, line 2: invalid JSON"):
         import_ratings(tmp_path / "bad.jsonl", key_path)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(HumanEvalError, match=r"empty\.jsonl: the sheet has no rows"):
+        import_ratings(tmp_path / "empty.jsonl", key_path)
     (tmp_path / "sheet.xlsx").write_bytes(b"PK")
     with pytest.raises(HumanEvalError, match=r"unsupported sheet type '\.xlsx'"):
         import_ratings(tmp_path / "sheet.xlsx", key_path)

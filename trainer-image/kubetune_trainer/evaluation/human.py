@@ -568,9 +568,11 @@ def _read_sheet(path: Path, key: dict[str, Any], skip_unrated: bool) -> list[Jud
     rating, slots = key["rating"], key["slots"]
     lo, hi = key["scale"]
     rows = list(_sheet_rows(path))
+    if not rows:
+        raise HumanEvalError(f"{path}: the sheet has no rows: give the filled-in sheet that export wrote")
     needed = ["item"] + ([f"score_{s}" for s in slots] if rating in ("score", "both") else [])
     needed += ["preference"] if rating in ("preference", "both") else []
-    present = set().union(*(set(r) for _, r in rows)) if rows else set()
+    present = set().union(*(set(r) for _, r in rows))
     for col in needed:
         if col not in present:
             raise HumanEvalError(
