@@ -168,6 +168,12 @@ def _cmd_adapter_sync(sub: argparse._SubParsersAction) -> None:
     register_adapter_sync(sub)
 
 
+def _cmd_eval(sub: argparse._SubParsersAction) -> None:
+    from kubetune_trainer.evaluation.human_cli import register_eval
+
+    register_eval(sub)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _cmd_make_tiny_model,
     _cmd_train,
@@ -176,6 +182,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _cmd_serve,
     _cmd_fetch,
     _cmd_adapter_sync,
+    _cmd_eval,
     _cmd_operator,
 ]
 

@@ -20,10 +20,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubetune_trainer.config import LOGGED_NAMES
 from kubetune_trainer.evaluation.metrics import check_semantic_similarity, compute_text_metrics, perplexity
+
+if TYPE_CHECKING:
+    from kubetune_trainer.evaluation.human import ExportResult, HumanEvalResult, SystemSpec
 
 
 class MetricType(StrEnum):
@@ -258,3 +261,34 @@ class ModelEvaluator:
             samples=samples,
             elapsed_s=time.monotonic() - start,
         )
+
+    # ------------------------------------------------------------------------- human evaluation
+
+    def export_human_eval(
+        self,
+        systems: dict[str, SystemSpec],
+        dataset: str | Path | Iterable[dict[str, Any]],
+        output_dir: str | Path,
+        **options: Any,
+    ) -> ExportResult:
+        """Write a blind rating sheet (sheet.csv, sheet.jsonl) and its key.json into ``output_dir``.
+
+        ``systems`` maps a name to a model or adapter directory (local or s3://) or to a
+        ``generate_func(prompt) -> str``. Options: see ``human.export_sheet`` (seed, rating,
+        scale, max_prompts, max_new_tokens, batch_size, base_model, include_reference, ...).
+        """
+        from kubetune_trainer.evaluation.human import export_sheet
+
+        data = dataset if isinstance(dataset, str | Path) else list(dataset)
+        return export_sheet(systems, data, output_dir, **options)
+
+    def import_human_eval(
+        self,
+        sheets: str | Path | Iterable[str | Path],
+        key: str | Path,
+        skip_unrated: bool = False,
+    ) -> HumanEvalResult:
+        """Read filled-in sheets (one per rater) with their key: mean scores and win rates with 95% intervals."""
+        from kubetune_trainer.evaluation.human import import_ratings
+
+        return import_ratings(sheets, key, skip_unrated=skip_unrated)
