@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import types
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, Field
@@ -317,14 +318,30 @@ def _metric_ok(s: FineTuneSweepSpec) -> bool:
     )
 
 
+def _block_ok(block: str) -> Callable[[FineTuneSweepSpec], bool]:
+    def check(s: FineTuneSweepSpec) -> bool:
+        return (
+            all(not p.path.startswith(f"method.{block}.") for p in s.parameters)
+            or s.template.method.type == block
+            or any(p.path == "method.type" for p in s.parameters)
+        )
+
+    return check
+
+
 def _finite(p: SweepParameter) -> bool:
-    return p.values is not None or p.choices is not None or p.step is not None or p.path in INTEGER_PATHS
+    return (
+        p.values is not None
+        or p.choices is not None
+        or p.step is not None
+        or (p.path in INTEGER_PATHS and p.scale == "linear")
+    )
 
 
 @rules(
     Rule(
         "self.algorithm != 'grid' || self.parameters.all(p, has(p.values) || has(p.choices) || has(p.step) || "
-        f"p.path in {_cel_list(INTEGER_PATHS)})",
+        f"(p.path in {_cel_list(INTEGER_PATHS)} && p.scale == 'linear'))",
         "algorithm grid needs a finite set for every parameter: give each range a step (or use values or "
         "choices), or use algorithm random or tpe",
         check=lambda s: s.algorithm != "grid" or all(_finite(p) for p in s.parameters),
@@ -388,11 +405,7 @@ def _finite(p: SweepParameter) -> bool:
             f"'{block}' || self.parameters.exists(p, p.path == 'method.type')",
             f"a parameter under method.{block} needs template.method.type {block}: set it, or tune another "
             "method's parameters",
-            check=lambda s, b=block: (
-                all(not p.path.startswith(f"method.{b}.") for p in s.parameters)
-                or s.template.method.type == b
-                or any(p.path == "method.type" for p in s.parameters)
-            ),
+            check=_block_ok(block),
             field_path=".parameters",
         )
         for block in METHOD_BLOCKS
