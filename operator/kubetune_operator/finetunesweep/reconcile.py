@@ -47,6 +47,8 @@ def trials_of(kube: Kube, sweep: Body) -> list[Body]:
 
 def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     sweep = store.parents[key]
+    if sweep["metadata"].get("deletionTimestamp"):
+        return Result()  # going away (its trials with it): start nothing
     spec = sweep["spec"]
     status: Body = dict(sweep.get("status") or {})
     generation = sweep["metadata"].get("generation")
@@ -74,10 +76,16 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     rows: list[Body] = []
     records: list[study.Record] = []
     for job in jobs:
-        row, record = _observe(job, old_rows.get(job["metadata"]["name"]), spec["template"], metric)
+        row, record = _observe(job, old_rows.pop(job["metadata"]["name"], None), spec["template"], metric)
         rows.append(row)
         records.append(record)
-    next_number = max((r.number for r in records), default=-1) + 1
+    # A trial whose FineTuneJob was deleted keeps its row (and its number: it is not run again).
+    for gone in old_rows.values():
+        if gone.get("phase") not in builders.TERMINAL:
+            gone = {**gone, "phase": "Failed", "message": "its FineTuneJob was deleted"}
+        rows.append(gone)
+    rows.sort(key=lambda r: int(r.get("number", 0)))
+    next_number = max((int(r.get("number", 0)) for r in rows), default=-1) + 1
 
     # 1. Prune running trials that fell behind (only those with an evaluation not yet judged).
     if spec.get("earlyStopping") and any(r.phase == "Running" and r.evaluations for r in records):
@@ -113,6 +121,8 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
             if e.status == 409:  # already there: an earlier pass made it; look again with it listed
                 requeue = 0.5
                 break
+            if e.status == 404 or (e.status == 403 and "NamespaceTerminating" in (e.body or "")):
+                return Result()  # the namespace is going away, and the sweep with it
             if e.status in (400, 422):
                 # A parameter value the FineTuneJob's own rules reject: that trial fails, the sweep goes on.
                 msg = f"the API server rejected trial {child['metadata']['name']}: {_reason(e)}"
@@ -179,7 +189,7 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
         conditions = set_condition(conditions, "Succeeded", True, "Completed", msg, generation)
     elif done:
         phase = "Failed"
-        msg = f"none of the {finished} trial(s) succeeded with a {metric}; see status.trials[].message"
+        msg = f"no trial of {finished} finished with {metric} in its metrics; see status.trials[].message"
         conditions = set_condition(conditions, "Running", False, "NoTrialSucceeded", msg, generation)
         conditions = set_condition(conditions, "Failed", True, "NoTrialSucceeded", msg, generation)
     else:
