@@ -340,18 +340,23 @@ class HyperparameterSearch:
 
 
 def results_table(rows: Sequence[TrialResult], objective: str, paths: Sequence[str]) -> str:
-    """A plain-text table: rank, trial, state, objective, step, then one column per parameter."""
-    header = ["#", "trial", "state", objective, "step", *paths]
-    lines = [header]
-    for rank, row in enumerate(rows, 1):
-        value = "-" if row.objective is None else f"{row.objective:.4g}"
-        lines.append(
-            [str(rank), row.name, row.state, value, str(row.step), *(_fmt(row.params.get(p)) for p in paths)]
-        )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )
+    """A plain-text table, one line per trial in the given order: trial, state, objective, step, parameters."""
+    lines = [table_header(objective, paths), *(table_cells(row, paths) for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join(format_line(line, widths) for line in lines)
+
+
+def table_header(objective: str, paths: Sequence[str]) -> list[str]:
+    return ["trial", "state", objective, "step", *paths]
+
+
+def table_cells(row: TrialResult, paths: Sequence[str]) -> list[str]:
+    value = "-" if row.objective is None else f"{row.objective:.4g}"
+    return [row.name, row.state, value, str(row.step), *(_fmt(row.params.get(p)) for p in paths)]
+
+
+def format_line(cells: Sequence[str], widths: Sequence[int]) -> str:
+    return "  ".join(cell.ljust(w) for cell, w in zip(cells, widths, strict=True)).rstrip()
 
 
 def _fmt(value: Any) -> str:
