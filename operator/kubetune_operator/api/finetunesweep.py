@@ -465,8 +465,8 @@ class TrialStatus(ApiModel):
 
     name: str = Field(max_length=63, description="The trial's FineTuneJob (same namespace).")
     number: int = Field(ge=0, description="Trial number (the FineTuneJob is <sweep>-<number>).")
-    parameters: ParameterValues = Field(
-        default_factory=dict, max_length=16, description="The parameter values of this trial, by path."
+    parameters: ParameterValues | None = Field(
+        None, max_length=16, description="The parameter values of this trial, by path."
     )
     phase: TrialPhase = Field("Pending", description="Pending, Running, Succeeded, Failed or Pruned.")
     job_phase: JobPhase | None = Field(None, description="The FineTuneJob's own phase.")
@@ -487,8 +487,8 @@ class BestTrial(ApiModel):
     """The best trial so far."""
 
     name: str = Field(max_length=63, description="The trial's FineTuneJob.")
-    parameters: ParameterValues = Field(
-        default_factory=dict, max_length=16, description="Its parameter values, by path."
+    parameters: ParameterValues | None = Field(
+        None, max_length=16, description="Its parameter values, by path."
     )
     objective: float | None = Field(None, description="Its objective metric.")
     adapter_uri: str | None = Field(None, max_length=URI_MAX, description="Where its adapter is.")
