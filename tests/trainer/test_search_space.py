@@ -193,7 +193,7 @@ def test_set_path_copies_creates_and_names_bad_paths():
     assert out["method"] == {"type": "lora", "lora": {"r": 16}}
     assert "lora" not in template["method"]  # the template is untouched
     assert set_path(template, "hyperparameters.learningRate", 1e-3)["hyperparameters"]["learningRate"] == 1e-3
-    with pytest.raises(SearchSpaceError, match="'data' is a list, not a mapping"):
+    with pytest.raises(SearchSpaceError, match=r"'data' is \[1\], not a mapping"):
         set_path(template, "data.x", 1)
     with pytest.raises(SearchSpaceError, match=r"'method\.lora' does not exist"):
         set_path(template, "method.lora.r", 1, create=False)

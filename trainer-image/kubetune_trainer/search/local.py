@@ -11,6 +11,7 @@ the pruner can stop a trial that is doing worse than the others. Results go to
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import math
@@ -208,11 +209,8 @@ class HyperparameterSearch:
         for path, value in params.items():
             try:
                 data = set_path(data, path, value, create=False)
-            except SearchSpaceError as exc:
-                fields = ", ".join(sorted(FinetuningConfig.model_fields))
-                raise ConfigError(
-                    f"{exc}; a search parameter names a FinetuningConfig field ({fields})"
-                ) from None
+            except SearchSpaceError:
+                raise ConfigError(_unknown_field(path, data)) from None
         data.update(output_dir=str(output_dir), resume="never")
         where = ", ".join(f"{k}={v!r}" for k, v in params.items())
         return FinetuningConfig.from_dict(data, source=f"search trial ({where})")
@@ -357,6 +355,21 @@ def table_cells(row: TrialResult, paths: Sequence[str]) -> list[str]:
 
 def format_line(cells: Sequence[str], widths: Sequence[int]) -> str:
     return "  ".join(cell.ljust(w) for cell, w in zip(cells, widths, strict=True)).rstrip()
+
+
+def _unknown_field(path: str, config: Mapping[str, Any]) -> str:
+    """``lerning_rate`` -> "... (did you mean 'learning_rate'?)"; nested blocks are dotted paths."""
+    head, _, rest = path.rpartition(".")
+    node = config
+    for key in head.split(".") if head else []:
+        node = node.get(key) if isinstance(node, Mapping) else None  # type: ignore[assignment]
+    known = list(node) if isinstance(node, Mapping) else []
+    close = difflib.get_close_matches(rest, known, n=1)
+    hint = f" (did you mean {'.'.join([*filter(None, [head]), close[0]])!r}?)" if close else ""
+    return (
+        f"search parameter {path!r} is not a FinetuningConfig field{hint}; name a field such as "
+        "learning_rate, or a nested one as lora.r"
+    )
 
 
 def _fmt(value: Any) -> str:

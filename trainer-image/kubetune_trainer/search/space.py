@@ -347,8 +347,7 @@ def set_path(obj: Mapping[str, Any], path: str, value: Any, *, create: bool = Tr
             node[key] = {}
         elif not isinstance(node[key], dict):
             raise SearchSpaceError(
-                f"parameter path {path!r}: {here!r} is a {type(node[key]).__name__}, not a mapping, "
-                "so it has no fields to set"
+                f"parameter path {path!r}: {here!r} is {node[key]!r}, not a mapping, so it has no fields to set"
             )
         node = node[key]
     if not create and keys[-1] not in node:
