@@ -350,3 +350,56 @@ def test_adapterdeployment_serves_the_best_trial_once_the_sweep_succeeds(
     assert resolved["status"] == "True"
     cm = get(cluster, ns, "configmap", "best-adapters") or {}
     assert best_uri in json.dumps(cm.get("data") or {}), cm
+
+
+def test_operator_killed_right_after_creating_trials_resumes_without_duplicates(
+    cluster: ControlPlane, ns: str, operator: OperatorProcess
+) -> None:
+    """Stopped the moment the first trial exists, maybe before the sweep's status was written."""
+    params = [{"path": LR, "min": 1e-5, "max": 1e-3, "scale": "log"}]
+    apply(cluster, ns, sweep("crash", params, algorithm="tpe", seed=3, maxTrials=3, parallelism=3))
+    wait_trials(cluster, ns, "crash", 1, timeout=60)
+    operator.stop()
+    operator.start()
+    jobs = wait_trials(cluster, ns, "crash", 3)
+    st = wait_sweep(cluster, ns, "crash", lambda s: len(s.get("trials") or []) == 3, "three status rows")
+    jobs = trials(cluster, ns, "crash")
+    assert [j["metadata"]["name"] for j in jobs] == ["crash-0", "crash-1", "crash-2"]
+    assert len({trial_params(j)[LR] for j in jobs}) == 3
+    assert st["created"] == 3 and st["running"] == 3
+
+
+def test_a_failed_sweep_degrades_the_adapterdeployment_that_serves_it(cluster: ControlPlane, ns: str) -> None:
+    apply(cluster, ns, sweep("doomed", [{"path": RANK, "values": [8]}]))
+    [job] = wait_trials(cluster, ns, "doomed", 1)
+    pod = running_pod(cluster, ns, job["metadata"]["name"])
+    # Exit code 2: the trainer rejected its configuration, which is not retried.
+    finish_pod(cluster.api_client(), ns, pod["metadata"]["name"], 2, "lora.r: not supported by this model")
+    st = wait_sweep(cluster, ns, "doomed", lambda s: s.get("phase") == "Failed", "the sweep to fail")
+    assert st["failed"] == 1 and "bestTrial" not in st
+    assert "lora.r: not supported" in st["trials"][0]["message"]
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "NoTrialSucceeded"
+    apply(
+        cluster,
+        ns,
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "AdapterDeployment",
+            "metadata": {"name": "doomed-serve"},
+            "spec": {
+                "baseModel": {"uri": "s3://models/tiny-llama"},
+                "adapters": [{"name": "best", "fineTuneSweepRef": {"name": "doomed"}}],
+            },
+        },
+    )
+
+    def degraded():
+        s = ((get(cluster, ns, "adapterdeployment", "doomed-serve") or {}).get("status")) or {}
+        return s if s.get("phase") == "Degraded" else None
+
+    s = eventually(degraded, timeout=60, what="the AdapterDeployment to be Degraded")
+    resolved = next(c for c in s["conditions"] if c["type"] == "AdaptersResolved")
+    assert (
+        resolved["reason"] == "FineTuneSweepFailed" and "FineTuneSweep doomed failed" in resolved["message"]
+    )
