@@ -353,6 +353,8 @@ INVALID: list[Case] = [
          "spec.parameters", "a parameter under method.lora needs template.method.type lora"),
     Case("sweep-template-invalid", "fts", sweep(template={"method": {"type": "full", "lora": {"r": 8}}}),
          "spec.template.method.lora", "method.lora only applies to method.type lora"),
+    Case("sweep-template-suspended", "fts", sweep(template={"runPolicy": {"suspend": True}}),
+         "spec.template.runPolicy.suspend", "would start every trial suspended"),
     Case("sweep-too-many-trials", "fts", sweep(algorithm="random", maxTrials=1001), "spec.maxTrials",
          "less than or equal to 1000"),
     Case("sweep-name-too-long", "fts", {"metadata": {"name": "s" * 60}}, "metadata.name",

@@ -387,6 +387,14 @@ def _finite(p: SweepParameter) -> bool:
         reason="FieldValueRequired",
     ),
     Rule(
+        "!self.template.runPolicy.suspend",
+        "template.runPolicy.suspend would start every trial suspended, and the sweep would wait forever: "
+        "remove it (the sweep suspends the trials it stops early itself)",
+        check=lambda s: not s.template.run_policy.suspend,
+        field_path=".template.runPolicy.suspend",
+        reason="FieldValueForbidden",
+    ),
+    Rule(
         "!has(self.earlyStopping) || self.objective.metric in ['loss', 'eval_loss']",
         "earlyStopping compares the evaluations trials report while they run, and they report eval_loss "
         "(status.progress.evalLoss): set objective.metric to eval_loss, or remove earlyStopping",
