@@ -220,8 +220,9 @@ class HyperparameterSearch:
     def run(self) -> list[TrialResult]:
         """Run the trials one after another; returns one row per trial, best first."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.trials = []  # a second run() starts over, as a fresh study does
         self.study = optuna.create_study(
-            direction=study_direction(self.direction).name.lower(),
+            direction=study_direction(self.direction),
             sampler=self.sampler,
             pruner=make_pruner(self.early_stopping),
         )
