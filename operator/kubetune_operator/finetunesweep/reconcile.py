@@ -1,7 +1,7 @@
 """Reconcile one FineTuneSweep: observe its trials, prune, start new ones, report.
 
 Level-based: every pass reads the sweep and its trial FineTuneJobs from the API server (a
-consistent list, not the watch cache, so a trial created a moment ago is always seen), rebuilds
+consistent read, not the watch cache, so a trial created a moment ago is always seen), rebuilds
 the Optuna study from them (finetunesweep.study), and then:
 
 1. asks the pruner about each running trial with a new evaluation; a pruned trial is suspended
@@ -46,7 +46,11 @@ def trials_of(kube: Kube, sweep: Body) -> list[Body]:
 
 
 def reconcile(kube: Kube, store: Store, key: Key) -> Result:
-    sweep = store.parents[key]
+    # Read fresh, not from the watch cache: the status rows hold the evaluations seen so far, and
+    # a cached copy that lags our own last status write would drop the newest of them.
+    sweep = kube.get(meta.API_VERSION, KIND, key[0], key[1])
+    if sweep is None:
+        return Result()
     if sweep["metadata"].get("deletionTimestamp"):
         return Result()  # going away (its trials with it): start nothing
     spec = sweep["spec"]
