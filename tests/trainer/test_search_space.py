@@ -221,3 +221,33 @@ def test_space_module_imports_no_torch():
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_successive_halving_keeps_the_best_of_a_rung():
+    params = parse_space({"x": {"min": 0.0, "max": 1.0}})
+    pruner = make_pruner({"rule": "successiveHalving", "minResource": 2, "reductionFactor": 2})
+    study = optuna.create_study(sampler=make_sampler("random", 0, params), pruner=pruner)
+    for value in (1.0, 2.0, 3.0):
+        trial = study.ask(distributions(params))
+        trial.report(value, 2)
+        trial.should_prune()  # records the trial's value at the rung (what later trials compete with)
+        study.tell(trial, value)
+    worst = study.ask(distributions(params))
+    worst.report(9.0, 2)
+    assert worst.should_prune()
+    best = study.ask(distributions(params))
+    best.report(0.5, 2)
+    assert not best.should_prune()
+
+
+def test_tpe_learns_from_finished_trials():
+    """After its random start-up trials TPE asks near the best region, far more often than random would."""
+    params = parse_space({"x": {"min": 0.0, "max": 10.0}})
+    study = optuna.create_study(sampler=make_sampler("tpe", 0, params, max_trials=8))
+    asked = []
+    for _ in range(24):
+        trial = study.ask(distributions(params))
+        asked.append(trial.params["x"])
+        study.tell(trial, (trial.params["x"] - 2.0) ** 2)
+    late = asked[4:]  # 4 start-up trials (half of max_trials)
+    assert sum(abs(x - 2.0) < 2.0 for x in late) > len(late) / 2
