@@ -403,3 +403,12 @@ def test_a_failed_sweep_degrades_the_adapterdeployment_that_serves_it(cluster: C
     assert (
         resolved["reason"] == "FineTuneSweepFailed" and "FineTuneSweep doomed failed" in resolved["message"]
     )
+
+
+def test_a_space_optuna_cannot_use_fails_the_sweep_with_the_reason(cluster: ControlPlane, ns: str) -> None:
+    """The API server's rules cannot bound a grid's size (a product): the operator refuses it."""
+    apply(cluster, ns, sweep("huge", [{"path": LR, "min": 1e-6, "max": 1e-3, "step": 1e-9}]))
+    st = wait_sweep(cluster, ns, "huge", lambda s: s.get("phase") == "Failed", "the sweep to fail")
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSearchSpace" and "more than 100000" in failed["message"]
+    assert trials(cluster, ns, "huge") == []

@@ -180,3 +180,9 @@ def test_trial_phase_and_objective() -> None:
     phase, msg = builders.trial_phase(pruned, None)
     assert phase == "Pruned" and "step 20" in msg
     assert builders.prune_patch(20, 3.0)["spec"] == {"runPolicy": {"suspend": True}}
+
+
+def test_a_huge_grid_is_refused_before_optuna_lists_it() -> None:
+    spec = stored({"parameters": [{"path": LR, "min": 1e-6, "max": 1e-3, "step": 1e-9}]})["spec"]
+    with pytest.raises(space.SearchSpaceError, match="the grid has 999001 points, more than 100000"):
+        study.parameters(spec)

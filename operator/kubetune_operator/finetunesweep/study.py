@@ -14,6 +14,7 @@ child (deleted by hand) is added as a FAIL placeholder so `ask()` returns the ne
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,11 +51,34 @@ class Record:
     rungs: dict[str, float] = field(default_factory=dict)
 
 
+# Optuna's GridSampler lists every point of the grid, on every rebuild: a bound keeps a typo
+# (step 1e-9) from taking the operator's memory. maxTrials caps the trials at 1000 anyway.
+MAX_GRID_POINTS = 100_000
+
+
+def _points(p: Mapping[str, Any], integer: bool) -> float:
+    """How many grid points a parameter has (inf: a continuous range), without listing them."""
+    if p.get("values") is not None:
+        return len(p["values"])
+    if p.get("choices") is not None:
+        return len(p["choices"])
+    lo, hi = float(p.get("min") or 0), float(p.get("max") or 0)
+    step = p.get("step") or (1 if integer and p.get("scale", "linear") == "linear" else None)
+    return math.floor((hi - lo) / float(step) + 1e-9) + 1 if step else math.inf
+
+
 def parameters(spec: Mapping[str, Any]) -> list[space.Parameter]:
     """The sweep's parameters as search-space Parameters (integers for integer fields).
 
     Raises space.SearchSpaceError for a space the API's rules let through but Optuna cannot use.
     """
+    if spec.get("algorithm", "grid") == "grid":
+        size = math.prod(_points(p, p["path"] in INTEGER_PATHS) for p in spec["parameters"])
+        if size > MAX_GRID_POINTS:
+            raise space.SearchSpaceError(
+                f"the grid has {size:.0f} points, more than {MAX_GRID_POINTS}: use fewer values or larger "
+                "steps, or algorithm random or tpe with maxTrials"
+            )
     out = []
     for p in spec["parameters"]:
         integer = p["path"] in INTEGER_PATHS
