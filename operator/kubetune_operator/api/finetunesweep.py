@@ -53,6 +53,8 @@ PruningRule = Literal["median", "successiveHalving"]
 # Trial N of sweep S is the FineTuneJob "S-N" (N < MAX_TRIALS), which must fit in 63 characters.
 MAX_TRIALS = 1000
 NAME_MAX = 63 - len(f"-{MAX_TRIALS - 1}")
+# Evaluations kept per trial in status (the whole sweep is one object, under etcd's size limit).
+MAX_EVALUATIONS = 100
 
 
 # ---- the tunable paths, read off the FineTuneJob models ------------------------------------------
@@ -483,7 +485,9 @@ class TrialStatus(ApiModel):
     )
     step: int | None = Field(None, ge=0, description="Optimizer steps reached.")
     evaluations: list[TrialEvaluation] | None = Field(
-        None, max_length=200, description="Intermediate evaluations seen (what early stopping compares)."
+        None,
+        max_length=MAX_EVALUATIONS,
+        description=f"Intermediate evaluations seen (what early stopping compares; the last {MAX_EVALUATIONS}).",
     )
     adapter_uri: str | None = Field(
         None, max_length=URI_MAX, description="The trial's adapter, once it succeeded."

@@ -15,13 +15,13 @@ from typing import Any
 from kubetune_trainer.search import space
 
 from .. import meta
+from ..api.finetunesweep import MAX_EVALUATIONS
 
 Body = dict[str, Any]
 
 LABEL_TRIAL = "kubetune.io/trial"
 ANNOTATION_TRIAL = "kubetune.io/trial"
 ANNOTATION_PRUNED = "kubetune.io/pruned"
-MAX_EVALUATIONS = 200
 
 
 def trial_name(sweep: Body, number: int) -> str:
