@@ -80,17 +80,35 @@ def _leaf_kind(annotation: Any) -> tuple[str, list[str]] | None:
     return None
 
 
+# path -> [(operator, bound)] of the numeric fields, from the models' ge/gt/le/lt.
+BOUNDS: dict[str, list[tuple[str, float]]] = {}
+_BOUND_OPS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+
+
+def _add(path: str, info: Any, out: dict[str, tuple[str, list[str]]]) -> None:
+    kind = _leaf_kind(info.annotation)
+    if kind is None:
+        return
+    out[path] = kind
+    bounds = [
+        (op, float(getattr(m, attr)))
+        for m in info.metadata
+        for attr, op in _BOUND_OPS
+        if getattr(m, attr, None) is not None
+    ]
+    if bounds and kind[0] != "string":
+        BOUNDS[path] = bounds
+
+
 def _walk(model: type[BaseModel], prefix: str, out: dict[str, tuple[str, list[str]]]) -> None:
     for name, info in model.model_fields.items():
-        kind = _leaf_kind(info.annotation)
-        if kind is not None:
-            out[f"{prefix}{info.alias or name}"] = kind
+        _add(f"{prefix}{info.alias or name}", info, out)
 
 
 def _tunable() -> dict[str, tuple[str, list[str]]]:
     out: dict[str, tuple[str, list[str]]] = {}
     _walk(Hyperparameters, "hyperparameters.", out)
-    out["method.type"] = _leaf_kind(Method.model_fields["type"].annotation)  # type: ignore[assignment]
+    _add("method.type", Method.model_fields["type"], out)
     for block, model in (
         ("lora", LoraParams),
         ("qlora", QLoraParams),
@@ -101,7 +119,7 @@ def _tunable() -> dict[str, tuple[str, list[str]]]:
         _walk(model, f"method.{block}.", out)
     for name in ("max_seq_length", "validation_split"):
         info = Dataset.model_fields[name]
-        out[f"dataset.{info.alias}"] = _leaf_kind(info.annotation)  # type: ignore[assignment]
+        _add(f"dataset.{info.alias}", info, out)
     _walk(Replay, "dataset.replay.", out)
     return out
 
@@ -129,7 +147,40 @@ def _is_int(v: float) -> bool:
 # ---- spec ----------------------------------------------------------------------------------------
 
 
+_PY_OPS = {
+    ">=": lambda a, b: a >= b,
+    ">": lambda a, b: a > b,
+    "<=": lambda a, b: a <= b,
+    "<": lambda a, b: a < b,
+}
+
+
+def _within(path: str) -> Callable[[SweepParameter], bool]:
+    def check(p: SweepParameter) -> bool:
+        if p.path != path:
+            return True
+        points = [*(p.values or []), *(x for x in (p.min, p.max) if x is not None)]
+        return all(_PY_OPS[op](v, b) for v in points for op, b in BOUNDS[path])
+
+    return check
+
+
+def _bound_rule(path: str) -> Rule:
+    def cel(x: str) -> str:
+        return " && ".join(f"{x} {op} {b!r}" for op, b in BOUNDS[path])
+
+    shown = " and ".join(f"{op} {b:g}" for op, b in BOUNDS[path])
+    return Rule(
+        f"self.path != '{path}' || ((!has(self.values) || self.values.all(v, {cel('v')})) && "
+        f"(!has(self.min) || ({cel('self.min')})) && (!has(self.max) || ({cel('self.max')})))",
+        f"{path} takes values {shown} (the FineTuneJob's bounds): keep values, min and max within them",
+        check=_within(path),
+        field_path=".path",
+    )
+
+
 @rules(
+    *(_bound_rule(path) for path in BOUNDS),
     Rule(
         "[has(self.values), has(self.choices), has(self.min) || has(self.max)].filter(x, x).size() == 1",
         "each parameter needs exactly one of values (a list of numbers), choices (a list of strings) or "
