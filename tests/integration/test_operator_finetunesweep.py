@@ -412,3 +412,17 @@ def test_a_space_optuna_cannot_use_fails_the_sweep_with_the_reason(cluster: Cont
     failed = next(c for c in st["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "InvalidSearchSpace" and "more than 100000" in failed["message"]
     assert trials(cluster, ns, "huge") == []
+
+
+def test_a_trial_the_finetunejob_rules_refuse_fails_the_sweep_naming_them(
+    cluster: ControlPlane, ns: str
+) -> None:
+    """fp16 needs GPUs: a FineTuneJob rule the sweep's own rules do not repeat."""
+    body = sweep("cpu", [{"path": "hyperparameters.precision", "choices": ["fp16"]}])
+    body["spec"]["template"]["resources"] = {"nodes": 1, "gpusPerNode": 0}
+    apply(cluster, ns, body)
+    st = wait_sweep(cluster, ns, "cpu", lambda s: s.get("phase") == "Failed", "the sweep to fail")
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "TrialRejected", failed
+    assert "cpu-0" in failed["message"] and "precision fp16 needs GPUs" in failed["message"]
+    assert trials(cluster, ns, "cpu") == []
