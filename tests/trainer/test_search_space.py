@@ -91,6 +91,14 @@ def test_grid_over_a_range_needs_a_step():
     assert grid_size(parse_space({"r": {"min": 1, "max": 4}, "b": [1, 2]})) == 8
 
 
+def test_a_huge_grid_is_refused_without_listing_it():
+    params = parse_space({"lr": {"min": 0.0, "max": 1.0, "step": 1e-9}, "r": [4, 8]})
+    assert grid_size(params) == 2 * (10**9 + 1)
+    with pytest.raises(SearchSpaceError, match=r"the grid has 2000000002 points, more than 100000"):
+        make_sampler("grid", 0, params)
+    assert isinstance(make_sampler("tpe", 0, params, max_trials=20), optuna.samplers.TPESampler)
+
+
 def test_unknown_algorithm():
     with pytest.raises(SearchSpaceError, match=r"unknown algorithm .bayes..*grid, random, tpe"):
         make_sampler("bayes", 0, parse_space({"x": [1]}))

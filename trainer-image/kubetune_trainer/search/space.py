@@ -40,6 +40,8 @@ DEFAULT_REDUCTION_FACTOR = 3  # successive halving: keep the best 1/factor at ea
 # for the small sweeps fine-tuning affords); capped at half of maxTrials.
 TPE_STARTUP_TRIALS = 10
 
+# Optuna's GridSampler lists every point: a bound keeps a typo (step 1e-9) from taking the memory.
+MAX_GRID_POINTS = 100_000
 _GRID_DIGITS = 12  # grid points are rounded so 0.1 + 2 * 0.1 prints as 0.3
 
 
@@ -115,6 +117,14 @@ class Parameter(BaseModel):
             and (self.step is None or isinstance(self.step, int))
         )
 
+    def grid_count(self) -> int | None:
+        """How many points a grid visits for this parameter, without listing them (None: no step)."""
+        if self.values is not None:
+            return len(self.values)
+        assert self.min is not None and self.max is not None
+        step = self.step if self.step is not None else (1 if self.is_int and self.scale == "linear" else None)
+        return None if step is None else _steps(self.max - self.min, step) + 1
+
     def grid_values(self) -> list[Any]:
         """Every point a grid visits: the values, or min, min+step, ... up to max."""
         if self.values is not None:
@@ -127,10 +137,16 @@ class Parameter(BaseModel):
                 f"{self.min}..{self.max}; add step: ... or use algorithm random / tpe"
             )
         assert self.min is not None and self.max is not None
-        count = math.floor((self.max - self.min) / self.step + 1e-9) + 1
+        count = _steps(self.max - self.min, self.step) + 1
         if self.is_int:
             return [int(self.min + i * self.step) for i in range(count)]
         return [round(self.min + i * self.step, _GRID_DIGITS) for i in range(count)]
+
+
+def _steps(span: float, step: float) -> int:
+    """Whole steps in ``span``; 0.3 / 0.1 (2.9999999999999996 in floats) counts as 3."""
+    n = span / step
+    return round(n) if abs(n - round(n)) <= 1e-9 * max(1.0, n) else math.floor(n)
 
 
 class EarlyStopping(BaseModel):
@@ -253,10 +269,10 @@ def grid_size(parameters: Sequence[Parameter]) -> int | None:
     """How many points a full grid has, or None when some range has no step (not a grid)."""
     size = 1
     for p in parameters:
-        try:
-            size *= len(p.grid_values())
-        except SearchSpaceError:
+        count = p.grid_count()
+        if count is None:
             return None
+        size *= count
     return size
 
 
@@ -280,6 +296,12 @@ def make_sampler(
 ) -> optuna.samplers.BaseSampler:
     """The seeded Optuna sampler of ``algorithm`` (grid | random | tpe)."""
     if algorithm == "grid":
+        size = grid_size(parameters)
+        if size is not None and size > MAX_GRID_POINTS:
+            raise SearchSpaceError(
+                f"the grid has {size} points, more than {MAX_GRID_POINTS}: use fewer values or larger steps, "
+                "or algorithm random or tpe with a number of trials"
+            )
         grid = {p.path: p.grid_values() for p in parameters}  # raises for a range with no step
         return GridSampler(grid, seed=seed)
     if algorithm == "random":
