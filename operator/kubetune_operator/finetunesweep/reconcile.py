@@ -79,10 +79,12 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     old_rows = {r["name"]: r for r in status.get("trials") or []}
     rows: list[Body] = []
     records: list[study.Record] = []
+    observed: list[tuple[Body, study.Record, Body]] = []
     for job in jobs:
         row, record = _observe(job, old_rows.pop(job["metadata"]["name"], None), spec["template"], metric)
         rows.append(row)
         records.append(record)
+        observed.append((row, record, job))
     # A trial whose FineTuneJob was deleted keeps its row (and its number: it is not run again).
     for gone in old_rows.values():
         if gone.get("phase") not in builders.TERMINAL:
@@ -94,7 +96,7 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     # 1. Prune running trials that fell behind (only those with an evaluation not yet judged).
     if spec.get("earlyStopping") and any(r.phase == "Running" and r.evaluations for r in records):
         search = study.rebuild(spec, params, records, next_number)
-        for row, record, job in zip(rows, records, jobs, strict=True):
+        for row, record, job in observed:
             if record.phase != "Running" or not record.evaluations:
                 continue
             prune, rungs = study.should_prune(search, record.number)
@@ -128,9 +130,10 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
             if e.status == 404 or (e.status == 403 and "NamespaceTerminating" in (e.body or "")):
                 return Result()  # the namespace is going away, and the sweep with it
             if e.status in (400, 422):
-                # A parameter value the FineTuneJob's own rules reject: that trial fails, the sweep goes on.
+                # A combination the FineTuneJob's own rules refuse: the sweep cannot go on as it is.
                 msg = f"the API server rejected trial {child['metadata']['name']}: {_reason(e)}"
-                kube.post_event(sweep, "TrialRejected", msg, "Warning")
+                if (get_condition(conditions, "Failed") or {}).get("message") != msg:
+                    kube.post_event(sweep, "TrialRejected", msg, "Warning")
                 conditions = set_condition(conditions, "Failed", True, "TrialRejected", msg, generation)
                 _write(
                     kube,
