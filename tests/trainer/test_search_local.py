@@ -233,8 +233,9 @@ def test_cli_sweep_runs_the_manifest_locally(
     [
         (lambda s: s.replace("kind: FineTuneSweep", "kind: FineTuneJob"), "expected kind: FineTuneSweep"),
         (
-            lambda s: s.replace("hyperparameters.learningRate", "hyperparameters.maxSteps.x"),
-            "'hyperparameters.maxSteps' is 2, not a mapping",
+            lambda s: s.replace("hyperparameters.learningRate", "hyperparameters.learnigRate"),
+            "'hyperparameters.learnigRate' is not a tunable field of the FineTuneJob spec (did you mean "
+            "'hyperparameters.learningRate'?)",
         ),
         (
             lambda s: s.replace("values: [1e-06, 0.003]", "min: 0.0001\n      max: 0.001"),

@@ -7,6 +7,7 @@ where the cluster needs URIs (the API server's rules are not applied here, as fo
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,22 @@ def manifest_space(parameters: Any, source: str) -> list[dict[str, Any]]:
     return space
 
 
+def check_paths(space: list[dict[str, Any]], source: str) -> None:
+    """Each path must be a tunable field of the FineTuneJob spec: a typo would otherwise add a field
+    the conversion ignores, and every trial would train the same."""
+    from kubetune_operator.api.finetunesweep import TUNABLE
+
+    for entry in space:
+        path = entry.get("path")
+        if path not in TUNABLE:
+            close = difflib.get_close_matches(str(path), list(TUNABLE), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"{source}: parameter path {path!r} is not a tunable field of the FineTuneJob spec{hint}; "
+                f"tunable: {', '.join(TUNABLE)}"
+            )
+
+
 class ManifestSearch(HyperparameterSearch):
     """A HyperparameterSearch whose trials are the sweep's template with the parameters set."""
 
@@ -93,9 +110,11 @@ class ManifestSearch(HyperparameterSearch):
         self._to_config = _convert()
         objective = spec.get("objective") or {}
         config = self._job_config(self.template, self.name)
+        space = manifest_space(spec.get("parameters"), source)
+        check_paths(space, source)
         super().__init__(
             config,
-            manifest_space(spec.get("parameters"), source),
+            space,
             objective=objective.get("metric", "eval_loss"),
             direction=objective.get("direction", "minimize"),
             algorithm=spec.get("algorithm", "grid"),
