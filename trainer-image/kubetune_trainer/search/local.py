@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import gc
 import json
 import logging
 import math
@@ -280,6 +281,8 @@ class HyperparameterSearch:
         finally:
             step = int(finetuner.trainer.state.global_step) if finetuner.trainer is not None else 0
             finetuner.close()
+            del finetuner
+            _free_memory()  # the next trial loads its own base model
         value = metrics.get(objective_key(self.objective))
         if state == "complete" and (value is None or not math.isfinite(float(value))):
             state, error = "failed", f"objective {self.objective} is {value!r}"
@@ -356,6 +359,15 @@ def table_cells(row: TrialResult, paths: Sequence[str]) -> list[str]:
 
 def format_line(cells: Sequence[str], widths: Sequence[int]) -> str:
     return "  ".join(cell.ljust(w) for cell, w in zip(cells, widths, strict=True)).rstrip()
+
+
+def _free_memory() -> None:
+    """Release the finished trial's model (Trainer and model hold reference cycles) and its GPU cache."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _unknown_field(path: str, config: Mapping[str, Any]) -> str:
