@@ -426,3 +426,25 @@ def test_a_trial_the_finetunejob_rules_refuse_fails_the_sweep_naming_them(
     assert failed["reason"] == "TrialRejected", failed
     assert "cpu-0" in failed["message"] and "precision fp16 needs GPUs" in failed["message"]
     assert trials(cluster, ns, "cpu") == []
+
+
+def test_a_trial_deleted_by_hand_keeps_its_row_and_is_not_run_again(cluster: ControlPlane, ns: str) -> None:
+    params = [{"path": LR, "values": [1e-4, 2e-4, 3e-4]}]
+    apply(cluster, ns, sweep("gone", params, parallelism=2, earlyStopping={"startupTrials": 1}))
+    wait_trials(cluster, ns, "gone", 2)
+    wait_sweep(cluster, ns, "gone", lambda s: len(s.get("trials") or []) == 2, "two status rows")
+    cluster.kubectl("delete", "finetunejob", "gone-0", namespace=ns)
+    running_pod(cluster, ns, "gone-1")
+    report_progress(cluster, ns, "gone-1", 10, 2.0)  # early stopping looks at gone-1 beside the deleted row
+    st = wait_sweep(
+        cluster,
+        ns,
+        "gone",
+        lambda s: row(s, "gone-0").get("phase") == "Failed" and row(s, "gone-1").get("evaluations"),
+        "the deleted trial's row to say so",
+    )
+    assert row(st, "gone-0")["message"] == "its FineTuneJob was deleted"
+    # Its slot went to a new number; gone-0 is not created again.
+    wait_trials(cluster, ns, "gone", 2)
+    names = [j["metadata"]["name"] for j in trials(cluster, ns, "gone")]
+    assert names == ["gone-1", "gone-2"], names
