@@ -14,7 +14,6 @@ child (deleted by hand) is added as a FAIL placeholder so `ask()` returns the ne
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,34 +50,11 @@ class Record:
     rungs: dict[str, float] = field(default_factory=dict)
 
 
-# Optuna's GridSampler lists every point of the grid, on every rebuild: a bound keeps a typo
-# (step 1e-9) from taking the operator's memory. maxTrials caps the trials at 1000 anyway.
-MAX_GRID_POINTS = 100_000
-
-
-def _points(p: Mapping[str, Any], integer: bool) -> float:
-    """How many grid points a parameter has (inf: a continuous range), without listing them."""
-    if p.get("values") is not None:
-        return len(p["values"])
-    if p.get("choices") is not None:
-        return len(p["choices"])
-    lo, hi = float(p.get("min") or 0), float(p.get("max") or 0)
-    step = p.get("step") or (1 if integer and p.get("scale", "linear") == "linear" else None)
-    return math.floor((hi - lo) / float(step) + 1e-9) + 1 if step else math.inf
-
-
 def parameters(spec: Mapping[str, Any]) -> list[space.Parameter]:
     """The sweep's parameters as search-space Parameters (integers for integer fields).
 
     Raises space.SearchSpaceError for a space the API's rules let through but Optuna cannot use.
     """
-    if spec.get("algorithm", "grid") == "grid":
-        size = math.prod(_points(p, p["path"] in INTEGER_PATHS) for p in spec["parameters"])
-        if size > MAX_GRID_POINTS:
-            raise space.SearchSpaceError(
-                f"the grid has {size:.0f} points, more than {MAX_GRID_POINTS}: use fewer values or larger "
-                "steps, or algorithm random or tpe with maxTrials"
-            )
     out = []
     for p in spec["parameters"]:
         integer = p["path"] in INTEGER_PATHS
@@ -96,7 +72,16 @@ def parameters(spec: Mapping[str, Any]) -> list[space.Parameter]:
             if p.get("step") is not None:
                 item["step"] = num(p["step"])
         out.append(item)
-    return space.parse_space(out)
+    params = space.parse_space(out)
+    # Optuna's GridSampler lists every point of the grid, on every rebuild: the space's bound
+    # keeps a typo (step 1e-9) from taking the operator's memory. Counted, never listed.
+    size = space.grid_size(params) if spec.get("algorithm", "grid") == "grid" else None
+    if size is not None and size > space.MAX_GRID_POINTS:
+        raise space.SearchSpaceError(
+            f"the grid has {size} points, more than {space.MAX_GRID_POINTS}: use fewer values or larger "
+            "steps, or algorithm random or tpe with maxTrials"
+        )
+    return params
 
 
 def total_trials(spec: Mapping[str, Any], params: Sequence[space.Parameter]) -> int:
