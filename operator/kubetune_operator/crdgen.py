@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .api import GROUP, VERSION, AdapterDeployment, FineTuneJob
+from .api import GROUP, VERSION, AdapterDeployment, FineTuneJob, FineTuneSweep
 from .api.base import ApiModel
 from .api.openapi import Schema, describe, root_schema
 
@@ -79,6 +79,27 @@ KINDS = [
             _col("Workers", "string", ".status.workers", "Nodes x GPUs per node, e.g. 2x8."),
             _col("Attempt", "integer", ".status.attempt", "Current attempt.", priority=1),
             _col("Eval Loss", "number", ".status.progress.evalLoss", "Latest validation loss.", 1, "float"),
+            AGE,
+        ],
+    ),
+    Kind(
+        FineTuneSweep,
+        "finetunesweeps",
+        ["fts"],
+        [
+            _col("Phase", "string", ".status.phase", "Pending, Running, Succeeded or Failed."),
+            _col("Trials", "string", ".status.completed", "Finished trials / all trials."),
+            _col("Running", "integer", ".status.running", "Trials running now."),
+            _col(
+                "Best",
+                "number",
+                ".status.bestTrial.objective",
+                "Objective of the best trial so far.",
+                fmt="float",
+            ),
+            _col("Best Trial", "string", ".status.bestTrial.name", "The best trial's FineTuneJob."),
+            _col("Algorithm", "string", ".spec.algorithm", "grid, random or tpe.", priority=1),
+            _col("Pruned", "integer", ".status.pruned", "Trials stopped early.", priority=1),
             AGE,
         ],
     ),
@@ -249,7 +270,7 @@ def render_docs() -> str:
         "operator/kubetune_operator/api/. Do not edit. -->",
         f"# API reference: {GROUP}/{VERSION}",
         "",
-        "Both kinds are namespaced, have a status subresource and belong to the `kubetune` category "
+        "The kinds are namespaced, have a status subresource and belong to the `kubetune` category "
         "(`kubectl get kubetune`). `kubectl explain finetunejob.spec` prints the same descriptions. "
         "Copyable manifests are in [examples/](../examples/); the design decisions behind the API are in "
         "[api-design.md](api-design.md).",

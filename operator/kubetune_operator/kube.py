@@ -35,6 +35,7 @@ _RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     ("kubetune.io/v1alpha1", "FineTuneJob"): ("/apis/kubetune.io/v1alpha1", "finetunejobs"),
     ("kubetune.io/v1alpha1", "AdapterDeployment"): ("/apis/kubetune.io/v1alpha1", "adapterdeployments"),
+    ("kubetune.io/v1alpha1", "FineTuneSweep"): ("/apis/kubetune.io/v1alpha1", "finetunesweeps"),
 }
 
 
@@ -112,6 +113,15 @@ class Kube:
                 content_type="application/apply-patch+yaml",
                 query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
             )
+        )
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create `obj`; ApiException 409 AlreadyExists when the name is taken (never overwrites:
+        for children whose name must be used once, such as a sweep's trials)."""
+        meta = obj["metadata"]
+        path = object_path(obj["apiVersion"], obj["kind"], meta["namespace"])
+        return retry_conflicts(
+            lambda: self.request("POST", path, obj, query=[("fieldManager", FIELD_MANAGER)])
         )
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:

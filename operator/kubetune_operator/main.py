@@ -78,6 +78,7 @@ def make_registry(
     registry = kopf.OperatorRegistry()
     ftj = controllers["FineTuneJob"]
     adep = controllers.get("AdapterDeployment")
+    sweep = controllers.get("FineTuneSweep")
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -150,6 +151,33 @@ def make_registry(
         async def finetunejob_for_adapters(body: kopf.Body, **_: Any) -> None:
             adep.requeue_referrers(body["metadata"]["namespace"], body["metadata"]["name"])
 
+    if sweep is not None:
+
+        @kopf.on.event(meta.GROUP, meta.VERSION, "finetunesweeps", registry=registry)
+        async def finetunesweep_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+            sweep.parent_event(type, dict(body))
+
+        # A sweep's trials are FineTuneJobs labelled with the sweep: their phase and progress
+        # (the evaluations early stopping reads) requeue the sweep.
+        @kopf.on.event(
+            meta.GROUP,
+            meta.VERSION,
+            "finetunejobs",
+            labels={meta.LABEL_FINETUNESWEEP: kopf.PRESENT},
+            registry=registry,
+            id="finetunejob_for_sweeps",
+        )
+        async def trial_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+            sweep.child_event("FineTuneJob", meta.LABEL_FINETUNESWEEP, type, dict(body))
+
+        if adep is not None:
+            # AdapterDeployments serving a sweep's best trial (fineTuneSweepRef) hear when it changes.
+            @kopf.on.event(
+                meta.GROUP, meta.VERSION, "finetunesweeps", registry=registry, id="finetunesweep_for_adapters"
+            )
+            async def finetunesweep_for_adapters(body: kopf.Body, **_: Any) -> None:
+                adep.requeue_referrers(body["metadata"]["namespace"], body["metadata"]["name"])
+
     return registry
 
 
@@ -197,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
     from .adapterdeployment.reconcile import finetunejob_refs
     from .adapterdeployment.reconcile import reconcile as reconcile_adapterdeployment
     from .finetunejob.reconcile import reconcile as reconcile_finetunejob
+    from .finetunesweep.reconcile import reconcile as reconcile_finetunesweep
 
     api_client = build_api_client(args.kubeconfig, pool_size=2 * args.workers)
     kube = Kube(api_client)
@@ -206,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
         "AdapterDeployment": KindController(
             "AdapterDeployment", kube, reconcile_adapterdeployment, executor, refs=finetunejob_refs
         ),
+        "FineTuneSweep": KindController("FineTuneSweep", kube, reconcile_finetunesweep, executor),
     }
     registry = make_registry(controllers, args.resync_seconds, api_client, args.workers)
     if args.metrics_port:

@@ -18,6 +18,7 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 # Which parent a child belongs to (the operator's watches select on these).
 LABEL_FINETUNEJOB = "kubetune.io/finetunejob"
 LABEL_ADAPTERDEPLOYMENT = "kubetune.io/adapterdeployment"
+LABEL_FINETUNESWEEP = "kubetune.io/finetunesweep"
 LABEL_ATTEMPT = "kubetune.io/attempt"
 
 

@@ -53,13 +53,21 @@ FINETUNEJOBS_PHASE = PhaseTracker("kubetune_finetunejobs", "FineTuneJobs by phas
 ADAPTERDEPLOYMENTS_PHASE = PhaseTracker(
     "kubetune_adapterdeployments", "AdapterDeployments by phase, as last reconciled."
 )
+FINETUNESWEEPS_PHASE = PhaseTracker("kubetune_finetunesweeps", "FineTuneSweeps by phase, as last reconciled.")
+SWEEP_TRIALS = Counter(
+    "kubetune_finetunesweep_trials_total",
+    "Sweep trials the operator started (created) and stopped early (pruned).",
+    ["event"],
+)
 REGISTRY.register(FINETUNEJOBS_PHASE)
+REGISTRY.register(FINETUNESWEEPS_PHASE)
 REGISTRY.register(ADAPTERDEPLOYMENTS_PHASE)
 
 # Phase gauges by parent kind (controller.KindController forgets a deleted object's phase).
 PHASES: dict[str, PhaseTracker] = {
     "FineTuneJob": FINETUNEJOBS_PHASE,
     "AdapterDeployment": ADAPTERDEPLOYMENTS_PHASE,
+    "FineTuneSweep": FINETUNESWEEPS_PHASE,
 }
 
 

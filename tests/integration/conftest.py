@@ -10,7 +10,7 @@ from tests.conftest import eventually
 from tests.testground.cluster import REPO, ControlPlane
 
 CRD_FILES = sorted((REPO / "crds").glob("*.yaml"))
-CRD_NAMES = ("finetunejobs.kubetune.io", "adapterdeployments.kubetune.io")
+CRD_NAMES = ("finetunejobs.kubetune.io", "adapterdeployments.kubetune.io", "finetunesweeps.kubetune.io")
 
 
 @pytest.fixture(scope="session")

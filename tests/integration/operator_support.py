@@ -18,7 +18,7 @@ CRDS = sorted((REPO / "crds").glob("*.yaml"))
 def install_crds(cluster: ControlPlane) -> None:
     for crd in CRDS:
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
-    for crd in ("finetunejobs.kubetune.io", "adapterdeployments.kubetune.io"):
+    for crd in ("finetunejobs.kubetune.io", "adapterdeployments.kubetune.io", "finetunesweeps.kubetune.io"):
         cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_operator.api import AdapterDeployment, FineTuneJob
+from kubetune_operator.api import AdapterDeployment, FineTuneJob, FineTuneSweep
 from kubetune_operator.api.openapi import Schema, root_schema
 from tests.testground.cluster import ControlPlane
-from tests.unit.test_api_cases import adapterdeployment, finetunejob
+from tests.unit.test_api_cases import adapterdeployment, finetunejob, finetunesweep
 
 pytestmark = pytest.mark.cluster
 
@@ -55,7 +55,9 @@ def explain_problems(out: str, path: str, node: Schema) -> Iterator[str]:
             yield f"{path}.{key}: allowed values are not listed"
 
 
-@pytest.mark.parametrize(("model", "resource"), [(FineTuneJob, "finetunejob"), (AdapterDeployment, "adep")])
+@pytest.mark.parametrize(
+    ("model", "resource"), [(FineTuneJob, "finetunejob"), (AdapterDeployment, "adep"), (FineTuneSweep, "fts")]
+)
 def test_explain_teaches_every_field(
     cluster: ControlPlane, kubetune_crds: list[Path], model: type, resource: str
 ) -> None:
@@ -165,20 +167,41 @@ def test_adapterdeployment_printer_columns(cluster: ControlPlane, ns: str) -> No
     assert wide["RUNTIME"] == "builtin"
 
 
+def test_finetunesweep_printer_columns(cluster: ControlPlane, ns: str) -> None:
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(finetunesweep("search")), namespace=ns)
+    patch_status(
+        cluster, ns, "finetunesweep", "search",
+        {
+            "phase": "Running", "observedGeneration": 1, "completed": "3/8", "running": 2, "pruned": 1,
+            "bestTrial": {"name": "search-1", "objective": 0.875},
+        },
+    )  # fmt: skip
+    [row] = table(cluster, ns, "fts", "search")
+    assert list(row) == ["NAME", "PHASE", "TRIALS", "RUNNING", "BEST", "BEST TRIAL", "AGE"]
+    assert {k: row[k] for k in ("PHASE", "TRIALS", "RUNNING", "BEST", "BEST TRIAL")} == {
+        "PHASE": "Running", "TRIALS": "3/8", "RUNNING": "2", "BEST": "0.875", "BEST TRIAL": "search-1",
+    }  # fmt: skip
+    [wide] = table(cluster, ns, "fts", "search", "-o", "wide")
+    assert wide["ALGORITHM"] == "grid" and wide["PRUNED"] == "1"
+
+
 def test_short_names_and_the_kubetune_category(cluster: ControlPlane, ns: str) -> None:
     cluster.kubectl("apply", "-f", "-", input=json.dumps(finetunejob("in-category")), namespace=ns)
     cluster.kubectl("apply", "-f", "-", input=json.dumps(adapterdeployment("in-category")), namespace=ns)
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(finetunesweep("in-category")), namespace=ns)
     out = cluster.kubectl("get", "kubetune", "-o", "name", namespace=ns).stdout.split()
     assert "finetunejob.kubetune.io/in-category" in out and "adapterdeployment.kubetune.io/in-category" in out
+    assert "finetunesweep.kubetune.io/in-category" in out
     by_short_name = cluster.kubectl(
-        "get", "ftj,adep", "in-category", "-o", "name", namespace=ns
+        "get", "ftj,adep,fts", "in-category", "-o", "name", namespace=ns
     ).stdout.split()
     assert by_short_name == [
         "finetunejob.kubetune.io/in-category",
         "adapterdeployment.kubetune.io/in-category",
+        "finetunesweep.kubetune.io/in-category",
     ]
     resources = cluster.kubectl("api-resources", "--api-group=kubetune.io", "-o", "wide").stdout
-    for plural, short in (("finetunejobs", "ftj"), ("adapterdeployments", "adep")):
+    for plural, short in (("finetunejobs", "ftj"), ("adapterdeployments", "adep"), ("finetunesweeps", "fts")):
         assert re.search(
             rf"^{plural}\s+{short}\s+kubetune.io/v1alpha1\s+true\s+\w+\s+.*kubetune", resources, re.M
         ), resources

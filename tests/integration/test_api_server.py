@@ -18,7 +18,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kubetune_operator.api import load_adapterdeployment, load_finetunejob
+from kubetune_operator.api import load_adapterdeployment, load_finetunejob, load_finetunesweep
 from tests.testground.cluster import REPO, ControlPlane
 from tests.unit.test_api_cases import (
     ACCEPTED,
@@ -33,8 +33,16 @@ from tests.unit.test_api_cases import (
 pytestmark = pytest.mark.cluster
 
 GROUP, VERSION = "kubetune.io", "v1alpha1"
-PLURALS = {"FineTuneJob": "finetunejobs", "AdapterDeployment": "adapterdeployments"}
-LOADERS = {"FineTuneJob": load_finetunejob, "AdapterDeployment": load_adapterdeployment}
+PLURALS = {
+    "FineTuneJob": "finetunejobs",
+    "AdapterDeployment": "adapterdeployments",
+    "FineTuneSweep": "finetunesweeps",
+}
+LOADERS = {
+    "FineTuneJob": load_finetunejob,
+    "AdapterDeployment": load_adapterdeployment,
+    "FineTuneSweep": load_finetunesweep,
+}
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 
 

@@ -118,6 +118,30 @@ def test_helm_install_namespaced_mode_and_the_operator_runs_with_only_its_roles(
             return out.stdout == "Ready"
 
         eventually(ready, timeout=60, what="AdapterDeployment scoped-serve to be Ready")
+        # A FineTuneSweep: the operator creates its trial FineTuneJob (ownerReference with
+        # blockOwnerDeletion) and writes the sweep's status with only the chart's Role.
+        template = finetunejob("t", pod_labels=HOLD)["spec"]
+        template["dataset"]["validationSplit"] = 0.1
+        sweep = {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneSweep",
+            "metadata": {"name": "scoped-sweep"},
+            "spec": {"template": template, "parameters": [{"path": "method.lora.r", "values": [8]}]},
+        }
+        apply(cluster, namespace, sweep)
+        wait_phase(cluster, namespace, "scoped-sweep-0", "Running")
+        (pod,) = pods(cluster, namespace, "kubetune.io/finetunejob=scoped-sweep-0")
+        finish_pod(
+            cluster.api_client(), namespace, pod["metadata"]["name"], 0, '{"metrics": {"eval_loss": 1.0}}'
+        )
+
+        def swept():
+            out = cluster.kubectl(
+                "get", "fts", "scoped-sweep", "-o", "jsonpath={.status.phase}", namespace=namespace
+            )
+            return out.stdout == "Succeeded"
+
+        eventually(swept, timeout=60, what="FineTuneSweep scoped-sweep to succeed")
         log = op.log_text()
         denied = rbac_denials(log)
         assert not denied, "\n".join(denied)[-3000:]

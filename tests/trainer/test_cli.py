@@ -31,7 +31,7 @@ def _kubetune(*args: str, cwd: Path | None = None, timeout: float = 300) -> subp
 def test_parser_lists_the_commands() -> None:
     parser = build_parser()
     choices = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert {"make-tiny-model", "train", "run", "quickstart"} <= set(choices)
+    assert {"make-tiny-model", "train", "run", "sweep", "quickstart"} <= set(choices)
 
 
 def test_exit_code_mapping() -> None:

@@ -13,7 +13,12 @@ from typing import Any
 
 import pytest
 
-from kubetune_operator.api import InvalidManifestError, load_adapterdeployment, load_finetunejob
+from kubetune_operator.api import (
+    InvalidManifestError,
+    load_adapterdeployment,
+    load_finetunejob,
+    load_finetunesweep,
+)
 
 DELETE = object()
 
@@ -43,6 +48,23 @@ def adapterdeployment(name: str = "valid-serve") -> dict[str, Any]:
     }
 
 
+def finetunesweep(name: str = "valid-sweep") -> dict[str, Any]:
+    template = finetunejob()["spec"]
+    template["dataset"]["validationSplit"] = 0.1
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneSweep",
+        "metadata": {"name": name},
+        "spec": {
+            "template": template,
+            "parameters": [{"path": "hyperparameters.learningRate", "values": [1e-4, 1e-3]}],
+        },
+    }
+
+
+BASES = {"ftj": finetunejob, "adep": adapterdeployment, "fts": finetunesweep}
+
+
 def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge patch into a copy of base; DELETE removes a key, lists are replaced."""
     out = copy.deepcopy(base)
@@ -59,7 +81,7 @@ def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Case:
     id: str
-    kind: str  # "ftj" or "adep"
+    kind: str  # "ftj", "adep" or "fts"
     patch: dict[str, Any]
     path: str  # the field the error names
     fix: str  # the words that say what to fix (in the server's and the client's message)
@@ -68,7 +90,7 @@ class Case:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def manifest(self, name: str | None = None) -> dict[str, Any]:
-        base = finetunejob() if self.kind == "ftj" else adapterdeployment()
+        base = BASES[self.kind]()
         obj = merge(base, self.patch)
         if name and "name" not in self.patch.get("metadata", {}):
             obj["metadata"]["name"] = name
@@ -76,6 +98,10 @@ class Case:
 
 
 def spec(**kw: Any) -> dict[str, Any]:
+    return {"spec": kw}
+
+
+def sweep(**kw: Any) -> dict[str, Any]:
     return {"spec": kw}
 
 
@@ -288,6 +314,79 @@ INVALID: list[Case] = [
          "less than or equal to 65535"),
     Case("adapterdeployment-name-too-long", "adep", {"metadata": {"name": LONG_NAME}}, "metadata.name",
          "must be at most 63 characters"),
+    # ---- FineTuneSweep ----
+    Case("sweep-unknown-path", "fts", sweep(parameters=[{"path": "hyperparameters.learningrate", "values": [1e-4]}]),
+         "spec.parameters[0].path", "must be a tunable field of the FineTuneJob spec"),
+    Case("sweep-path-not-a-scalar", "fts", sweep(parameters=[{"path": "method.lora", "values": [8]}]),
+         "spec.parameters[0].path", "must be a tunable field of the FineTuneJob spec"),
+    Case("sweep-no-parameters", "fts", sweep(parameters=[]), "spec.parameters", "at least 1",
+         server="should have at least 1 items", client="at least 1 item"),
+    Case("sweep-empty-values", "fts", sweep(parameters=[{"path": "method.lora.r", "values": []}]),
+         "spec.parameters[0].values", "at least 1", server="should have at least 1 items", client="at least 1 item"),
+    Case("sweep-values-and-range", "fts",
+         sweep(parameters=[{"path": "hyperparameters.learningRate", "values": [1e-4], "min": 1e-5, "max": 1e-3}]),
+         "spec.parameters[0]", "needs exactly one of values"),
+    Case("sweep-nothing-to-try", "fts", sweep(parameters=[{"path": "hyperparameters.learningRate"}]),
+         "spec.parameters[0]", "needs exactly one of values"),
+    Case("sweep-min-without-max", "fts", sweep(parameters=[{"path": "hyperparameters.learningRate", "min": 1e-5}]),
+         "spec.parameters[0].max", "a range needs both min and max"),
+    Case("sweep-min-above-max", "fts",
+         sweep(parameters=[{"path": "hyperparameters.learningRate", "min": 1e-3, "max": 1e-5}]),
+         "spec.parameters[0].max", "min must be below max"),
+    Case("sweep-log-from-zero", "fts",
+         sweep(parameters=[{"path": "hyperparameters.warmupRatio", "min": 0, "max": 0.2, "scale": "log"}],
+               algorithm="random", maxTrials=4),
+         "spec.parameters[0].min", "scale log needs min > 0"),
+    Case("sweep-step-on-values", "fts", sweep(parameters=[{"path": "method.lora.r", "values": [8, 16], "step": 8}]),
+         "spec.parameters[0].step", "step only applies to a range"),
+    Case("sweep-string-path-with-values", "fts", sweep(parameters=[{"path": "hyperparameters.scheduler", "values": [1]}]),
+         "spec.parameters[0].path", "this path takes strings: list them under choices"),
+    Case("sweep-number-path-with-choices", "fts", sweep(parameters=[{"path": "method.lora.r", "choices": ["8"]}]),
+         "spec.parameters[0].choices", "this path takes numbers"),
+    Case("sweep-choice-not-accepted", "fts",
+         sweep(parameters=[{"path": "hyperparameters.scheduler", "choices": ["cosine", "exponential"]}]),
+         "spec.parameters[0].choices", "choices must be values the field accepts"),
+    Case("sweep-fractional-rank", "fts", sweep(parameters=[{"path": "method.lora.r", "values": [8, 12.5]}]),
+         "spec.parameters[0].path", "this path is an integer"),
+    Case("sweep-duplicate-path", "fts",
+         sweep(parameters=[{"path": "method.lora.r", "values": [8]}, {"path": "method.lora.r", "values": [16]}]),
+         "spec.parameters[1]", "Duplicate value", server="Duplicate value"),
+    Case("sweep-grid-range-without-step", "fts",
+         sweep(parameters=[{"path": "hyperparameters.learningRate", "min": 1e-5, "max": 1e-3}]),
+         "spec.parameters", "algorithm grid needs a finite set for every parameter"),
+    Case("sweep-random-without-max-trials", "fts", sweep(algorithm="random"), "spec.maxTrials",
+         "algorithms random and tpe need maxTrials"),
+    Case("sweep-parallelism-above-max-trials", "fts", sweep(maxTrials=2, parallelism=3), "spec.parallelism",
+         "parallelism must be at most maxTrials"),
+    Case("sweep-objective-typo", "fts", sweep(objective={"metric": "eval_los"}), "spec.objective.metric",
+         "objective.metric must be a number the trainer reports"),
+    Case("sweep-objective-not-computed", "fts", sweep(objective={"metric": "exact_match", "direction": "maximize"}),
+         "spec.objective.metric", "add it to template.evaluation.metrics"),
+    Case("sweep-without-validation-data", "fts", sweep(template={"dataset": {"validationSplit": DELETE}}),
+         "spec.template.dataset", "a sweep compares trials on validation data"),
+    Case("sweep-early-stopping-on-exact-match", "fts",
+         sweep(template={"evaluation": {"metrics": ["exact_match"]}}, earlyStopping={},
+               objective={"metric": "exact_match", "direction": "maximize"}),
+         "spec.earlyStopping", "set objective.metric to eval_loss"),
+    Case("sweep-startup-trials-with-halving", "fts",
+         sweep(earlyStopping={"rule": "successiveHalving", "startupTrials": 2}), "spec.earlyStopping.startupTrials",
+         "startupTrials belongs to the median rule"),
+    Case("sweep-lora-path-with-full", "fts",
+         sweep(template={"method": {"type": "full"}}, parameters=[{"path": "method.lora.r", "values": [8, 16]}]),
+         "spec.parameters", "a parameter under method.lora needs template.method.type lora"),
+    Case("sweep-template-invalid", "fts", sweep(template={"method": {"type": "full", "lora": {"r": 8}}}),
+         "spec.template.method.lora", "method.lora only applies to method.type lora"),
+    Case("sweep-template-suspended", "fts", sweep(template={"runPolicy": {"suspend": True}}),
+         "spec.template.runPolicy.suspend", "would start every trial suspended"),
+    Case("sweep-dropout-out-of-bounds", "fts", sweep(parameters=[{"path": "method.lora.dropout", "values": [0.1, 1.0]}]),
+         "spec.parameters[0].path", "method.lora.dropout takes values >= 0 and < 1"),
+    Case("sweep-learning-rate-range-from-zero", "fts",
+         sweep(algorithm="random", maxTrials=4, parameters=[{"path": "hyperparameters.learningRate", "min": 0, "max": 0.01}]),
+         "spec.parameters[0].path", "hyperparameters.learningRate takes values > 0 and <= 1"),
+    Case("sweep-too-many-trials", "fts", sweep(algorithm="random", maxTrials=1001), "spec.maxTrials",
+         "less than or equal to 1000"),
+    Case("sweep-name-too-long", "fts", {"metadata": {"name": "s" * 60}}, "metadata.name",
+         "must be at most 59 characters"),
 ]  # fmt: skip
 
 # Near misses: manifests right beside a rule's edge that both the client and the API server
@@ -325,7 +424,7 @@ def accepted(patch: dict[str, Any], name: str = "valid-job") -> dict[str, Any]:
     return merge(finetunejob(name), patch)
 
 
-LOADERS = {"ftj": load_finetunejob, "adep": load_adapterdeployment}
+LOADERS = {"ftj": load_finetunejob, "adep": load_adapterdeployment, "fts": load_finetunesweep}
 
 
 def client_error(case: Case) -> str:
@@ -342,6 +441,7 @@ def test_table_is_big_and_ids_unique() -> None:
 def test_the_valid_bases_are_valid() -> None:
     load_finetunejob(finetunejob())
     load_adapterdeployment(adapterdeployment())
+    load_finetunesweep(finetunesweep())
 
 
 @pytest.mark.parametrize(("id_", "patch"), ACCEPTED, ids=[a[0] for a in ACCEPTED])

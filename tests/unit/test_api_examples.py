@@ -20,9 +20,11 @@ from kubetune_operator import crdgen
 from kubetune_operator.api import (
     AdapterDeployment,
     FineTuneJob,
+    FineTuneSweep,
     InvalidManifestError,
     load_adapterdeployment,
     load_finetunejob,
+    load_finetunesweep,
 )
 from kubetune_operator.convert import to_config_dict
 from kubetune_trainer.config import FinetuningConfig
@@ -37,9 +39,18 @@ DATASETS_PREFIX = "s3://kubetune/datasets/"
 CRD_FILES = {
     "FineTuneJob": REPO / "crds" / "finetunejobs.yaml",
     "AdapterDeployment": REPO / "crds" / "adapterdeployments.yaml",
+    "FineTuneSweep": REPO / "crds" / "finetunesweeps.yaml",
 }
-MODELS: dict[str, type[BaseModel]] = {"FineTuneJob": FineTuneJob, "AdapterDeployment": AdapterDeployment}
-LOADERS = {"FineTuneJob": load_finetunejob, "AdapterDeployment": load_adapterdeployment}
+MODELS: dict[str, type[BaseModel]] = {
+    "FineTuneJob": FineTuneJob,
+    "AdapterDeployment": AdapterDeployment,
+    "FineTuneSweep": FineTuneSweep,
+}
+LOADERS = {
+    "FineTuneJob": load_finetunejob,
+    "AdapterDeployment": load_adapterdeployment,
+    "FineTuneSweep": load_finetunesweep,
+}
 
 
 def load_crd(kind: str) -> dict[str, Any]:
@@ -75,7 +86,10 @@ def test_crd_names_subresources_and_category(kind: str) -> None:
     spec = crd["spec"]
     assert spec["group"] == "kubetune.io" and spec["scope"] == "Namespaced"
     assert spec["names"]["kind"] == kind
-    assert spec["names"]["shortNames"] == {"FineTuneJob": ["ftj"], "AdapterDeployment": ["adep"]}[kind]
+    assert (
+        spec["names"]["shortNames"]
+        == {"FineTuneJob": ["ftj"], "AdapterDeployment": ["adep"], "FineTuneSweep": ["fts"]}[kind]
+    )
     assert spec["names"]["categories"] == ["kubetune"]
     (version,) = spec["versions"]
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
@@ -324,13 +338,29 @@ def test_minimal_example_is_about_ten_lines() -> None:
 
 
 def _finetunejob_examples() -> list[Path]:
-    return [p for p in EXAMPLE_FILES if example(p)["kind"] == "FineTuneJob"]
+    return [p for p in EXAMPLE_FILES if example(p)["kind"] in ("FineTuneJob", "FineTuneSweep")]
+
+
+def _job_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    """The FineTuneJob spec of an example (a sweep's template, with the first point of its space)."""
+    if obj["kind"] != "FineTuneSweep":
+        return obj["spec"]
+    from kubetune_operator.finetunesweep import builders, study
+
+    spec = load_finetunesweep(obj).to_manifest()
+    spec["metadata"] = {**spec["metadata"], "namespace": "default", "uid": "0000"}
+    first = {
+        p.path: p.grid_values()[0] if p.values is not None or p.step else p.min
+        for p in study.parameters(spec["spec"])
+    }
+    return builders.trial_job(spec, 0, first)["spec"]
 
 
 @pytest.mark.parametrize("path", _finetunejob_examples(), ids=ids(_finetunejob_examples()))
 def test_finetunejob_example_is_a_valid_trainer_config(path: Path) -> None:
     """The API accepting a job is not enough: the trainer in the pod must accept its config too."""
-    manifest = load_finetunejob(example(path)).to_manifest()
+    obj = example(path)
+    manifest = load_finetunejob({**obj, "kind": "FineTuneJob", "spec": _job_spec(obj)}).to_manifest()
     manifest["metadata"] = {**manifest["metadata"], "namespace": "default", "uid": "0000"}
     config = FinetuningConfig.from_dict(to_config_dict(manifest, in_pod=True), source=path.name)
     assert config.method == manifest["spec"]["method"]["type"]
@@ -346,7 +376,7 @@ def _dataset_uris(spec: dict[str, Any]) -> list[str]:
 @pytest.mark.parametrize("path", _finetunejob_examples(), ids=ids(_finetunejob_examples()))
 def test_example_datasets_are_the_sample_files(path: Path) -> None:
     """Uploading examples/data/ as the README says is all an example needs."""
-    for uri in _dataset_uris(example(path)["spec"]):
+    for uri in _dataset_uris(_job_spec(example(path))):
         assert uri.startswith(DATASETS_PREFIX), uri
         name = uri[len(DATASETS_PREFIX) :]
         assert (EXAMPLES / "data" / name).is_file(), (

@@ -25,6 +25,10 @@ FREE_FORM = {
     "FineTuneJob.spec.env[].valueFrom",
     "AdapterDeployment.spec.affinity",
     "AdapterDeployment.spec.env[].valueFrom",
+    # A FineTuneSweep's template is a FineTuneJob spec: the same passthrough objects.
+    "FineTuneSweep.spec.template.resources.affinity",
+    "FineTuneSweep.spec.template.distributed.deepspeed.config",
+    "FineTuneSweep.spec.template.env[].valueFrom",
 }
 FORBIDDEN_KEYS = {"$ref", "$defs", "definitions", "allOf", "oneOf", "not", "nullable", "title", "const"}
 

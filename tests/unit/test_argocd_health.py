@@ -18,11 +18,17 @@ import yaml
 
 from kubetune_operator.api import adapterdeployment as adep_api
 from kubetune_operator.api import finetunejob as ftj_api
-from kubetune_operator.api import load_adapterdeployment, load_finetunejob
+from kubetune_operator.api import finetunesweep as fts_api
+from kubetune_operator.api import load_adapterdeployment, load_finetunejob, load_finetunesweep
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKS = REPO / "deploy" / "argocd" / "kubetune.io"
-KINDS = ("FineTuneJob", "AdapterDeployment")
+KINDS = ("FineTuneJob", "AdapterDeployment", "FineTuneSweep")
+LOADERS = {
+    "FineTuneJob": load_finetunejob,
+    "AdapterDeployment": load_adapterdeployment,
+    "FineTuneSweep": load_finetunesweep,
+}
 ARGO_STATUSES = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"}
 
 # Argo CD's VM: base library, table, and a safe os (time/date/clock); no string, math, io, debug.
@@ -76,7 +82,7 @@ def test_health_matches_health_test_yaml(kind: str, input_path: str, want: dict[
 @pytest.mark.parametrize("kind", KINDS)
 def test_testdata_are_valid_objects_of_the_api(kind: str) -> None:
     """The inputs have the status shape the operator writes (the API models validate status too)."""
-    load = load_finetunejob if kind == "FineTuneJob" else load_adapterdeployment
+    load = LOADERS[kind]
     for path, _ in cases(kind):
         obj = yaml.safe_load((CHECKS / kind / path).read_text())
         assert obj["kind"] == kind
@@ -84,7 +90,8 @@ def test_testdata_are_valid_objects_of_the_api(kind: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "phases"), [("FineTuneJob", ftj_api.Phase), ("AdapterDeployment", adep_api.Phase)]
+    ("kind", "phases"),
+    [("FineTuneJob", ftj_api.Phase), ("AdapterDeployment", adep_api.Phase), ("FineTuneSweep", fts_api.Phase)],
 )
 def test_every_phase_of_the_api_has_a_test_case(kind: str, phases: Any) -> None:
     covered = {

@@ -205,14 +205,19 @@ def test_operator_env_is_what_the_settings_read() -> None:
 # -- RBAC --------------------------------------------------------------------------------------
 
 # The most each resource may be granted. Nothing on Secrets, nothing cluster-level, never a
-# write to the spec of a FineTuneJob or AdapterDeployment (only status and delete for the TTL).
+# write to the spec of a user's AdapterDeployment or FineTuneSweep (only status and delete for the
+# TTL). FineTuneJobs also get create and patch: a FineTuneSweep's trials are FineTuneJobs the
+# operator creates (and suspends when early stopping prunes them).
 ALLOWED = {
-    ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "delete"},
+    ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "delete", "create", "patch"},
     ("kubetune.io", "adapterdeployments"): {"get", "list", "watch", "delete"},
+    ("kubetune.io", "finetunesweeps"): {"get", "list", "watch"},
     ("kubetune.io", "finetunejobs/status"): {"get", "patch"},
     ("kubetune.io", "adapterdeployments/status"): {"get", "patch"},
+    ("kubetune.io", "finetunesweeps/status"): {"get", "patch"},
     ("kubetune.io", "finetunejobs/finalizers"): {"update"},
     ("kubetune.io", "adapterdeployments/finalizers"): {"update"},
+    ("kubetune.io", "finetunesweeps/finalizers"): {"update"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "configmaps"): {"get", "create", "patch", "delete"},

@@ -157,7 +157,7 @@ def test_dashboard_labels_are_ones_prometheus_attaches() -> None:
     the metrics themselves or Prometheus' own target labels."""
     pm = one(render(*ALL_ON), "PodMonitor")["spec"]
     target_labels = {re.sub(r"[^A-Za-z0-9_]", "_", label) for label in pm["podTargetLabels"]}
-    metric_labels = {"phase", "kind", "result", "model", "endpoint", "status", "le"}
+    metric_labels = {"phase", "kind", "result", "model", "endpoint", "status", "le", "event"}
     prometheus_labels = {"namespace", "pod", "job", "instance", "__name__"}
     for where, expr in queries(dashboard()):
         stray = label_names(expr) - target_labels - metric_labels - prometheus_labels

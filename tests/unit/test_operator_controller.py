@@ -82,7 +82,7 @@ def test_a_reconcile_that_finishes_after_the_deletion_does_not_bring_the_phase_b
 
 
 def test_every_parent_kind_has_a_phase_tracker() -> None:
-    assert set(metrics.PHASES) == {"FineTuneJob", "AdapterDeployment"}
+    assert set(metrics.PHASES) == {"FineTuneJob", "AdapterDeployment", "FineTuneSweep"}
 
 
 def adep(name: str, *jobs: str, ns: str = "team-a", source: bool = True) -> dict[str, Any]:

@@ -17,6 +17,7 @@ __all__ = [
     "EvaluationMetric",
     "EvaluationReport",
     "FinetuningConfig",
+    "HyperparameterSearch",
     "MetricType",
     "ModelEvaluator",
     "ModelFinetuner",
@@ -29,6 +30,7 @@ __all__ = [
 _LAZY = {
     "FinetuningConfig": "kubetune_trainer.config",
     "ModelFinetuner": "kubetune_trainer.finetuner",
+    "HyperparameterSearch": "kubetune_trainer.search.local",
     "ModelEvaluator": "kubetune_trainer.evaluation",
     "EvaluationMetric": "kubetune_trainer.evaluation",
     "EvaluationReport": "kubetune_trainer.evaluation",
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
     from kubetune_trainer.data.augment import back_translate, paraphrase, replace_synonyms
     from kubetune_trainer.evaluation import EvaluationMetric, EvaluationReport, MetricType, ModelEvaluator
     from kubetune_trainer.finetuner import ModelFinetuner
+    from kubetune_trainer.search.local import HyperparameterSearch
     from kubetune_trainer.tiny_model import make_tiny_model
 
 

@@ -123,6 +123,28 @@ def _cmd_run(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _cmd_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="run a FineTuneSweep manifest's trials locally (hyperparameter search)",
+        description="Run the trials of a FineTuneSweep manifest on this machine, one after another, "
+        "printing each trial as it finishes and the results best first (docs/sweeps.md).",
+    )
+    p.add_argument("file", type=Path, help="FineTuneSweep manifest (kind: FineTuneSweep)")
+    p.add_argument(
+        "--local", action="store_true", required=True, help="run here rather than on a cluster (required)"
+    )
+    p.add_argument("--output-dir", type=Path, help="where trial directories and results go")
+    p.add_argument("--max-trials", type=int, help="override spec.maxTrials")
+
+    def run(args: argparse.Namespace) -> int:
+        from kubetune_trainer.search.cli import run_sweep
+
+        return run_sweep(args.file, output_dir=args.output_dir, max_trials=args.max_trials)
+
+    p.set_defaults(func=run)
+
+
 def _cmd_quickstart(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quickstart",
@@ -178,6 +200,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _cmd_make_tiny_model,
     _cmd_train,
     _cmd_run,
+    _cmd_sweep,
     _cmd_quickstart,
     _cmd_serve,
     _cmd_fetch,

@@ -30,19 +30,26 @@ app.kubernetes.io/component: operator
 
 {{/* The operator's permissions: exactly what its reconcilers and watches use. */}}
 {{- define "kubetune.rules" -}}
-# FineTuneJobs and AdapterDeployments: watch them, write only their status,
+# FineTuneJobs, AdapterDeployments and FineTuneSweeps: watch them, write only their status,
 # delete a FineTuneJob whose ttlSecondsAfterFinished expired.
 - apiGroups: [kubetune.io]
   resources: [finetunejobs, adapterdeployments]
   verbs: [get, list, watch, delete]
 - apiGroups: [kubetune.io]
-  resources: [finetunejobs/status, adapterdeployments/status]
+  resources: [finetunesweeps]
+  verbs: [get, list, watch]
+# A FineTuneSweep's trials are FineTuneJobs it owns: created, and suspended when pruned.
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs]
+  verbs: [create, patch]
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs/status, adapterdeployments/status, finetunesweeps/status]
   verbs: [get, patch]
 # Children's ownerReferences set blockOwnerDeletion, which clusters with the
 # OwnerReferencesPermissionEnforcement admission plugin (e.g. OpenShift) allow only to
 # whoever may update the owner's finalizers. The operator never sets a finalizer.
 - apiGroups: [kubetune.io]
-  resources: [finetunejobs/finalizers, adapterdeployments/finalizers]
+  resources: [finetunejobs/finalizers, adapterdeployments/finalizers, finetunesweeps/finalizers]
   verbs: [update]
 # Children (created and converged with server-side apply).
 - apiGroups: [batch]

@@ -1,9 +1,10 @@
 """Reconcile one AdapterDeployment: resolve its adapters, converge Deployment/Service/HPA, report.
 
 Adapters with a fineTuneJobRef resolve to that job's status.output.adapterUri once it has
-Succeeded. Until then the server runs with the adapters that are resolved (the others are
-listed in status with why they are not ready); a referenced job that failed makes the
-AdapterDeployment Degraded with the job's reason.
+Succeeded; adapters with a fineTuneSweepRef to the sweep's status.bestTrial.adapterUri once the
+sweep has Succeeded. Until then the server runs with the adapters that are resolved (the others
+are listed in status with why they are not ready); a referenced job or sweep that failed makes
+the AdapterDeployment Degraded with its reason.
 """
 
 from __future__ import annotations
@@ -31,12 +32,47 @@ def settings() -> Settings:
 
 
 def finetunejob_refs(adep: Body) -> list[str]:
-    """The FineTuneJobs (same namespace) whose adapters this AdapterDeployment serves."""
+    """The FineTuneJobs and FineTuneSweeps (same namespace) whose adapters this AdapterDeployment
+    serves: the names its adapters refer to (the controller requeues it when one changes)."""
     return [
         ref["name"]
         for a in (adep.get("spec") or {}).get("adapters") or []
-        if isinstance(ref := a.get("fineTuneJobRef"), dict) and ref.get("name")
+        for field in ("fineTuneJobRef", "fineTuneSweepRef")
+        if isinstance(ref := a.get(field), dict) and ref.get("name")
     ]
+
+
+def _lora_rank(job: Body | None) -> int | None:
+    lora = (((job or {}).get("spec") or {}).get("method") or {}).get("lora") or {}
+    return lora.get("r") if isinstance(lora, dict) else None
+
+
+def resolve_sweep(
+    kube: Kube, ns: str, name: str, ref: str
+) -> tuple[builders.ResolvedAdapter | None, Body, str | None]:
+    """(the best trial's adapter or None, the adapter's status, a failure message or None)."""
+    sweep = kube.get(meta.API_VERSION, "FineTuneSweep", ns, ref)
+    if sweep is None:
+        return (
+            None,
+            {"name": name, "ready": False, "message": f"FineTuneSweep {ref} not found in namespace {ns}"},
+            None,
+        )
+    st = sweep.get("status") or {}
+    phase = st.get("phase") or "Pending"
+    best = st.get("bestTrial") or {}
+    uri = best.get("adapterUri")
+    if phase == "Succeeded" and uri:
+        rank = _lora_rank(kube.get(meta.API_VERSION, "FineTuneJob", ns, best.get("name", "")))
+        status = {"name": name, "uri": uri, "ready": False, "message": "waiting for the server"}
+        return builders.ResolvedAdapter(name, uri, rank), status, None
+    if phase in ("Succeeded", "Failed"):
+        reason = next((c.get("message") for c in st.get("conditions") or [] if c.get("type") == "Failed"), "")
+        msg = f"FineTuneSweep {ref} failed: {reason or 'no best trial with an adapter'}"
+        return None, {"name": name, "ready": False, "message": msg}, msg
+    done = f", {st['completed']} trials finished" if st.get("completed") else ""
+    msg = f"waiting for FineTuneSweep {ref} to succeed (now {phase}{done})"
+    return None, {"name": name, "ready": False, "message": msg}, None
 
 
 def resolve(kube: Kube, adep: Body) -> tuple[list[builders.ResolvedAdapter], list[Body], list[str]]:
@@ -52,6 +88,14 @@ def resolve(kube: Kube, adep: Body) -> tuple[list[builders.ResolvedAdapter], lis
             statuses.append(
                 {"name": name, "uri": a["source"], "ready": False, "message": "waiting for the server"}
             )
+            continue
+        if a.get("fineTuneSweepRef"):
+            adapter, st, failure = resolve_sweep(kube, ns, name, a["fineTuneSweepRef"].get("name", ""))
+            if adapter is not None:
+                resolved.append(adapter)
+            if failure:
+                failures.append(failure)
+            statuses.append(st)
             continue
         ref = (a.get("fineTuneJobRef") or {}).get("name", "")
         job = kube.get(meta.API_VERSION, "FineTuneJob", ns, ref)
@@ -185,7 +229,14 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     if failures:
         phase = "Degraded"
         conditions = set_condition(
-            conditions, "AdaptersResolved", False, "FineTuneJobFailed", "; ".join(failures), generation
+            conditions,
+            "AdaptersResolved",
+            False,
+            "FineTuneJobFailed"
+            if any(f.startswith("FineTuneJob ") for f in failures)
+            else "FineTuneSweepFailed",
+            "; ".join(failures),
+            generation,
         )
     elif pending:
         phase = "Progressing"
@@ -193,7 +244,9 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
             conditions,
             "AdaptersResolved",
             False,
-            "WaitingForFineTuneJob",
+            "WaitingForFineTuneJob"
+            if any("FineTuneJob " in a["message"] for a in pending)
+            else "WaitingForFineTuneSweep",
             "; ".join(a["message"] for a in pending),
             generation,
         )

@@ -1,4 +1,4 @@
-"""kubetune.io/v1alpha1: typed models of FineTuneJob and AdapterDeployment (the API's source of truth).
+"""kubetune.io/v1alpha1: typed models of FineTuneJob, FineTuneSweep and AdapterDeployment (the API's source of truth).
 
     from kubetune_operator.api import load_finetunejob
     job = load_finetunejob(yaml.safe_load(text))   # InvalidManifestError names the field and the fix
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from .adapterdeployment import AdapterDeployment, AdapterDeploymentSpec, AdapterDeploymentStatus
 from .finetunejob import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus
-from .manifest import InvalidManifestError, load_adapterdeployment, load_finetunejob
+from .finetunesweep import FineTuneSweep, FineTuneSweepSpec, FineTuneSweepStatus
+from .manifest import InvalidManifestError, load_adapterdeployment, load_finetunejob, load_finetunesweep
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -27,7 +28,11 @@ __all__ = [
     "FineTuneJob",
     "FineTuneJobSpec",
     "FineTuneJobStatus",
+    "FineTuneSweep",
+    "FineTuneSweepSpec",
+    "FineTuneSweepStatus",
     "InvalidManifestError",
     "load_adapterdeployment",
     "load_finetunejob",
+    "load_finetunesweep",
 ]

@@ -43,12 +43,23 @@ class FineTuneJobRef(ApiModel):
     name: str = Field(max_length=253, description="Name of a FineTuneJob in the same namespace.")
 
 
+class FineTuneSweepRef(ApiModel):
+    """A FineTuneSweep whose best trial's adapter is served once the sweep has Succeeded."""
+
+    name: str = Field(max_length=253, description="Name of a FineTuneSweep in the same namespace.")
+
+
 @rules(
     Rule(
-        "has(self.source) != has(self.fineTuneJobRef)",
-        "each adapter needs exactly one of source (an s3://, hf://, pvc:// or file:// URI) or fineTuneJobRef "
-        "(a FineTuneJob in this namespace)",
-        check=lambda a: (a.source is None) != (a.fine_tune_job_ref is None),
+        "[has(self.source), has(self.fineTuneJobRef), has(self.fineTuneSweepRef)].filter(x, x).size() == 1",
+        "each adapter needs exactly one of source (an s3://, hf://, pvc:// or file:// URI), fineTuneJobRef "
+        "(a FineTuneJob in this namespace) or fineTuneSweepRef (a FineTuneSweep in this namespace)",
+        check=lambda a: (
+            [a.source is not None, a.fine_tune_job_ref is not None, a.fine_tune_sweep_ref is not None].count(
+                True
+            )
+            == 1
+        ),
     ),
 )
 class Adapter(ApiModel):
@@ -75,6 +86,11 @@ class Adapter(ApiModel):
     )
     fine_tune_job_ref: FineTuneJobRef | None = Field(
         None, description="Serve the adapter a FineTuneJob produced (status.output.adapterUri)."
+    )
+    fine_tune_sweep_ref: FineTuneSweepRef | None = Field(
+        None,
+        description="Serve the adapter of a FineTuneSweep's best trial (status.bestTrial.adapterUri) once the "
+        "sweep has Succeeded.",
     )
     rank: int | None = Field(
         None, ge=1, le=1024, description="LoRA rank if known (vLLM sizes its LoRA slots with it)."
@@ -238,7 +254,7 @@ class AdapterStatus(ApiModel):
     uri: str | None = Field(
         None,
         max_length=URI_MAX,
-        description="Where it is loaded from (resolved from the FineTuneJob if referenced).",
+        description="Where it is loaded from (resolved from the FineTuneJob or FineTuneSweep if referenced).",
     )
     ready: bool = Field(False, description="Served by the current replicas.")
     message: str = Field("", max_length=4096, description="Why it is not ready yet, or 'served'.")
@@ -250,8 +266,9 @@ class AdapterDeploymentStatus(ApiModel):
     phase: Phase | None = Field(
         None,
         description=(
-            "Pending, Progressing (rolling out or waiting for a FineTuneJob), Ready or Degraded (a "
-            "referenced FineTuneJob failed, or the server is failing: see the Available condition)."
+            "Pending, Progressing (rolling out or waiting for a FineTuneJob or FineTuneSweep), Ready or Degraded "
+            "(a referenced FineTuneJob or FineTuneSweep failed, or the server is failing: see the Available "
+            "condition)."
         ),
     )
     ready_replicas: int | None = Field(None, ge=0, description="Replicas ready to serve (READY column).")

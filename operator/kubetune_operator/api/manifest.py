@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from .adapterdeployment import AdapterDeployment
 from .base import RULE_ERROR, ApiModel
 from .finetunejob import FineTuneJob
+from .finetunesweep import FineTuneSweep
 
 M = TypeVar("M", bound=ApiModel)
 
@@ -68,3 +69,8 @@ def load_finetunejob(obj: dict[str, Any]) -> FineTuneJob:
 def load_adapterdeployment(obj: dict[str, Any]) -> AdapterDeployment:
     """Validate an AdapterDeployment manifest client-side; defaults are filled in as the API server would."""
     return _load(AdapterDeployment, obj)
+
+
+def load_finetunesweep(obj: dict[str, Any]) -> FineTuneSweep:
+    """Validate a FineTuneSweep manifest client-side; defaults are filled in as the API server would."""
+    return _load(FineTuneSweep, obj)
