@@ -320,10 +320,10 @@ def deployment(adep: Body, adapters: list[ResolvedAdapter], settings: Settings) 
                 *user_env,
                 # vLLM then requires the key on every /v1 route, its load/unload routes included.
                 *([_secret_env("VLLM_API_KEY", api_ref)] if api_ref else []),
+                # Runtime load/unload is off in vLLM unless this is set: only hot reload needs it.
+                *([{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}] if hot else []),
             ],
         }
-        if hot:  # runtime load/unload is off in vLLM unless this is set: only hot reload needs it
-            main["env"].append({"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"})
     else:
         args = [
             "serve",
