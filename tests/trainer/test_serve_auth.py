@@ -13,7 +13,7 @@ import pytest
 from kubetune_trainer.exit_codes import ConfigError
 from kubetune_trainer.serve import ModelServer, RunningServer
 from kubetune_trainer.serve.adapter_sync import AdapterSync, ServerClient, api_key_from_env
-from kubetune_trainer.serve.auth import matches, parse_keys
+from kubetune_trainer.serve.auth import Access, matches, parse_keys
 from kubetune_trainer.serve.cli import main
 from tests.trainer.serve_fixtures import PHRASES, ServeModels, serve_models
 from tests.trainer.test_serve_adapter_sync import ConfigMapVolume, _adapter_set
@@ -264,3 +264,15 @@ def test_key_parsing_and_constant_time_matching() -> None:
     assert keys == [b"a1", b"b2"]
     assert matches(b"b2", keys) and matches(b"a1", keys)
     assert not matches(b"a", keys) and not matches(b"b2 ", keys) and not matches(b"", keys)
+
+
+def test_an_unauthenticated_caller_learns_nothing_but_401(tmp_path: Path) -> None:
+    """The key is checked before anything else: without one, disabled routes also answer 401."""
+    (tmp_path / "keys").write_text("sk-1\n")
+    access = Access(str(tmp_path / "keys"), None, runtime_adapter_updates=False)
+    assert access.check("/v1/load_lora_adapter", None)[:2] == (401, "missing_api_key")
+    assert access.check("/v1/unload_lora_adapter", "Bearer sk-2")[:2] == (401, "invalid_api_key")
+    assert access.check("/v1/load_lora_adapter", "Bearer sk-1")[:2] == (403, "adapter_updates_disabled")
+    assert access.check("/v1/completions", "bearer sk-1") is None
+    for open_path in ("/health", "/ready", "/metrics"):
+        assert access.check(open_path, None) is None

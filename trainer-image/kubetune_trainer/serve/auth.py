@@ -117,6 +117,10 @@ class Access:
         if not path.startswith(PROTECTED_PREFIX):
             return None
         admin_route = path.rstrip("/") in ADAPTER_ROUTES
+        if self.keys_required:  # who may know more than "401" is decided first
+            refusal = self._check_key(authorization, admin_route)
+            if refusal is not None:
+                return refusal
         if admin_route and not self.adapter_routes_on:
             return (
                 403,
@@ -124,8 +128,9 @@ class Access:
                 "Loading and unloading adapters is turned off on this server: start it with "
                 "--runtime-adapter-updates (AdapterDeployment spec.hotReload) or --admin-key-file",
             )
-        if not self.keys_required:
-            return None
+        return None
+
+    def _check_key(self, authorization: str | None, admin_route: bool) -> tuple[int, str, str] | None:
         token = _bearer(authorization)
         if token is None:
             return (
