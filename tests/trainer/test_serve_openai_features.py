@@ -3,6 +3,8 @@ openai client against the real server; logprobs are checked against a plain PEFT
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 from collections.abc import Iterator
 
 import openai
@@ -184,17 +186,72 @@ def test_seed_with_the_chat_api(client: openai.OpenAI) -> None:
     assert client.chat.completions.create(seed=43, **kw).choices[0].message.content != a
 
 
-def test_response_format(client: openai.OpenAI) -> None:
-    messages = [{"role": "user", "content": "x"}]
+SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}, "count": {"type": "integer"}},
+    "required": ["answer", "count"],
+    "additionalProperties": False,
+}
+
+
+def test_response_format_json_schema_and_json_object(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA}}
+    for seed in range(3):  # sampled: the grammar, not luck, makes it parse
+        out = client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=64, temperature=1.0, seed=seed, response_format=fmt
+        )
+        choice = out.choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        data = json.loads(choice.message.content)
+        assert set(data) == {"answer", "count"} and data["answer"] in ("yes", "no")
+        assert isinstance(data["count"], int)
+    # The adapters too (their own answer is not JSON at all).
+    red = client.chat.completions.create(
+        model="red", messages=messages, max_tokens=64, temperature=0, response_format={"type": "json_object"}
+    )
+    assert isinstance(json.loads(red.choices[0].message.content), dict)
     ok = client.chat.completions.create(
         model="red", messages=messages, max_tokens=2, response_format={"type": "text"}
     )
     assert ok.choices[0].message.role == "assistant"
-    for fmt in (
-        {"type": "json_object"},
-        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
-    ):
-        with pytest.raises(openai.BadRequestError) as exc:
-            client.chat.completions.create(model="red", messages=messages, response_format=fmt)
-        assert exc.value.param == "response_format" and exc.value.code == "unsupported_parameter"
-        assert "cannot constrain generation to JSON" in exc.value.message
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(
+            model="red",
+            messages=messages,
+            response_format={"type": "json_schema", "json_schema": {"name": "x"}},
+        )
+    assert exc.value.param == "response_format.json_schema.schema"
+    with pytest.raises(openai.BadRequestError, match="use text, json_object or json_schema"):
+        client.chat.completions.create(model="red", messages=messages, response_format={"type": "xml"})
+
+
+def test_a_constrained_row_changes_no_other_row_of_its_batch(client: openai.OpenAI) -> None:
+    """Greedy answers stay those of plain generation while JSON requests share their batches."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA}}
+
+    def constrained(seed: int) -> str:
+        return (
+            client.chat.completions.create(
+                model="num",
+                messages=[{"role": "user", "content": "x"}],
+                max_tokens=64,
+                seed=seed,
+                response_format=fmt,
+            )
+            .choices[0]
+            .message.content
+        )
+
+    def plain(i: int) -> str:
+        return (
+            client.completions.create(model="red", prompt=f"the {i} ->", max_tokens=16, temperature=0)
+            .choices[0]
+            .text
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        jsons = [pool.submit(constrained, s) for s in range(4)]
+        plains = [pool.submit(plain, i) for i in range(4)]
+        assert [f.result() for f in plains] == [PHRASES["red"]] * 4
+        assert all(json.loads(f.result())["answer"] in ("yes", "no") for f in jsons)

@@ -34,6 +34,7 @@ from .protocol import (
 )
 from .rows import Failed, Finished, ModelNotLoadedError, Row, RowEvent, TextDelta, TokenLogprob
 from .sources import SourceError, SourceNotFoundError, check_allowed_source
+from .structured import GrammarError
 
 if TYPE_CHECKING:
     from .server import ModelServer
@@ -279,6 +280,13 @@ def build_app(server: ModelServer) -> FastAPI:
         else:
             prompts = [tok(p).input_ids if isinstance(p, str) else p for p in req.prompt]
             default = DEFAULT_COMPLETION_MAX_TOKENS
+        grammar = None
+        json_required, schema = req.json_format
+        if json_required:
+            try:
+                grammar = await asyncio.to_thread(server.json_grammar, schema)
+            except GrammarError as exc:
+                raise APIError(400, str(exc), param="response_format.json_schema.schema") from None
         for i, ids in enumerate(prompts):
             max_tokens = _limits(gen, ids, req.max_tokens, default, i)
             for choice in range(req.n):
@@ -293,6 +301,7 @@ def build_app(server: ModelServer) -> FastAPI:
                     stop=req.stop,
                     ignore_eos=req.ignore_eos,
                     logprobs=req.top_logprobs_count,
+                    grammar=grammar,
                 )
         return gen, req
 

@@ -191,6 +191,8 @@ class RowSampler(LogitsProcessor):
         self.tracker = tracker
         self.rows = [(i, r) for i, r in enumerate(rows) if not r.greedy]
         self.logged = [(i, r.logprobs) for i, r in enumerate(rows) if r.logprobs is not None]
+        self.constrained = [(i, r.grammar) for i, r in enumerate(rows) if r.grammar is not None]
+        self.grammars: dict[int, Any] = {}
         self.warpers = {
             i: [TemperatureLogitsWarper(r.temperature)]
             + ([TopPLogitsWarper(r.top_p)] if r.top_p < 1.0 else [])
@@ -212,7 +214,12 @@ class RowSampler(LogitsProcessor):
             for i, _ in self.logged
             if not self.tracker.finished(i)
         }
+        live = [(i, self._grammar(i, g, scores)) for i, g in self.constrained if not self.tracker.finished(i)]
+        for i, grammar in live:
+            grammar.mask(scores[i : i + 1])  # before sampling: greedy and sampled rows alike
         self._sample(input_ids, scores)
+        for i, grammar in live:
+            grammar.accept(int(scores[i].argmax()))
         for i, top in self.logged:
             if i not in raw:
                 continue
@@ -225,6 +232,13 @@ class RowSampler(LogitsProcessor):
                 alternatives = tuple(zip(ids.tolist(), values.tolist(), strict=True))
             self.tracker.texts[i].step_logprobs.append((chosen, float(logprobs[chosen]), alternatives))
         return scores
+
+    def _grammar(self, i: int, compiled: Any, scores: torch.Tensor) -> Any:
+        if i not in self.grammars:
+            from .structured import RowGrammar
+
+            self.grammars[i] = RowGrammar(compiled, scores.shape[-1])
+        return self.grammars[i]
 
     def _sample(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> None:
         for i, row in self.rows:

@@ -73,6 +73,10 @@ class _Request(BaseModel):
         """How many alternatives to report per token; None when logprobs are off."""
         return None
 
+    @property
+    def json_format(self) -> tuple[bool, dict[str, Any] | None]:
+        return False, None
+
     def check_supported(self) -> None:
         """Reject parameters the server cannot honour (400 naming the parameter)."""
         if self.presence_penalty or self.frequency_penalty:
@@ -184,19 +188,32 @@ class ChatCompletionRequest(_Request):
     def top_logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    @property
+    def json_format(self) -> tuple[bool, dict[str, Any] | None]:
+        """(JSON required, its schema or None for any object), from response_format."""
+        kind = (self.response_format or {}).get("type")
+        if kind == "json_schema":
+            return True, (self.response_format or {})["json_schema"]["schema"]
+        return kind == "json_object", None
+
     def check_supported(self) -> None:
         super().check_supported()
         if self.tools:
             raise Unsupported("tools", "tool calling is not supported by this server")
         kind = (self.response_format or {}).get("type")
-        if kind not in (None, "text"):
+        if kind not in (None, "text", "json_object", "json_schema"):
             raise Unsupported(
                 "response_format",
-                f"response_format type {kind!r} is not supported: this server cannot constrain generation "
-                "to JSON, so it refuses rather than return text that may not parse. Use type 'text' and "
-                "ask for JSON in the prompt (validate it on your side), or serve with runtime vllm, "
-                "which supports structured output",
+                f"response_format type {kind!r} is not supported: use text, json_object or json_schema",
             )
+        if kind == "json_schema":
+            spec = (self.response_format or {}).get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise Unsupported(
+                    "response_format.json_schema.schema",
+                    "response_format type json_schema needs json_schema.schema: a JSON schema object, "
+                    'e.g. {"type": "object", "properties": {...}}',
+                )
         for i, m in enumerate(self.messages):
             role = "system" if m.role == "developer" else m.role  # OpenAI's newer name for system
             if role not in CHAT_ROLES:
