@@ -182,6 +182,29 @@ class ServerAuth(ApiModel):
     )
 
 
+class LabelSelectorRequirement(ApiModel):
+    """One label requirement, as in a Kubernetes label selector."""
+
+    key: str = Field(max_length=317, description="The label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
+        description="How the key relates to values."
+    )
+    values: list[Annotated[str, Field(max_length=63)]] | None = Field(
+        None, max_length=64, description="Values for In / NotIn; empty for Exists / DoesNotExist."
+    )
+
+
+class LabelSelector(ApiModel):
+    """A Kubernetes label selector; an empty one selects everything."""
+
+    match_labels: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        None, max_length=32, description="Labels that must all match."
+    )
+    match_expressions: list[LabelSelectorRequirement] | None = Field(
+        None, max_length=32, description="Requirements that must all hold."
+    )
+
+
 @rules(
     Rule(
         "has(self.namespaceSelector) || has(self.podSelector)",
@@ -193,10 +216,10 @@ class NetworkPolicyPeer(ApiModel):
     """Clients allowed to reach the server: pods matching podSelector in namespaces matching
     namespaceSelector (only podSelector: this namespace; only namespaceSelector: all pods there)."""
 
-    namespace_selector: FreeForm | None = Field(
+    namespace_selector: LabelSelector | None = Field(
         None, description="A label selector for namespaces, as in a NetworkPolicy peer."
     )
-    pod_selector: FreeForm | None = Field(
+    pod_selector: LabelSelector | None = Field(
         None, description="A label selector for pods, as in a NetworkPolicy peer."
     )
 
