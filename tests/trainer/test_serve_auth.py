@@ -276,3 +276,16 @@ def test_an_unauthenticated_caller_learns_nothing_but_401(tmp_path: Path) -> Non
     assert access.check("/v1/completions", "bearer sk-1") is None
     for open_path in ("/health", "/ready", "/metrics"):
         assert access.check(open_path, None) is None
+
+
+def test_serve_flags_reach_the_config() -> None:
+    from kubetune_trainer.serve.cli import build_parser, server_config_from_args
+
+    argv = ["serve", "--base-model", "x", "--api-key-file", "/k/api-keys", "--admin-key-file", "/k/admin"]
+    argv += ["--runtime-adapter-updates", "--adapter-root", "/adapters", "--adapter-root", "s3://b/runs"]
+    config = server_config_from_args(build_parser().parse_args(argv))
+    assert (config.api_key_file, config.admin_key_file) == ("/k/api-keys", "/k/admin")
+    assert config.runtime_adapter_updates is True
+    assert config.adapter_roots == ["/adapters", "s3://b/runs"]
+    plain = server_config_from_args(build_parser().parse_args(["serve", "--base-model", "x"]))
+    assert (plain.api_key_file, plain.runtime_adapter_updates, plain.adapter_roots) == (None, False, [])
