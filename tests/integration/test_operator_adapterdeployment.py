@@ -363,3 +363,36 @@ def test_pods_that_cannot_be_created_degrade_the_deployment(cluster: ControlPlan
     cond = _available(st)
     assert cond["status"] == "False" and cond["reason"] == "ReplicaFailure"
     assert "cannot create its pods" in cond["message"] and "quota" in cond["message"]
+
+
+def test_auth_and_network_policy(cluster: ControlPlane, ns: str) -> None:
+    """spec.auth wires the keys from Secrets into the pods; spec.networkPolicy is an owned child that
+    goes away when the field is removed."""
+    cluster.kubectl("create", "secret", "generic", "serve-keys", "--from-literal=api-keys=sk-a", namespace=ns)
+    auth = {"apiKeySecretRef": {"name": "serve-keys"}, "adminKeySecretRef": {"name": "serve-keys"}}
+    policy = {"allowFrom": [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}]}
+    adapters = [{"name": "one", "source": "s3://adapters/one/"}]
+    apply(
+        cluster, ns, adapterdeployment("guarded", adapters, hotReload=True, auth=auth, networkPolicy=policy)
+    )
+    np = eventually(
+        lambda: get(cluster, ns, "networkpolicy", "guarded"), timeout=30, what="the NetworkPolicy"
+    )
+    assert np["metadata"]["ownerReferences"][0]["kind"] == "AdapterDeployment"
+    assert np["spec"]["ingress"][0]["from"] == policy["allowFrom"]
+    assert np["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "server"
+    pod_spec = eventually(
+        lambda: get(cluster, ns, "deployment", "guarded"), timeout=30, what="the Deployment"
+    )["spec"]["template"]["spec"]
+    server, sidecar = pod_spec["containers"]
+    assert "--api-key-file" in server["args"] and "--admin-key-file" in server["args"]
+    [auth_volume] = [v for v in pod_spec["volumes"] if v["name"] == "auth"]
+    assert {s["secret"]["name"] for s in auth_volume["projected"]["sources"]} == {"serve-keys"}
+    key_env = next(e for e in sidecar["env"] if e["name"] == "KUBETUNE_SERVER_API_KEY")
+    assert key_env["valueFrom"]["secretKeyRef"] == {"name": "serve-keys", "key": "admin-key"}
+    assert "sk-a" not in json.dumps(get(cluster, ns, "deployment", "guarded"))
+
+    apply(cluster, ns, adapterdeployment("guarded", adapters, hotReload=True, auth=auth))
+    eventually(
+        lambda: get(cluster, ns, "networkpolicy", "guarded") is None, timeout=30, what="the policy to go"
+    )

@@ -192,7 +192,12 @@ def test_sidecar_first_then_server_starts_and_restarts(serve_models: ServeModels
 
     def base_only_server(**configured: str) -> ModelServer:
         return ModelServer(
-            base_model=str(serve_models.base), base_model_name="tiny", cpu_threads=1, adapters=configured
+            base_model=str(serve_models.base),
+            base_model_name="tiny",
+            cpu_threads=1,
+            adapters=configured,
+            runtime_adapter_updates=True,  # as the operator runs it with hotReload
+            adapter_roots=[str(dest)],
         )
 
     # Credentials in the server URL (basic auth) must never reach the log, not even through httpx's.
@@ -245,6 +250,7 @@ def test_hot_reload_with_kubetune_serve_and_s3(
     serve_argv = [sys.executable, "-m", "kubetune_trainer", "serve", "--base-model", str(serve_models.base)]
     serve_argv += ["--served-name", "tiny", "--adapter-set", str(volume.path), "--host", "127.0.0.1"]
     serve_argv += ["--port", str(port), "--download-dir", str(tmp_path / "dl"), "--cpu-threads", "1"]
+    serve_argv += ["--runtime-adapter-updates", "--adapter-root", str(dest)]
     serve_log, log = tmp_path / "serve.log", tmp_path / "sync.log"
     with (
         serve_log.open("w") as out,

@@ -151,6 +151,8 @@ def test_server_loads_adapters_from_s3(s3, s3_bucket: str, serve_models: ServeMo
         adapters={"num": f"s3://{s3_bucket}/a/num/"},
         s3_client=client,
         download_dir=str(tmp_path / "downloads"),
+        runtime_adapter_updates=True,
+        adapter_roots=[f"s3://{s3_bucket}"],
     )
     with server.start_background() as run, httpx.Client(base_url=run.url, timeout=60) as h:
         server.wait_loaded()

@@ -31,12 +31,15 @@ def wait_ready(url: str, timeout: float = 120) -> dict:
 
 
 @pytest.fixture(scope="module")
-def running(serve_models: ServeModels) -> Iterator[RunningServer]:
+def running(serve_models: ServeModels, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     server = ModelServer(
         base_model=str(serve_models.base),
         base_model_name="tiny",
         adapters={n: str(p) for n, p in serve_models.adapters.items()},
         batch_window_ms=30,
+        # Load/unload on, from the test's temporary directories (test_serve_auth covers the refusals).
+        runtime_adapter_updates=True,
+        adapter_roots=[str(tmp_path_factory.getbasetemp())],
     )
     with server.start_background() as run:
         wait_ready(run.url)
@@ -320,7 +323,7 @@ def error_of(response: httpx.Response, status: int) -> dict:
             "less than",
         ),
         ("/v1/completions", {"model": "red", "prompt": "x", "stop": [1]}, 400, "stop", "strings"),
-        ("/v1/completions", {"model": "red", "prompt": "x", "n": 3}, 400, "n", "n=3"),
+        ("/v1/completions", {"model": "red", "prompt": "x", "n": 17}, 400, "n", "less than or equal to 16"),
         ("/v1/completions", {"model": "red", "prompt": "x", "max_tokens": 4000}, 400, "max_tokens", "2048"),
         ("/v1/completions", {"model": "red", "prompt": [1, 99999]}, 400, "prompt", "vocabulary"),
         ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model", "tiny, num, red"),
@@ -452,6 +455,8 @@ def test_readiness_waits_for_every_configured_adapter(serve_models: ServeModels,
     server = ModelServer(
         base_model=str(serve_models.base),
         adapters={"red": str(serve_models.adapters["red"]), "late": str(tmp_path / "not-there-yet")},
+        runtime_adapter_updates=True,
+        adapter_roots=[str(serve_models.adapters["num"].parent)],
     )
     with server.start_background() as run, httpx.Client(base_url=run.url, timeout=60) as h:
         assert h.get("/health").json() == {"status": "ok"}  # alive while loading
@@ -481,7 +486,12 @@ def test_readiness_waits_for_every_configured_adapter(serve_models: ServeModels,
 def test_an_adapter_loading_through_the_api_keeps_the_server_ready(serve_models: ServeModels) -> None:
     """Hot reload: every replica's sidecar loads a new adapter at about the same time, and a load
     waits for the running batch; readiness must not drop meanwhile (the Service would lose the pods)."""
-    server = ModelServer(base_model=str(serve_models.base), base_model_name="tiny")
+    server = ModelServer(
+        base_model=str(serve_models.base),
+        base_model_name="tiny",
+        runtime_adapter_updates=True,
+        adapter_roots=[str(serve_models.adapters["red"].parent)],
+    )
     with (
         server.start_background() as run,
         httpx.Client(base_url=run.url, timeout=60) as h,

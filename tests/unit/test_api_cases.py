@@ -387,6 +387,16 @@ INVALID: list[Case] = [
          "less than or equal to 1000"),
     Case("sweep-name-too-long", "fts", {"metadata": {"name": "s" * 60}}, "metadata.name",
          "must be at most 59 characters"),
+    Case("auth-without-api-key-secret", "adep", spec(auth={}), "spec.auth.apiKeySecretRef",
+         "required", server="Required value", client="Field required"),
+    Case("auth-secret-name-not-dns", "adep", spec(auth={"apiKeySecretRef": {"name": "Serve_Keys"}}),
+         "spec.auth.apiKeySecretRef.name", "the Secret name must be a lowercase DNS subdomain"),
+    Case("admin-key-with-vllm", "adep",
+         spec(runtime="vllm", resources={"gpus": 1},
+              auth={"apiKeySecretRef": {"name": "keys"}, "adminKeySecretRef": {"name": "admin"}}),
+         "spec.auth.adminKeySecretRef", "adminKeySecretRef applies to runtime builtin only"),
+    Case("network-policy-peer-without-selector", "adep", spec(networkPolicy={"allowFrom": [{}]}),
+         "spec.networkPolicy.allowFrom[0]", "needs a namespaceSelector, a podSelector or both"),
 ]  # fmt: skip
 
 # Near misses: manifests right beside a rule's edge that both the client and the API server

@@ -433,3 +433,99 @@ def test_the_job_fails_itself_on_non_retryable_exit_codes() -> None:
     assert rule["action"] == "FailJob"
     assert rule["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [2, 3, 4]}
     assert j["spec"]["template"]["spec"]["restartPolicy"] == "Never"  # required by podFailurePolicy
+
+
+# -- AdapterDeployment auth and NetworkPolicy ---------------------------------------------------
+
+AUTH = {"apiKeySecretRef": {"name": "serve-keys"}, "adminKeySecretRef": {"name": "serve-admin", "key": "k"}}
+
+
+def _env(container: dict) -> dict:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_builtin_auth_mounts_the_keys_from_secrets_never_in_args_env_or_configmaps() -> None:
+    d = ab.deployment(adep(auth=AUTH, hotReload=True), ADAPTERS, SETTINGS)
+    pod = d["spec"]["template"]["spec"]
+    server, sidecar = pod["containers"]
+    args = server["args"]
+    assert args[args.index("--api-key-file") + 1] == "/etc/kubetune/auth/api-keys"
+    assert args[args.index("--admin-key-file") + 1] == "/etc/kubetune/auth/admin-keys"
+    assert "--runtime-adapter-updates" in args and args[args.index("--adapter-root") + 1] == "/adapters"
+    [vol] = [v for v in pod["volumes"] if v["name"] == "auth"]
+    assert vol["projected"]["sources"] == [
+        {"secret": {"name": "serve-keys", "items": [{"key": "api-keys", "path": "api-keys"}]}},
+        {"secret": {"name": "serve-admin", "items": [{"key": "k", "path": "admin-keys"}]}},
+    ]
+    assert vol["projected"]["defaultMode"] == 0o440  # group-readable through the pod's fsGroup
+    assert {"name": "auth", "mountPath": "/etc/kubetune/auth", "readOnly": True} in server["volumeMounts"]
+    assert not any(m["name"] == "auth" for m in sidecar["volumeMounts"])
+    # The sidecar loads and unloads: it gets the admin key, from the Secret, as an env reference.
+    assert _env(sidecar)["KUBETUNE_SERVER_API_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "serve-admin", "key": "k"}
+    }
+    assert "KUBETUNE_SERVER_API_KEY" not in _env(server)
+    # Probes stay on the open routes.
+    assert server["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert server["livenessProbe"]["httpGet"]["path"] == "/health"
+    # No key material anywhere but Secret references.
+    assert "serve-keys" not in yaml.safe_dump(ab.config_map(adep(auth=AUTH), ADAPTERS))
+
+
+def test_without_an_admin_key_the_sidecar_sends_the_api_key_and_rolling_mode_keeps_loading_off() -> None:
+    auth = {"apiKeySecretRef": {"name": "serve-keys", "key": "clients"}}
+    hot = ab.deployment(adep(auth=auth, hotReload=True), ADAPTERS, SETTINGS)
+    server, sidecar = hot["spec"]["template"]["spec"]["containers"]
+    assert _env(sidecar)["KUBETUNE_SERVER_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "serve-keys",
+        "key": "clients",
+    }
+    assert "--admin-key-file" not in server["args"]
+    rolling = ab.deployment(adep(auth=auth), ADAPTERS, SETTINGS)
+    [server] = rolling["spec"]["template"]["spec"]["containers"]
+    assert "--api-key-file" in server["args"]
+    assert "--runtime-adapter-updates" not in server["args"] and "--adapter-root" not in server["args"]
+    # Without auth: no key flags, no auth volume.
+    [plain] = ab.deployment(adep(), ADAPTERS, SETTINGS)["spec"]["template"]["spec"]["containers"]
+    assert not [a for a in plain["args"] if "key" in a]
+    assert not [
+        v
+        for v in ab.deployment(adep(), ADAPTERS, SETTINGS)["spec"]["template"]["spec"]["volumes"]
+        if v["name"] == "auth"
+    ]
+
+
+def test_vllm_auth_and_runtime_lora_updating_only_with_hot_reload() -> None:
+    auth = {"apiKeySecretRef": {"name": "serve-keys"}}
+    d = ab.deployment(adep(runtime="vllm", auth=auth), ADAPTERS, SETTINGS)
+    [server] = d["spec"]["template"]["spec"]["containers"]
+    assert _env(server)["VLLM_API_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "serve-keys", "key": "api-keys"}
+    }
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in _env(server)  # nothing reloads: the routes stay off
+    assert not any("key" in a for a in server["args"])
+    hot = ab.deployment(adep(runtime="vllm", auth=auth, hotReload=True), ADAPTERS, SETTINGS)
+    server, sidecar = hot["spec"]["template"]["spec"]["containers"]
+    assert _env(server)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]["value"] == "True"
+    assert _env(sidecar)["KUBETUNE_SERVER_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "serve-keys"
+
+
+def test_network_policy_admits_only_the_listed_clients() -> None:
+    assert ab.network_policy(adep()) is None
+    same_ns = ab.network_policy(adep(networkPolicy={}))
+    assert same_ns["kind"] == "NetworkPolicy" and same_ns["apiVersion"] == "networking.k8s.io/v1"
+    assert same_ns["metadata"]["ownerReferences"][0]["uid"] == "u-9"
+    assert same_ns["spec"]["podSelector"]["matchLabels"] == ab.service(adep())["spec"]["selector"]
+    assert same_ns["spec"]["policyTypes"] == ["Ingress"]
+    assert same_ns["spec"]["ingress"] == [
+        {"from": [{"podSelector": {}}], "ports": [{"protocol": "TCP", "port": 8000}]}
+    ]
+    peers = [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}},
+        {
+            "namespaceSelector": {"matchLabels": {"team": "a"}},
+            "podSelector": {"matchLabels": {"app": "chat"}},
+        },
+    ]
+    listed = ab.network_policy(adep(networkPolicy={"allowFrom": peers}))
+    assert listed["spec"]["ingress"][0]["from"] == peers

@@ -122,7 +122,11 @@ def test_users_env_still_overrides_the_operators_paths() -> None:
     a["spec"]["env"] = spec_env
     server = ab.deployment(a, ADAPTERS, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
     assert [e["value"] for e in server["env"] if e["name"] == "HF_HOME"][-1] == "/workspace/hf"
-    # Hot reload stays on whatever the user's env says.
+    # Without hot reload vLLM's runtime adapter routes stay off (nothing needs them) ...
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in {e["name"] for e in server["env"]}
+    # ... and with it they stay on whatever the user's env says.
+    a["spec"]["hotReload"] = True
+    server = ab.deployment(a, ADAPTERS, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
     assert server["env"][-1] == {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}
 
 

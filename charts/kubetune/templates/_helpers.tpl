@@ -67,6 +67,10 @@ app.kubernetes.io/component: operator
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
   verbs: [get, create, patch, delete]
+# An AdapterDeployment's optional spec.networkPolicy.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, patch, delete]
 # Training pods: phase, exit codes, scheduling failures.
 - apiGroups: [""]
   resources: [pods]

@@ -30,6 +30,10 @@ ADAPTERS_DIR = "/adapters"
 MODELS_DIR = "/models"
 ADAPTER_SET_MOUNT = "/etc/kubetune"
 ADAPTER_SET_FILE = "adapters.json"
+AUTH_MOUNT = "/etc/kubetune/auth"  # the key files (a projected Secret volume): never args, env or ConfigMaps
+API_KEYS_FILE = "api-keys"
+ADMIN_KEYS_FILE = "admin-keys"
+SIDECAR_KEY_ENV = "KUBETUNE_SERVER_API_KEY"  # what `kubetune adapter-sync` sends as its bearer token
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -47,6 +51,7 @@ def names(adep: Body) -> dict[str, str]:
         "service": meta.dns_name(name),
         "config_map": meta.dns_name(name, "adapters"),
         "hpa": meta.dns_name(name),
+        "network_policy": meta.dns_name(name),
     }
 
 
@@ -123,6 +128,53 @@ def hpa(adep: Body) -> Body | None:
     return h
 
 
+def network_policy(adep: Body) -> Body | None:
+    """spec.networkPolicy -> a NetworkPolicy admitting only the listed clients to the API port."""
+    spec = adep["spec"].get("networkPolicy")
+    if spec is None:
+        return None
+    peers = [
+        {k: dict(p[k]) for k in ("namespaceSelector", "podSelector") if k in p}
+        for p in spec.get("allowFrom") or []
+    ] or [{"podSelector": {}}]  # default: pods of this namespace
+    np = _base(adep, "networking.k8s.io/v1", "NetworkPolicy", names(adep)["network_policy"])
+    np["spec"] = {
+        "podSelector": {
+            "matchLabels": {
+                meta.LABEL_ADAPTERDEPLOYMENT: adep["metadata"]["name"],
+                meta.LABEL_COMPONENT: "server",
+            }
+        },
+        "policyTypes": ["Ingress"],
+        "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": SERVER_PORT}]}],
+    }
+    return np
+
+
+def _auth(adep: Body) -> tuple[Body | None, Body | None]:
+    """(apiKeySecretRef, adminKeySecretRef) with their defaults, or (None, None) without spec.auth."""
+    auth = adep["spec"].get("auth")
+    if not auth:
+        return None, None
+    api = {"key": "api-keys", **auth["apiKeySecretRef"]}
+    admin = auth.get("adminKeySecretRef")
+    return api, ({"key": "admin-key", **admin} if admin else None)
+
+
+def _secret_env(var: str, ref: Body) -> Body:
+    return {"name": var, "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref["key"]}}}
+
+
+def _auth_volume(api: Body, admin: Body | None) -> Body:
+    sources = [{"secret": {"name": api["name"], "items": [{"key": api["key"], "path": API_KEYS_FILE}]}}]
+    if admin:
+        sources.append(
+            {"secret": {"name": admin["name"], "items": [{"key": admin["key"], "path": ADMIN_KEYS_FILE}]}}
+        )
+    # 0440 + the pod's fsGroup: readable by the server's group only.
+    return {"name": "auth", "projected": {"sources": sources, "defaultMode": 0o440}}
+
+
 def _storage_env(adep: Body, settings: Settings) -> list[Body]:
     storage = adep["spec"].get("storage") or {}
     env: list[Body] = []
@@ -193,6 +245,7 @@ def deployment(adep: Body, adapters: list[ResolvedAdapter], settings: Settings) 
         *podspec.writable_mounts(),
     ]
     trainer_image = spec.get("image") or settings.trainer_image
+    api_ref, admin_ref = _auth(adep)
     init_containers: list[Body] = []
     sidecars: list[Body] = []
     probes = {
@@ -265,8 +318,10 @@ def deployment(adep: Body, adapters: list[ResolvedAdapter], settings: Settings) 
                 *base_env,
                 {"name": "VLLM_CACHE_ROOT", "value": podspec.VLLM_CACHE_ROOT},
                 *user_env,
-                # Runtime load/unload (hot reload) is off in vLLM unless this is set.
-                {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
+                # vLLM then requires the key on every /v1 route, its load/unload routes included.
+                *([_secret_env("VLLM_API_KEY", api_ref)] if api_ref else []),
+                # Runtime load/unload is off in vLLM unless this is set: only hot reload needs it.
+                *([{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}] if hot else []),
             ],
         }
     else:
@@ -283,6 +338,12 @@ def deployment(adep: Body, adapters: list[ResolvedAdapter], settings: Settings) 
             "--port",
             str(SERVER_PORT),
         ]
+        if hot:  # load/unload on, from the sidecar's copies only
+            args += ["--runtime-adapter-updates", "--adapter-root", ADAPTERS_DIR]
+        if api_ref:
+            args += ["--api-key-file", f"{AUTH_MOUNT}/{API_KEYS_FILE}"]
+        if admin_ref:
+            args += ["--admin-key-file", f"{AUTH_MOUNT}/{ADMIN_KEYS_FILE}"]
         main = {
             "name": "server",
             "image": trainer_image,
@@ -299,6 +360,8 @@ def deployment(adep: Body, adapters: list[ResolvedAdapter], settings: Settings) 
         securityContext=podspec.container_security_context(),
         **probes,
     )
+    if api_ref and runtime == "builtin":
+        main["volumeMounts"] = [*mounts, {"name": "auth", "mountPath": AUTH_MOUNT, "readOnly": True}]
     if hot:
         sidecars.append(
             {
@@ -316,7 +379,8 @@ def deployment(adep: Body, adapters: list[ResolvedAdapter], settings: Settings) 
                     ADAPTERS_DIR,
                 ],
                 "workingDir": podspec.WORKSPACE,
-                "env": env,
+                # The sidecar loads and unloads: it sends the admin key (else the API key).
+                "env": [*env, *([_secret_env(SIDECAR_KEY_ENV, admin_ref or api_ref)] if api_ref else [])],
                 "volumeMounts": mounts,
                 "securityContext": podspec.container_security_context(),
                 "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},
@@ -333,6 +397,8 @@ def deployment(adep: Body, adapters: list[ResolvedAdapter], settings: Settings) 
     ]
     if any(m["name"] == "models" for m in mounts):
         volumes.append({"name": "models", "emptyDir": {}})
+    if api_ref and runtime == "builtin":
+        volumes.append(_auth_volume(api_ref, admin_ref))
     pod_spec: Body = {
         "automountServiceAccountToken": False,
         # Services in the namespace would otherwise inject KUBETUNE_*_PORT=tcp://... env vars.

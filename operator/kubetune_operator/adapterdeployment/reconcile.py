@@ -194,6 +194,12 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     elif status.get("observedGeneration") != generation:
         # Autoscaling may just have been turned off: remove a leftover HPA (once per spec change).
         kube.delete("autoscaling/v2", "HorizontalPodAutoscaler", key[0], builders.names(adep)["hpa"])
+    policy = builders.network_policy(adep)
+    if policy is not None:
+        kube.apply(policy)
+    elif status.get("observedGeneration") != generation:
+        # spec.networkPolicy may just have been removed (once per spec change, as the HPA).
+        kube.delete("networking.k8s.io/v1", "NetworkPolicy", key[0], builders.names(adep)["network_policy"])
 
     # Prefer the watch's view (fresher status) when it is at least as new as what we applied.
     watched = {d["metadata"]["name"]: d for d in store.children_of("Deployment", key)}.get(

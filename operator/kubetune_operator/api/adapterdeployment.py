@@ -8,6 +8,7 @@ from pydantic import Field
 
 from .base import ApiModel, KindModel, ListType, Rule, rules
 from .common import (
+    DNS1123_SUBDOMAIN,
     MODEL_URI,
     RESOURCE_NAME,
     URI_MAX,
@@ -161,6 +162,95 @@ class VllmSpec(ApiModel):
     )
 
 
+class SecretKeyRef(ApiModel):
+    """One key of a Secret in the same namespace."""
+
+    name: Annotated[
+        str,
+        pattern_rule(DNS1123_SUBDOMAIN, "the Secret name must be a lowercase DNS subdomain, e.g. serve-keys"),
+    ] = Field(max_length=253, description="Name of the Secret (same namespace).")
+    key: str = Field(max_length=253, description="Key in the Secret.")
+
+
+class ApiKeySecretRef(SecretKeyRef):
+    """The Secret key holding the clients' API keys, one per line (runtime vllm: exactly one key)."""
+
+    key: str = Field("api-keys", max_length=253, description="Key in the Secret; default api-keys.")
+
+
+class AdminKeySecretRef(SecretKeyRef):
+    """The Secret key holding the admin key(s) for loading and unloading adapters."""
+
+    key: str = Field("admin-key", max_length=253, description="Key in the Secret; default admin-key.")
+
+
+class ServerAuth(ApiModel):
+    """API keys the server requires (OpenAI `Authorization: Bearer KEY`) on every /v1 route."""
+
+    api_key_secret_ref: ApiKeySecretRef = Field(
+        description="Secret key with the API keys clients send, one per line (rotations apply without a "
+        "restart on the builtin runtime). /health, /ready and /metrics stay open for probes and Prometheus."
+    )
+    admin_key_secret_ref: AdminKeySecretRef | None = Field(
+        None,
+        description="Builtin runtime: Secret key with the admin key(s), the only keys allowed to load and "
+        "unload adapters (the hot-reload sidecar sends the first). Without it, with hotReload any API key may.",
+    )
+
+
+class LabelSelectorRequirement(ApiModel):
+    """One label requirement, as in a Kubernetes label selector."""
+
+    key: str = Field(max_length=317, description="The label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
+        description="How the key relates to values."
+    )
+    values: list[Annotated[str, Field(max_length=63)]] | None = Field(
+        None, max_length=64, description="Values for In / NotIn; empty for Exists / DoesNotExist."
+    )
+
+
+class LabelSelector(ApiModel):
+    """A Kubernetes label selector; an empty one selects everything."""
+
+    match_labels: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        None, max_length=32, description="Labels that must all match."
+    )
+    match_expressions: list[LabelSelectorRequirement] | None = Field(
+        None, max_length=32, description="Requirements that must all hold."
+    )
+
+
+@rules(
+    Rule(
+        "has(self.namespaceSelector) || has(self.podSelector)",
+        "each networkPolicy.allowFrom entry needs a namespaceSelector, a podSelector or both",
+        check=lambda p: p.namespace_selector is not None or p.pod_selector is not None,
+    ),
+)
+class NetworkPolicyPeer(ApiModel):
+    """Clients allowed to reach the server: pods matching podSelector in namespaces matching
+    namespaceSelector (only podSelector: this namespace; only namespaceSelector: all pods there)."""
+
+    namespace_selector: LabelSelector | None = Field(
+        None, description="A label selector for namespaces, as in a NetworkPolicy peer."
+    )
+    pod_selector: LabelSelector | None = Field(
+        None, description="A label selector for pods, as in a NetworkPolicy peer."
+    )
+
+
+class ServerNetworkPolicy(ApiModel):
+    """A NetworkPolicy that admits only the listed clients to the server pods' API port."""
+
+    allow_from: list[NetworkPolicyPeer] | None = Field(
+        None,
+        max_length=32,
+        description="Who may connect. Empty or unset: pods in this namespace only. Add the namespace of "
+        "your Prometheus to scrape /metrics.",
+    )
+
+
 @rules(
     Rule(
         "!(has(self.replicas) && has(self.autoscaling))",
@@ -180,6 +270,14 @@ class VllmSpec(ApiModel):
         "runtime vllm needs a GPU: set resources.gpus >= 1, or use runtime builtin (runs on CPU too)",
         check=lambda s: s.runtime != "vllm" or s.resources.gpus >= 1,
         field_path=".resources.gpus",
+    ),
+    Rule(
+        "!has(self.auth) || !has(self.auth.adminKeySecretRef) || self.runtime == 'builtin'",
+        "auth.adminKeySecretRef applies to runtime builtin only: vLLM has one key set (its --api-key), "
+        "which also guards adapter loading; remove adminKeySecretRef",
+        check=lambda s: s.auth is None or s.auth.admin_key_secret_ref is None or s.runtime == "builtin",
+        field_path=".auth.adminKeySecretRef",
+        reason="FieldValueForbidden",
     ),
     Rule(
         "!has(self.vllm) || self.runtime == 'vllm'",
@@ -245,6 +343,14 @@ class AdapterDeploymentSpec(ApiModel):
         None, max_length=64, description="Extra environment variables for the server."
     )
     vllm: VllmSpec | None = Field(None, description="vLLM settings (runtime vllm only).")
+    auth: ServerAuth | None = Field(
+        None,
+        description="Require API keys from a Secret. Unset: the OpenAI routes are open to anyone who "
+        "reaches the Service (use networkPolicy, or set this).",
+    )
+    network_policy: ServerNetworkPolicy | None = Field(
+        None, description="Create a NetworkPolicy that admits only these clients to the server pods."
+    )
 
 
 class AdapterStatus(ApiModel):

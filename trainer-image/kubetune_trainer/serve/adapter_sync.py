@@ -487,4 +487,10 @@ def _now() -> str:
 
 
 def api_key_from_env() -> str | None:
-    return next((os.environ[v] for v in API_KEY_ENVS if os.environ.get(v)), None)
+    """The key to send: the first key line of the variable (a Secret value may end in a newline)."""
+    for var in API_KEY_ENVS:
+        keys = [line.strip() for line in os.environ.get(var, "").splitlines()]
+        keys = [k for k in keys if k and not k.startswith("#")]
+        if keys:
+            return keys[0]
+    return None

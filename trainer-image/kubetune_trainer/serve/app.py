@@ -32,8 +32,9 @@ from .protocol import (
     UnloadLoraAdapterRequest,
     Unsupported,
 )
-from .rows import Failed, Finished, ModelNotLoadedError, Row, RowEvent, TextDelta
-from .sources import SourceError, SourceNotFoundError
+from .rows import Failed, Finished, ModelNotLoadedError, Row, RowEvent, TextDelta, TokenLogprob
+from .sources import SourceError, SourceNotFoundError, check_allowed_source
+from .structured import GrammarError
 
 if TYPE_CHECKING:
     from .server import ModelServer
@@ -65,8 +66,9 @@ async def _parse(request: Request, model: type[M]) -> M:
 class _Generation:
     """One completion/chat request: its rows, their events, and the response it builds."""
 
-    def __init__(self, server: ModelServer, endpoint: str, model_name: str, stream: bool):
+    def __init__(self, server: ModelServer, endpoint: str, model_name: str, stream: bool, n: int = 1):
         self.server = server
+        self.n = n  # choices per prompt: rows i*n .. i*n+n-1 answer prompt i (choice index = row index)
         self.endpoint = endpoint
         self.model_name = model_name
         self.stream = stream
@@ -260,7 +262,7 @@ def build_app(server: ModelServer) -> FastAPI:
             raise _unknown_model(req.model)
         name = server.engine.label(target)  # the adapter name, or the base model's served name
         label[0] = name
-        gen = _Generation(server, endpoint, name, req.stream)
+        gen = _Generation(server, endpoint, name, req.stream, req.n)
         tok = server.lm.tokenizer
         if endpoint == CHAT:
             messages = [{"role": m.role, "content": m.content} for m in req.messages]
@@ -278,18 +280,29 @@ def build_app(server: ModelServer) -> FastAPI:
         else:
             prompts = [tok(p).input_ids if isinstance(p, str) else p for p in req.prompt]
             default = DEFAULT_COMPLETION_MAX_TOKENS
+        grammar = None
+        json_required, schema = req.json_format
+        if json_required:
+            try:
+                grammar = await asyncio.to_thread(server.json_grammar, schema)
+            except GrammarError as exc:
+                raise APIError(400, str(exc), param="response_format.json_schema.schema") from None
         for i, ids in enumerate(prompts):
             max_tokens = _limits(gen, ids, req.max_tokens, default, i)
-            gen.add_row(
-                prompt_ids=ids,
-                model=target,
-                max_tokens=max_tokens,
-                temperature=req.temperature,
-                top_p=req.top_p,
-                seed=req.seed,
-                stop=req.stop,
-                ignore_eos=req.ignore_eos,
-            )
+            for choice in range(req.n):
+                gen.add_row(
+                    prompt_ids=ids,
+                    model=target,
+                    max_tokens=max_tokens,
+                    temperature=req.temperature,
+                    top_p=req.top_p,
+                    # Each choice samples its own sequence; with a seed, choice j uses seed + j (reproducible).
+                    seed=None if req.seed is None else req.seed + choice,
+                    stop=req.stop,
+                    ignore_eos=req.ignore_eos,
+                    logprobs=req.top_logprobs_count,
+                    grammar=grammar,
+                )
         return gen, req
 
     async def _generate(request: Request, endpoint: str, cls: type[Any]) -> Response:
@@ -306,7 +319,7 @@ def build_app(server: ModelServer) -> FastAPI:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        return await _complete(gen, endpoint == CHAT)
+        return await _complete(gen, endpoint == CHAT, req.top_logprobs_count is not None)
 
     @app.post(COMPLETIONS)
     async def completions(request: Request) -> Response:
@@ -327,6 +340,14 @@ def build_app(server: ModelServer) -> FastAPI:
             check_adapter_name(req.lora_name, field="lora_name")
         except ValueError as exc:
             raise APIError(400, str(exc), type="InvalidUserInput", param="lora_name") from None
+        try:
+            check_allowed_source(req.lora_path, server.adapter_roots())
+        except PermissionError as exc:
+            raise APIError(
+                403, str(exc), type="permission_error", param="lora_path", code="path_not_allowed"
+            ) from None
+        except SourceError as exc:
+            raise APIError(400, str(exc), type="BadRequestError", param="lora_path") from None
         async with admin_lock:
             state = server.adapters.get(req.lora_name)
             if state is not None and state.loaded and not req.load_inplace:
@@ -380,8 +401,44 @@ def _card(
     }
 
 
-async def _complete(gen: _Generation, chat: bool) -> Response:
+def _prompt_tokens(gen: _Generation, finished: dict[int, Finished]) -> int:
+    """Each prompt counts once, however many choices (n) it has."""
+    return sum(f.prompt_tokens for i, f in finished.items() if i % gen.n == 0)
+
+
+def _logprobs(tok: Any, entries: list[TokenLogprob], chat: bool, offset: int = 0) -> dict[str, Any]:
+    """OpenAI's logprobs object: chat's ``content`` list, or the completions' parallel arrays."""
+    text = {tid: tok.decode([tid]) for e in entries for tid in (e[0], *(t for t, _ in e[2]))}
+    if chat:
+        return {
+            "content": [
+                {
+                    "token": text[tid],
+                    "logprob": lp,
+                    "bytes": list(text[tid].encode()),
+                    "top_logprobs": [
+                        {"token": text[t], "logprob": v, "bytes": list(text[t].encode())} for t, v in top
+                    ],
+                }
+                for tid, lp, top in entries
+            ],
+            "refusal": None,
+        }
+    offsets = []
+    for tid, _, _ in entries:
+        offsets.append(offset)
+        offset += len(text[tid])
+    return {
+        "tokens": [text[tid] for tid, _, _ in entries],
+        "token_logprobs": [lp for _, lp, _ in entries],
+        "top_logprobs": [{text[t]: v for t, v in top} for _, _, top in entries],
+        "text_offset": offsets,
+    }
+
+
+async def _complete(gen: _Generation, chat: bool, logprobs: bool) -> Response:
     texts: list[list[str]] = [[] for _ in gen.rows]
+    entries: list[list[TokenLogprob]] = [[] for _ in gen.rows]
     finished: dict[int, Finished] = {}
     status, usage = 500, None
     try:
@@ -390,38 +447,30 @@ async def _complete(gen: _Generation, chat: bool) -> Response:
             if isinstance(event, TextDelta):
                 gen.note_text()
                 texts[index].append(event.text)
+                entries[index].extend(event.logprobs)
             elif isinstance(event, Finished):
                 finished[index] = event
             elif isinstance(event, Failed):
                 err = _row_error(event.error, gen.model_name)
                 status = err.status
                 return _error(err)
-        usage = _usage(
-            sum(f.prompt_tokens for f in finished.values()),
-            sum(f.completion_tokens for f in finished.values()),
-        )
-        choices: list[dict[str, Any]]
-        if chat:
-            choices = [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(texts[0])},
-                    "logprobs": None,
-                    "finish_reason": finished[0].reason,
-                }
-            ]
-            obj = "chat.completion"
-        else:
-            choices = [
-                {"index": i, "text": "".join(texts[i]), "logprobs": None, "finish_reason": finished[i].reason}
-                for i in range(len(gen.rows))
-            ]
-            obj = "text_completion"
+        usage = _usage(_prompt_tokens(gen, finished), sum(f.completion_tokens for f in finished.values()))
+        tok = gen.server.lm.tokenizer
+        choices: list[dict[str, Any]] = []
+        for i in range(len(gen.rows)):
+            choice: dict[str, Any] = {"index": i}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": "".join(texts[i])}
+            else:
+                choice["text"] = "".join(texts[i])
+            choice["logprobs"] = _logprobs(tok, entries[i], chat) if logprobs else None
+            choice["finish_reason"] = finished[i].reason
+            choices.append(choice)
         status = 200
         return JSONResponse(
             {
                 "id": gen.id,
-                "object": obj,
+                "object": "chat.completion" if chat else "text_completion",
                 "created": gen.created,
                 "model": gen.model_name,
                 "choices": choices,
@@ -441,16 +490,25 @@ async def _stream(gen: _Generation, req: Any, chat: bool) -> AsyncIterator[str]:
     obj = "chat.completion.chunk" if chat else "text_completion"
     head = {"id": gen.id, "object": obj, "created": gen.created, "model": gen.model_name}
 
-    def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> str:
+    tok = gen.server.lm.tokenizer
+    want_logprobs = req.top_logprobs_count is not None
+    offsets = [0] * len(gen.rows)  # completions' text_offset continues across chunks
+
+    def chunk(index: int, text: str | None, finish: str | None, role: bool = False, lps: tuple = ()) -> str:
+        logprobs = None
+        if want_logprobs and lps:
+            logprobs = _logprobs(tok, list(lps), chat, offsets[index])
+            if not chat:
+                offsets[index] += sum(len(t) for t in logprobs["tokens"])
         if chat:
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         body = {**head, "choices": [choice]}
         if req.include_usage:
             body["usage"] = None
@@ -460,15 +518,17 @@ async def _stream(gen: _Generation, req: Any, chat: bool) -> AsyncIterator[str]:
     done = 0
     try:
         if chat:
-            yield chunk(0, "", None, role=True)
+            for index in range(len(gen.rows)):
+                yield chunk(index, "", None, role=True)
         while done < len(gen.rows):
             index, event = await gen.queue.get()
             if isinstance(event, TextDelta):
                 gen.note_text()
-                yield chunk(index, event.text, None)
+                yield chunk(index, event.text, None, lps=event.logprobs)
             elif isinstance(event, Finished):
                 done += 1
-                prompt_tokens += event.prompt_tokens
+                if index % gen.n == 0:  # each prompt counts once, whatever n
+                    prompt_tokens += event.prompt_tokens
                 completion_tokens += event.completion_tokens
                 yield chunk(index, "" if not chat else None, event.reason)
             elif isinstance(event, Failed):

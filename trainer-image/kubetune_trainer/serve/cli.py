@@ -69,6 +69,28 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cpu-threads", type=int, help="torch threads on CPU (default: the container's CPU limit)"
     )
+    p.add_argument(
+        "--api-key-file",
+        help="file of API keys, one per line (a mounted Secret): /v1 routes then need "
+        "'Authorization: Bearer KEY'; /health, /ready, /metrics stay open",
+    )
+    p.add_argument(
+        "--admin-key-file",
+        help="file of admin keys, one per line: only these may load/unload adapters (turns those routes on)",
+    )
+    p.add_argument(
+        "--runtime-adapter-updates",
+        action="store_true",
+        default=None,
+        help="turn /v1/load_lora_adapter and /v1/unload_lora_adapter on (off by default)",
+    )
+    p.add_argument(
+        "--adapter-root",
+        action="append",
+        default=[],
+        metavar="DIR_OR_S3_PREFIX",
+        help="where /v1/load_lora_adapter may load from besides --download-dir (repeatable)",
+    )
     p.set_defaults(func=run_serve)
 
 
@@ -105,6 +127,10 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         "download_dir": args.download_dir,
         "trust_remote_code": args.trust_remote_code,
         "cpu_threads": args.cpu_threads,
+        "api_key_file": args.api_key_file,
+        "admin_key_file": args.admin_key_file,
+        "runtime_adapter_updates": args.runtime_adapter_updates,
+        "adapter_roots": [*(data.get("adapter_roots") or []), *args.adapter_root] or None,
     }
     data.update({k: v for k, v in flags.items() if v is not None})
     config = ServerConfig.validated(data, source="kubetune serve")

@@ -90,6 +90,27 @@ class ServerConfig(BaseModel):
         None, description="where s3:// models and adapters are downloaded (default: a temporary directory)"
     )
     trust_remote_code: bool = Field(False, description="allow model code from the checkpoint (keep false)")
+    api_key_file: str | None = Field(
+        None,
+        description="file of API keys, one per line (a mounted Secret): every /v1 route then needs "
+        "'Authorization: Bearer KEY'; re-read when it changes. /health, /ready and /metrics stay open",
+    )
+    admin_key_file: str | None = Field(
+        None,
+        description="file of admin keys, one per line: the only keys that may call "
+        "/v1/load_lora_adapter and /v1/unload_lora_adapter (they work on every other /v1 route too); "
+        "setting it turns those routes on",
+    )
+    runtime_adapter_updates: bool = Field(
+        False,
+        description="turn /v1/load_lora_adapter and /v1/unload_lora_adapter on (hot reload); without "
+        "admin_key_file any API key may then use them. Off by default: a server nobody reloads keeps them off",
+    )
+    adapter_roots: list[str] = Field(
+        default_factory=list,
+        description="local directories and s3:// prefixes that /v1/load_lora_adapter may load from, "
+        "besides download_dir; any other lora_path is refused (403)",
+    )
     cpu_threads: int | None = Field(
         None,
         ge=1,
@@ -106,6 +127,16 @@ class ServerConfig(BaseModel):
             if not isinstance(source, str) or not source.strip():
                 raise ValueError(f"adapters[{name!r}]: give a directory or an s3:// URI")
         return adapters
+
+    @field_validator("adapter_roots")
+    @classmethod
+    def _roots(cls, roots: list[str]) -> list[str]:
+        for root in roots:
+            if not root.strip() or ("://" in root and not root.startswith(("s3://", "file://"))):
+                raise ValueError(f"adapter_roots: {root!r} is not a directory, file:// or s3://bucket/prefix")
+            if root.startswith("s3://") and not root[len("s3://") :].strip("/"):
+                raise ValueError(f"adapter_roots: {root!r} names no bucket: write s3://bucket/prefix")
+        return roots
 
     @field_validator("device")
     @classmethod

@@ -31,7 +31,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from .rows import Finished, Row, TextDelta
+from .rows import Finished, Row, TextDelta, TokenLogprob
 
 # Prompt tokens decoded in front of the first generated token, so tokenizers that drop a leading
 # space at the start of a text (SentencePiece) still produce it in the middle of one.
@@ -54,6 +54,9 @@ class RowText:
         self.sent = 0  # characters of text already delivered
         self.finish_reason: str | None = None
         self.final_sent = False
+        self.step_logprobs: list[TokenLogprob] = []  # one per generation step (RowSampler), EOS included
+        self.logprobs: list[TokenLogprob] = []  # one per token of the completion
+        self.logprobs_sent = 0
         self.max_stop = max((len(s) for s in row.stop), default=0)
 
     @property
@@ -84,6 +87,8 @@ class RowText:
             self.finish_reason = "stop"
             return
         self.ids.append(token)
+        if len(self.step_logprobs) >= self.generated:
+            self.logprobs.append(self.step_logprobs[self.generated - 1])
         before = len(self.text)
         self._read_new_text(final=False)
         if self.max_stop and len(self.text) > before:
@@ -146,8 +151,10 @@ class BatchTracker(StoppingCriteria, BaseStreamer):
             if t.final_sent:
                 continue
             chunk = t.deliverable()
-            if chunk:
-                t.row.send(TextDelta(chunk))
+            logprobs = tuple(t.logprobs[t.logprobs_sent :]) if chunk or t.finished else ()
+            if chunk or logprobs:
+                t.row.send(TextDelta(chunk, logprobs))
+                t.logprobs_sent += len(logprobs)
             if t.finished:
                 self._finish(t)
 
@@ -173,11 +180,19 @@ class BatchTracker(StoppingCriteria, BaseStreamer):
 
 
 class RowSampler(LogitsProcessor):
-    """Samples the rows that ask for it (temperature > 0), each with its own generator."""
+    """Samples the rows that ask for it (temperature > 0), each with its own generator.
+
+    It also records the log-probabilities of the rows that asked for them: log-softmax of the
+    model's raw logits (before temperature and top-p, as vLLM reports them by default), read
+    before sampling, for the token chosen after it. Reading them changes no row's tokens.
+    """
 
     def __init__(self, rows: Sequence[Row], tracker: BatchTracker):
         self.tracker = tracker
         self.rows = [(i, r) for i, r in enumerate(rows) if not r.greedy]
+        self.logged = [(i, r.logprobs) for i, r in enumerate(rows) if r.logprobs is not None]
+        self.constrained = [(i, r.grammar) for i, r in enumerate(rows) if r.grammar is not None]
+        self.grammars: dict[int, Any] = {}
         self.warpers = {
             i: [TemperatureLogitsWarper(r.temperature)]
             + ([TopPLogitsWarper(r.top_p)] if r.top_p < 1.0 else [])
@@ -194,6 +209,38 @@ class RowSampler(LogitsProcessor):
         return gen
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        raw = {
+            i: torch.log_softmax(scores[i].float(), dim=-1)
+            for i, _ in self.logged
+            if not self.tracker.finished(i)
+        }
+        live = [(i, self._grammar(i, g, scores)) for i, g in self.constrained if not self.tracker.finished(i)]
+        for i, grammar in live:
+            grammar.mask(scores[i : i + 1])  # before sampling: greedy and sampled rows alike
+        self._sample(input_ids, scores)
+        for i, grammar in live:
+            grammar.accept(int(scores[i].argmax()))
+        for i, top in self.logged:
+            if i not in raw:
+                continue
+            logprobs = raw[i]
+            # Greedy rows: generate() takes this argmax; sampled rows: the only finite score left.
+            chosen = int(scores[i].argmax())
+            alternatives: tuple[tuple[int, float], ...] = ()
+            if top:
+                values, ids = logprobs.topk(top)
+                alternatives = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+            self.tracker.texts[i].step_logprobs.append((chosen, float(logprobs[chosen]), alternatives))
+        return scores
+
+    def _grammar(self, i: int, compiled: Any, scores: torch.Tensor) -> Any:
+        if i not in self.grammars:
+            from .structured import RowGrammar
+
+            self.grammars[i] = RowGrammar(compiled, scores.shape[-1])
+        return self.grammars[i]
+
+    def _sample(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> None:
         for i, row in self.rows:
             if self.tracker.finished(i):
                 continue
@@ -204,7 +251,6 @@ class RowSampler(LogitsProcessor):
             token = torch.multinomial(probs, 1, generator=self._generator(i, row, scores.device))
             scores[i] = float("-inf")
             scores[i, token] = 0.0
-        return scores
 
 
 def generate_rows(

@@ -51,8 +51,11 @@ def from_validation_error(exc: ValidationError) -> APIError:
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         message = f"'{param}' is a required field"
-    elif first["type"] == "model_type" or not param:
+    elif first["type"] == "model_type":
         message = "the request body must be a JSON object"
+        param = None
+    elif not param:  # a rule across fields (a model validator): its message says what to fix
+        message = msg
         param = None
     else:
         got = first.get("input")

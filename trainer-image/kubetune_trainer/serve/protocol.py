@@ -13,6 +13,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 16
+MAX_N = 16  # choices per prompt: each is a row of the batch
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat's top_logprobs (vLLM's default too)
 
 
 class Unsupported(ValueError):
@@ -30,7 +32,7 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: Any = ()
@@ -66,12 +68,17 @@ class _Request(BaseModel):
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
 
+    @property
+    def top_logprobs_count(self) -> int | None:
+        """How many alternatives to report per token; None when logprobs are off."""
+        return None
+
+    @property
+    def json_format(self) -> tuple[bool, dict[str, Any] | None]:
+        return False, None
+
     def check_supported(self) -> None:
         """Reject parameters the server cannot honour (400 naming the parameter)."""
-        if self.n != 1:
-            raise Unsupported(
-                "n", f"n={self.n} is not supported: this server returns one choice per prompt (n=1)"
-            )
         if self.presence_penalty or self.frequency_penalty:
             param = "presence_penalty" if self.presence_penalty else "frequency_penalty"
             raise Unsupported(param, f"{param} is not supported by this server: leave it at 0")
@@ -84,7 +91,9 @@ class _Request(BaseModel):
 class CompletionRequest(_Request):
     prompt: Any = Field(..., description="a string, an array of strings, or token ids")
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="report each token's logprob and this many top ones"
+    )
     best_of: int | None = None
     suffix: str | None = None
 
@@ -116,12 +125,14 @@ class CompletionRequest(_Request):
         super().check_supported()
         if self.echo:
             raise Unsupported("echo", "echo is not supported by this server")
-        if self.logprobs is not None:
-            raise Unsupported("logprobs", "logprobs is not supported by this server")
         if self.best_of not in (None, 1):
             raise Unsupported("best_of", f"best_of={self.best_of} is not supported (only 1)")
         if self.suffix:
             raise Unsupported("suffix", "suffix (insertion) is not supported by this server")
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -160,7 +171,7 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -169,16 +180,40 @@ class ChatCompletionRequest(_Request):
         # max_completion_tokens is the newer name of max_tokens in OpenAI's chat API.
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def json_format(self) -> tuple[bool, dict[str, Any] | None]:
+        """(JSON required, its schema or None for any object), from response_format."""
+        kind = (self.response_format or {}).get("type")
+        if kind == "json_schema":
+            return True, (self.response_format or {})["json_schema"]["schema"]
+        return kind == "json_object", None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs or self.top_logprobs:
-            raise Unsupported("logprobs", "logprobs is not supported by this server")
         if self.tools:
             raise Unsupported("tools", "tool calling is not supported by this server")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise Unsupported("response_format", "only response_format type 'text' is supported")
+        kind = (self.response_format or {}).get("type")
+        if kind not in (None, "text", "json_object", "json_schema"):
+            raise Unsupported(
+                "response_format",
+                f"response_format type {kind!r} is not supported: use text, json_object or json_schema",
+            )
+        if kind == "json_schema":
+            spec = (self.response_format or {}).get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise Unsupported(
+                    "response_format.json_schema.schema",
+                    "response_format type json_schema needs json_schema.schema: a JSON schema object, "
+                    'e.g. {"type": "object", "properties": {...}}',
+                )
         for i, m in enumerate(self.messages):
             role = "system" if m.role == "developer" else m.role  # OpenAI's newer name for system
             if role not in CHAT_ROLES:

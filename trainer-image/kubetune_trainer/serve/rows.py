@@ -11,11 +11,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+# One generated token's log-probability: (token id, logprob, ((top id, top logprob), ...)).
+TokenLogprob = tuple[int, float, tuple[tuple[int, float], ...]]
 
 
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens behind this text, when the row asked for them
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,8 @@ class Row:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # keep generating after EOS until max_tokens (benchmarks; vLLM has it too)
+    logprobs: int | None = None  # report each token's logprob and this many top alternatives (None: off)
+    grammar: Any = None  # an xgrammar CompiledGrammar the text must follow (response_format), or None
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set by the HTTP layer when the client goes away
     emitted: bool = False  # the row has sent an event (a failed batch must not retry it)

@@ -107,6 +107,28 @@ class ModelServer:
         self._prefetched: dict[tuple[str, str], Path] = {}
         self._loader: threading.Thread | None = None
         self._app: Any = None
+        self._json_grammars: Any = None
+        from .auth import Access
+
+        self.access = Access(
+            self.config.api_key_file, self.config.admin_key_file, self.config.runtime_adapter_updates
+        )
+        log.info("access: %s", self.access.describe())
+
+    def json_grammar(self, schema: dict[str, Any] | None) -> Any:
+        """A compiled JSON grammar for this server's tokenizer (response_format); slow the first time."""
+        with self._lock:
+            if self._json_grammars is None:
+                from .structured import JsonGrammars
+
+                lm = self.lm
+                self._json_grammars = JsonGrammars(lm.tokenizer, lm.vocab_size, lm.eos_ids)
+            grammars = self._json_grammars
+        return grammars.compile(schema)
+
+    def adapter_roots(self) -> list[str]:
+        """Where /v1/load_lora_adapter may load from: the download directory and adapter_roots."""
+        return [str(self.download_dir), *self.config.adapter_roots]
 
     # ------------------------------------------------------------------ guide API
 
@@ -203,8 +225,9 @@ class ModelServer:
     def app(self) -> Any:
         if self._app is None:
             from .app import build_app
+            from .auth import AuthMiddleware
 
-            self._app = build_app(self)
+            self._app = AuthMiddleware(build_app(self), self.access)
         return self._app
 
     # ------------------------------------------------------------------ loading

@@ -186,3 +186,38 @@ def fetch_one(uri: str, dest: str | os.PathLike[str], *, s3_client: Any = None) 
     src = materialize(uri, "source", download_dir=root)
     shutil.copytree(src, root, dirs_exist_ok=True)
     return root
+
+
+def check_allowed_source(source: str, roots: list[str]) -> None:
+    """Refuse a runtime load from outside ``roots`` (local directories and s3:// prefixes).
+
+    Local paths are resolved first (symlinks, ``..``), so a path cannot climb out of its root;
+    an s3:// URI must lie under a root prefix segment by segment (``s3://b/adapters`` allows
+    ``s3://b/adapters/x``, not ``s3://b/adapters-x``).
+    """
+    allowed = ", ".join(roots) or "none"
+    if is_s3(source):
+        key = source[len("s3://") :].rstrip("/")
+        if any(part in ("", ".", "..") for part in key.split("/")):
+            raise SourceError(f"lora_path {source!r}: an s3:// URI must not hold empty, '.' or '..' segments")
+        for root in roots:
+            if is_s3(root):
+                prefix = root[len("s3://") :].rstrip("/")
+                if key == prefix or key.startswith(prefix + "/"):
+                    return
+        raise PermissionError(
+            f"lora_path {source!r} is outside the storage this server may load from ({allowed}): "
+            "upload the adapter there, or add its prefix to the server's adapter_roots (--adapter-root)"
+        )
+    if "://" in source and not source.startswith("file://"):
+        raise SourceError(
+            f"lora_path {source!r} has an unsupported scheme: use a directory, file:// or s3://"
+        )
+    path = local_path(source).resolve()
+    for root in roots:
+        if not is_s3(root) and path.is_relative_to(local_path(root).resolve()):
+            return
+    raise PermissionError(
+        f"lora_path {source!r} is outside the directories this server may load from ({allowed}): "
+        "put the adapter there (adapter-sync does), or add the directory to adapter_roots (--adapter-root)"
+    )
