@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kubetune_operator.convert import finetunejob_to_config, pvc_claims, to_config_dict
+from kubetune_trainer.config import load_job_file
+from kubetune_trainer.exit_codes import ConfigError
 from tests.unit.test_api_cases import finetunejob
 
 
@@ -36,3 +39,8 @@ def test_a_job_reference_is_resolved_by_the_operator_only(tmp_path: Path) -> Non
         finetunejob_to_config(ref, base_dir=tmp_path)
     local = finetunejob_to_config(_with({"uri": f"file://{tmp_path}/task-1"}), base_dir=tmp_path)
     assert local.init_adapter == f"{tmp_path}/task-1"
+    # `kubetune run job.yaml --local` says the same as a configuration error (exit code 2).
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(ref))
+    with pytest.raises(ConfigError, match=r"job\.yaml: baseModel\.initAdapter\.fineTuneJobRef \(task-1\)"):
+        load_job_file(manifest)

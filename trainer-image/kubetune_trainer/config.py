@@ -586,5 +586,10 @@ def load_job_file(path: str | os.PathLike[str]) -> FinetuningConfig:
                 "(kubetune_operator.convert), which is not available here; run a FinetuningConfig YAML "
                 "instead (see docs/trainer.md)"
             ) from None
-        return finetunejob_to_config(data, base_dir=p.parent)
+        try:
+            return finetunejob_to_config(data, base_dir=p.parent)
+        except ConfigError:
+            raise
+        except ValueError as exc:  # what the manifest asks cannot run locally (pvc://, a job reference)
+            raise ConfigError(f"{p}: {exc}") from None
     return FinetuningConfig.from_dict(data or {}, source=str(p)).resolve_paths(p.parent)
