@@ -5,9 +5,10 @@ and answer: each maps the colours to its own code words, so learning task 2 over
 task 1 needs unless something holds it. Task 1 is trained once (the quickstart's tiny model, a
 LoRA adapter in ``<out>/task-1/``); each strategy then continues that adapter
 (``init_adapter``) with one ``ModelFinetuner`` through the guide's loop,
-``for task in new_tasks: finetuner.train(task_data, replay_buffer=old_data)`` (each task's
-adapter lands in ``<out>/<strategy>/``, ``task-3/``), and task 1's held-out exact match is
-measured after every task.
+``for task in new_tasks: finetuner.train(task_data, replay_buffer=old_data)``, and task 1's
+held-out exact match is measured after every task. Each task's adapter is kept: task 2 in
+``<out>/<strategy>/`` (the finetuner's first train()), task 3 in ``<out>/<strategy>/task-2/``
+(its second: run directories count a finetuner's train() calls).
 
     PYTHONPATH=trainer-image python bench/continual/run.py
     PYTHONPATH=trainer-image python bench/continual/run.py --steps 60 --strategies none replay
@@ -210,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:<16}{cells}{newest:>14.2f}")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
     print(
-        f"\n{time.monotonic() - start:.0f} s; adapters in {out}/task-1/ and {out}/<strategy>/ (task 2), "
-        f"<strategy>/task-3/; numbers in {out}/results.json"
+        f"\n{time.monotonic() - start:.0f} s; adapters: task 1 in {out}/task-1/, task 2 in {out}/<strategy>/, "
+        f"task 3 in {out}/<strategy>/task-2/; numbers in {out}/results.json"
     )
     return 0
 
