@@ -32,7 +32,8 @@ def pvc_claims(spec: Body) -> list[str]:
 
 def _all_uris(spec: Body) -> list[str]:
     ds = spec.get("dataset") or {}
-    uris = [(spec.get("baseModel") or {}).get("uri")]
+    base = spec.get("baseModel") or {}
+    uris = [base.get("uri"), (base.get("initAdapter") or {}).get("uri")]
     for k in ("train", "validation", "test"):
         uris.append((ds.get(k) or {}).get("uri"))
     uris += [m.get("uri") for m in ds.get("mixture") or []]
@@ -66,8 +67,14 @@ def resolve_uri(uri: str, *, in_pod: bool, base_dir: Path | None = None) -> str:
     return str(base_dir / uri)
 
 
-def to_config_dict(ftj: Body, *, in_pod: bool = True, base_dir: Path | None = None) -> Body:
-    """The FinetuningConfig fields for a FineTuneJob (spec as stored: camelCase, defaults applied)."""
+def to_config_dict(
+    ftj: Body, *, in_pod: bool = True, base_dir: Path | None = None, init_adapter: str | None = None
+) -> Body:
+    """The FinetuningConfig fields for a FineTuneJob (spec as stored: camelCase, defaults applied).
+
+    ``init_adapter``: the adapter URI a ``baseModel.initAdapter.fineTuneJobRef`` resolved to (the
+    operator looks the job up); an ``initAdapter.uri`` is used as given.
+    """
     spec = ftj.get("spec") or {}
     md = ftj.get("metadata") or {}
 
@@ -84,11 +91,19 @@ def to_config_dict(ftj: Body, *, in_pod: bool = True, base_dir: Path | None = No
     storage = spec.get("storage") or {}
     output = spec.get("output") or {}
     mtype = method.get("type", "lora")
+    init = base.get("initAdapter") or {}
+    if init_adapter is None and init.get("fineTuneJobRef") and not in_pod:
+        raise ValueError(
+            f"baseModel.initAdapter.fineTuneJobRef ({init['fineTuneJobRef'].get('name')}) names a FineTuneJob, "
+            "which only the operator can look up; to run locally, set baseModel.initAdapter.uri to that job's "
+            "status.output.adapterUri (or a local adapter directory) instead"
+        )
 
     cfg: Body = {
         "model_name": loc(base.get("uri")),
         "model_revision": base.get("revision"),
         "trust_remote_code": bool(base.get("trustRemoteCode", False)),
+        "init_adapter": loc(init_adapter or init.get("uri")),
         "method": mtype,
         "train_file": loc((ds.get("train") or {}).get("uri")),
         "data_format": (ds.get("train") or {}).get("format", "auto"),

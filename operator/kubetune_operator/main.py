@@ -117,6 +117,8 @@ def make_registry(
     @kopf.on.event(meta.GROUP, meta.VERSION, "finetunejobs", registry=registry)
     async def finetunejob_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         ftj.parent_event(type, dict(body))
+        # FineTuneJobs that continue this one's adapter (baseModel.initAdapter.fineTuneJobRef) wait for it.
+        ftj.requeue_referrers(body["metadata"]["namespace"], body["metadata"]["name"])
 
     @kopf.on.event("batch", "v1", "jobs", labels={meta.LABEL_FINETUNEJOB: kopf.PRESENT}, registry=registry)
     async def job_event(type: str | None, body: kopf.Body, **_: Any) -> None:
@@ -224,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .adapterdeployment.reconcile import finetunejob_refs
     from .adapterdeployment.reconcile import reconcile as reconcile_adapterdeployment
+    from .finetunejob.init_adapter import init_adapter_refs
     from .finetunejob.reconcile import reconcile as reconcile_finetunejob
     from .finetunesweep.reconcile import reconcile as reconcile_finetunesweep
 
@@ -231,7 +234,9 @@ def run(args: argparse.Namespace) -> int:
     kube = Kube(api_client)
     executor = ThreadPoolExecutor(max_workers=2 * args.workers, thread_name_prefix="reconcile")
     controllers = {
-        "FineTuneJob": KindController("FineTuneJob", kube, reconcile_finetunejob, executor),
+        "FineTuneJob": KindController(
+            "FineTuneJob", kube, reconcile_finetunejob, executor, refs=init_adapter_refs
+        ),
         "AdapterDeployment": KindController(
             "AdapterDeployment", kube, reconcile_adapterdeployment, executor, refs=finetunejob_refs
         ),

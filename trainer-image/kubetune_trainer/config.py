@@ -34,6 +34,9 @@ Precision = Literal["auto", "bf16", "fp16", "fp32"]
 METHODS: tuple[str, ...] = ("lora", "qlora", "full", "prefix", "prompt", "ptuning")
 PEFT_METHODS = frozenset({"lora", "qlora", "prefix", "prompt", "ptuning"})
 VIRTUAL_TOKEN_METHODS = frozenset({"prefix", "prompt", "ptuning"})
+# The share of replay data when a replay source is given without a fraction (the FineTuneJob
+# API's dataset.replay.fraction default is this number too).
+REPLAY_FRACTION_DEFAULT = 0.1
 
 # Metrics the evaluation package implements (kept here, torch-free, so the operator can
 # validate a FineTuneJob without importing the evaluation code).
@@ -361,6 +364,12 @@ class FinetuningConfig(_Strict):
         "null: transformers' default (sdpa)",
     )
     output_dir: str = Field("./finetuned_model", min_length=1, description="local directory for outputs")
+    init_adapter: str | None = Field(
+        None,
+        min_length=1,
+        description="continue training this adapter instead of a new one: a PEFT adapter directory, an "
+        "s3:// prefix or a hub id (adapter methods only; its method and base model must match)",
+    )
 
     # --- method ----------------------------------------------------------------------------
     method: Method = Field("lora", description="lora | qlora | full | prefix | prompt | ptuning")
@@ -396,11 +405,11 @@ class FinetuningConfig(_Strict):
     )
     replay_file: str | None = Field(None, description="data from earlier tasks mixed in (continual learning)")
     replay_fraction: float = Field(
-        0.0,
+        REPLAY_FRACTION_DEFAULT,
         ge=0,
         lt=1,
-        description="share of the training set (so of every epoch) drawn from replay_file: "
-        "0.2 with 1,000 new examples adds 250 replay examples (20% of 1,250)",
+        description="share of the training set (so of every epoch) drawn from replay_file (or "
+        "train(replay_buffer=...)): 0.2 with 1,000 new examples adds 250 replay examples (20% of 1,250)",
     )
     augmentation: AugmentationSettings | None = Field(
         None, description="augment the training split: synonyms, paraphrase, back_translation (docs/data.md)"
@@ -526,10 +535,14 @@ class FinetuningConfig(_Strict):
                 f"packing is not supported with method={self.method!r} (virtual tokens break the "
                 "per-example boundaries of packed batches); set packing: false or use lora/qlora/full"
             )
-        if self.replay_fraction > 0 and not self.replay_file:
-            raise ValueError("replay_fraction > 0 needs replay_file (data from the earlier tasks)")
-        if self.ewc_lambda > 0 and not self.replay_file:
-            raise ValueError("ewc_lambda > 0 needs replay_file: the Fisher information is estimated on it")
+        # replay_fraction and ewc_lambda without replay_file are checked when training starts:
+        # train(task_data, replay_buffer=...) supplies the replay data in Python
+        # (ModelFinetuner.check_replay_settings).
+        if self.init_adapter and self.method == "full":
+            raise ValueError(
+                "init_adapter continues a PEFT adapter, and method 'full' trains no adapter: use the "
+                "adapter's method (lora, qlora, prefix, prompt or ptuning) or remove init_adapter"
+            )
         if self.ewc_lambda > 0 and self.deepspeed is not None and self.deepspeed.zero_stage == 3:
             raise ValueError(
                 "ewc_lambda > 0 is not supported with deepspeed zero_stage 3 (parameters are sharded)"
@@ -642,7 +655,7 @@ class FinetuningConfig(_Strict):
             for key in ("output_dir", "train_file", "validation_file", "test_file", "replay_file")
         }
         update["mixture"] = [m.model_copy(update={"path": fix(m.path)}) for m in self.mixture]
-        for key in ("model_name", "semantic_model"):  # a directory, or a hub id left as is
+        for key in ("model_name", "semantic_model", "init_adapter"):  # a directory, or a hub id left as is
             model = fix(getattr(self, key))
             if model is not None and Path(model).is_dir():
                 update[key] = model
@@ -689,7 +702,12 @@ def load_job_file(path: str | os.PathLike[str]) -> FinetuningConfig:
                 "(kubetune_operator.convert), which is not available here; run a FinetuningConfig YAML "
                 "instead (see docs/trainer.md)"
             ) from None
-        return finetunejob_to_config(data, base_dir=p.parent)
+        try:
+            return finetunejob_to_config(data, base_dir=p.parent)
+        except ConfigError:
+            raise
+        except ValueError as exc:  # what the manifest asks cannot run locally (pvc://, a job reference)
+            raise ConfigError(f"{p}: {exc}") from None
     return FinetuningConfig.from_dict(data or {}, source=str(p)).resolve_paths(p.parent)
 
 

@@ -8,6 +8,18 @@
 load, train (resuming from the newest complete checkpoint), evaluate, test, save, upload. It
 returns a ``TrainingResult``, from which ``kubetune_trainer.pod`` writes the operator's report.
 
+Repeated ``train()`` calls (the guide's loops) each write a run directory of their own:
+
+- ``train(task_data, replay_buffer=old)`` again with unchanged hyperparameters continues the
+  model trained so far (continual learning) in ``<output_dir>/task-<n>/``;
+- ``train()`` after a hyperparameter in ``config`` changed (grid search, see ``RUN_FIELDS``)
+  starts from the base model again in ``<output_dir>/run-<n>/``.
+
+The first call uses ``<output_dir>`` itself; ``n`` counts the calls (2, 3, ...). Each run's
+adapter is saved in its directory (the first one when the second starts, unless save_model()
+saved it already), and each has its own ``checkpoints/`` (and ``<storage root>/task-<n>/``
+prefix), so a run never resumes another run's checkpoints.
+
 Output directory layout (the same under ``<storage root>/final/``)::
 
     adapter_config.json, adapter_model.safetensors   PEFT adapter (full fine-tuning: model files)
@@ -53,6 +65,18 @@ log = logging.getLogger(__name__)
 PROVENANCE_FILE = "provenance.json"
 METRICS_FILE = "metrics.json"
 MERGED_SUBDIR = "merged"
+# Config fields that define a run: when one of them changed between two train() calls (the
+# guide's grid search sets config.learning_rate = lr), the next run starts from the base model.
+# The others (data, replay, EWC, evaluation, reporting, output_dir) may change from one task of
+# a continual sequence to the next.
+RUN_FIELDS = (
+    "model_name", "model_revision", "trust_remote_code", "attn_implementation", "init_adapter",
+    "method", "lora", "quantization", "virtual_tokens", "max_seq_length", "packing",
+    "group_by_length", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "learning_rate", "warmup_ratio", "warmup_steps",
+    "lr_scheduler_type", "weight_decay", "max_grad_norm", "optim", "precision", "seed",
+    "gradient_checkpointing", "deepspeed",
+)  # fmt: skip
 DataInput = str | os.PathLike[str] | Sequence[dict[str, Any]] | None
 
 
@@ -77,6 +101,14 @@ class ModelFinetuner:
         self._adapter_loaded_from: str | None = None
         self.merged_dir: Path | None = None  # set when save_model() wrote a merged model
         self._replay: DataSource | None = None  # the replay source of the last prepare_data()
+        # Repeated train() calls (module docstring): how many started, the RUN_FIELDS of the
+        # last one, its directory, and whether its output was saved there.
+        self.runs = 0
+        self._run_fields: dict[str, Any] | None = None
+        self.run_dir: Path | None = None
+        self._run_saved = False
+        self._run_prefix = ""  # the run's prefix under the storage root ("" for the first run)
+        self.continued_from: str | None = None  # what the current run's model started from
 
     # ------------------------------------------------------------------------- loading
 
@@ -111,7 +143,14 @@ class ModelFinetuner:
             ) from None
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model = apply_method(cfg, model)
+        if cfg.init_adapter:
+            from kubetune_trainer.init_adapter import continue_adapter
+
+            self.model = continue_adapter(cfg, model, self.dist)
+            self.continued_from = cfg.init_adapter
+        else:
+            self.model = apply_method(cfg, model)
+            self.continued_from = None
         trainable, total = parameter_counts(self.model)
         log.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / max(total, 1))
         return self.model
@@ -172,7 +211,7 @@ class ModelFinetuner:
 
         cfg = self.config
         self._require_model()
-        scratch = Path(cfg.output_dir) / ".data"
+        scratch = self._out() / ".data"
         if train_data is not None:
             train = [DataSource(_materialise(train_data, scratch, "train"), cfg.data_format)]
         else:
@@ -182,10 +221,12 @@ class ModelFinetuner:
         replay_path = (
             _materialise(replay_buffer, scratch, "replay") if replay_buffer is not None else cfg.replay_file
         )
-        replay_fraction = cfg.replay_fraction
-        if replay_path and replay_fraction == 0:
-            replay_fraction = 0.2
-            log.info("replay data given without replay_fraction: using %.2f", replay_fraction)
+        if replay_path and cfg.replay_fraction == 0:
+            raise ConfigError(
+                "replay data is given (replay_file or train(..., replay_buffer=...)) but replay_fraction is 0: "
+                "set replay_fraction above 0 (the default is 0.1) or leave the replay data out"
+            )
+        replay_fraction = cfg.replay_fraction if replay_path else 0.0
         with _local_main_first(self.dist):
             # s3:// data files are downloaded once per node (local rank 0), then read by every rank.
             sources = [_local_source(s.path, scratch, self.dist, s.format, s.weight) for s in train]
@@ -216,6 +257,10 @@ class ModelFinetuner:
 
     # ------------------------------------------------------------------------- training
 
+    def _out(self) -> Path:
+        """The current run's directory (``output_dir`` until a second train() call)."""
+        return self.run_dir if self.run_dir is not None else Path(self.config.output_dir)
+
     def _training_args(self, **extra: Any) -> Any:
         from kubetune_trainer.training import training_arguments
 
@@ -235,22 +280,30 @@ class ModelFinetuner:
     def train(self, train_data: DataInput = None, replay_buffer: DataInput = None) -> dict[str, Any]:
         """Train; ``train_data``/``replay_buffer`` (a file or a list of records) override the config's.
 
-        Resumes from the newest complete checkpoint when ``resume`` is ``auto``. Returns the
-        Trainer's training metrics. Raises PreemptedError (exit 143) when stopped by SIGTERM
-        after saving a checkpoint.
+        Called again, it continues the model trained so far (``task-<n>/``), or, when a
+        hyperparameter changed in ``config`` since the last call, trains a fresh base model
+        (``run-<n>/``): see the module docstring. Resumes from the newest complete checkpoint
+        of this run's directory when ``resume`` is ``auto``. Returns the Trainer's training
+        metrics. Raises PreemptedError (exit 143) when stopped by SIGTERM after saving a checkpoint.
         """
         from transformers import EarlyStoppingCallback, PrinterCallback
 
         from kubetune_trainer.data import make_collator
-        from kubetune_trainer.training import KubetuneTrainer, LogMetricsCallback
+        from kubetune_trainer.training import CHECKPOINTS_SUBDIR, KubetuneTrainer, LogMetricsCallback
 
         cfg = self.config
+        if cfg.ewc_lambda > 0 and replay_buffer is None and not cfg.replay_file:
+            raise ConfigError(
+                "ewc_lambda > 0 needs replay_file (or train(..., replay_buffer=...)): the Fisher information "
+                "is estimated on the earlier tasks' data"
+            )
+        self._start_run()
         if self.model is None:
             self.load_model()
         data = self.prepare_data(train_data, replay_buffer)
         self._check_metrics_fit_data(data)
 
-        args = self._training_args()
+        args = self._training_args(output_dir=str(self._out() / CHECKPOINTS_SUBDIR))
         callbacks: list[Any] = []
         if cfg.early_stopping is not None:
             callbacks.append(
@@ -288,7 +341,42 @@ class ModelFinetuner:
                 f"stopped by SIGTERM at step {self.trainer.state.global_step} after saving a checkpoint; "
                 "the next attempt resumes from it"
             )
+        if self.runs > 1:  # a run of a sequence keeps its adapter (the first: when the next starts)
+            self.save_model(self._out())
         return self.train_metrics
+
+    def _start_run(self) -> None:
+        """Pick this train() call's directory and starting model (see the module docstring)."""
+        cfg = self.config
+        fields = cfg.model_dump(include=set(RUN_FIELDS))
+        previous, self._run_fields = self._run_fields, fields
+        self.runs += 1
+        if self.runs == 1:
+            self.run_dir = Path(cfg.output_dir)
+            self._run_saved = False
+            return
+        previous_dir = self.run_dir
+        if not self._run_saved and previous_dir is not None and self.model is not None:
+            log.info("saving the previous run's output to %s before the next run", previous_dir)
+            self.save_model(previous_dir)
+        self.close()  # the previous run's progress reporter and signal handlers
+        changed = [k for k in RUN_FIELDS if previous is not None and previous.get(k) != fields[k]]
+        kind = "run" if changed else "task"
+        self._run_prefix = f"{kind}-{self.runs}/"
+        self._callbacks.pop("store", None)
+        self.run_dir = Path(cfg.output_dir) / f"{kind}-{self.runs}"
+        self._run_saved = False
+        if changed:
+            log.info(
+                "%s changed since the last train(): run %d starts from the base model in %s",
+                ", ".join(changed),
+                self.runs,
+                self.run_dir,
+            )
+            self.model = self.trainer = self.data = None
+        else:
+            self.continued_from = str(previous_dir)
+            log.info("task %d continues the model trained so far, in %s", self.runs, self.run_dir)
 
     def _require_model(self) -> None:
         if self.model is None or self.tokenizer is None:
@@ -354,7 +442,7 @@ class ModelFinetuner:
         if store is not None:
             s3cb = S3CheckpointCallback(
                 store=store,
-                output_dir=str(Path(cfg.output_dir) / "checkpoints"),
+                output_dir=str(self._out() / "checkpoints"),
                 keep_last=cfg.keep_last,
                 node_rank=self.dist.node_rank,
                 is_global_rank0=self.dist.is_global_rank0,
@@ -372,7 +460,9 @@ class ModelFinetuner:
         if "store" not in self._callbacks:
             from kubetune_trainer.storage import CheckpointStore
 
-            self._callbacks["store"] = CheckpointStore(root, run_id=os.environ.get("KUBETUNE_ATTEMPT"))
+            self._callbacks["store"] = CheckpointStore(
+                root + self._run_prefix, run_id=os.environ.get("KUBETUNE_ATTEMPT")
+            )
         return self._callbacks["store"]
 
     def _resume_checkpoint(self) -> str | None:
@@ -380,7 +470,7 @@ class ModelFinetuner:
         cfg = self.config
         if cfg.resume == "never":
             return None
-        local_root = Path(cfg.output_dir) / "checkpoints"
+        local_root = self._out() / "checkpoints"
         store = self._store()
         if store is not None:
             step = None
@@ -483,7 +573,7 @@ class ModelFinetuner:
         from kubetune_trainer.data import DataOptions, DataSource, prepare_datasets
 
         cfg = self.config
-        scratch = Path(cfg.output_dir) / ".data"
+        scratch = self._out() / ".data"
         if data is not None:
             source = DataSource(_materialise(data, scratch, "test"), cfg.data_format)
         else:
@@ -616,7 +706,9 @@ class ModelFinetuner:
         ranks); files are written by global rank 0.
         """
         self._require_model()
-        out = Path(output_dir or self.config.output_dir)
+        out = Path(output_dir) if output_dir is not None else self._out()
+        if out.resolve() == self._out().resolve():
+            self._run_saved = True
         if self.trainer is not None:
             self.trainer.save_model(str(out))  # ZeRO-aware: gathers sharded weights
         elif self.dist.is_global_rank0:
@@ -670,7 +762,10 @@ class ModelFinetuner:
                 "resolved_path": self.base_model_path,
                 "revision": cfg.model_revision,
                 "config_sha256": _file_sha256(Path(self.base_model_path or "") / "config.json"),
+                "architecture": architecture_of(self.model),
             },
+            "continued_from": self.continued_from,
+            "run": {"index": self.runs, "directory": str(self._out())},
             "method": cfg.method,
             "parameters": {"trainable": trainable, "total": total},
             "datasets": dict(self.data.fingerprints) if self.data is not None else {},
@@ -689,7 +784,7 @@ class ModelFinetuner:
     def write_metrics(self, out: Path | None = None) -> dict[str, Any]:
         doc = {"train": self.train_metrics, "eval": self.eval_metrics, "test": self.test_metrics}
         if self.dist.is_global_rank0:
-            target = Path(out or self.config.output_dir) / METRICS_FILE
+            target = Path(out or self._out()) / METRICS_FILE
             target.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
         return doc
 
@@ -698,7 +793,7 @@ class ModelFinetuner:
         store = self._store()
         if store is None or not self.dist.is_global_rank0:
             return None
-        out = Path(self.config.output_dir)
+        out = self._out()
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".final-") as staging:
             for item in out.iterdir():
                 if item.name in ("checkpoints", ".data") or item.name.startswith("."):
@@ -756,6 +851,8 @@ class TrainingResult:
 
 def run_training(config: FinetuningConfig) -> TrainingResult:
     """What a training pod does: train, evaluate, test, save, upload."""
+    if "replay_fraction" in config.model_fields_set and config.replay_fraction > 0 and not config.replay_file:
+        raise ConfigError("replay_fraction > 0 needs replay_file (data from the earlier tasks)")
     ft = ModelFinetuner(config)
     try:
         ft.load_model()
@@ -802,6 +899,14 @@ class _TestView:
         return self._prepared.eval_examples("train")
 
 
+def architecture_of(model: Any) -> dict[str, Any]:
+    """What an adapter needs of its base model to fit (recorded in provenance.json, compared by
+    init_adapter): the architecture and the shapes the adapter's layers attach to."""
+    config = getattr(model, "config", None)
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    return {k: getattr(config, k, None) for k in keys}
+
+
 def resolve_model_path(name: str, dist: DistInfo) -> str:
     """A local directory for ``model_name`` (downloading ``s3://``), or a hub id as given."""
     if name.startswith("file://"):
@@ -832,7 +937,8 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) <= 2 and all(parts) and not name.startswith((".", "/"))
 
 
-def _download_model(uri: str, dist: DistInfo) -> str:
+def _download_model(uri: str, dist: DistInfo, marker: str = "config.json", field: str = "model_name") -> str:
+    """Download the ``s3://`` prefix ``uri`` once per node (cached by URI); ``marker`` must be in it."""
     from kubetune_trainer.storage import download_prefix
 
     cache = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune")) / "models"
@@ -840,14 +946,14 @@ def _download_model(uri: str, dist: DistInfo) -> str:
     done = target / ".kubetune-complete"
     with _local_main_first(dist):
         if not done.exists() and dist.is_local_rank0:
-            log.info("downloading base model %s to %s", uri, target)
+            log.info("downloading %s %s to %s", field, uri, target)
             cache.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".partial-"))
             download_prefix(uri.rstrip("/") + "/", tmp)
-            if not (tmp / "config.json").is_file():
+            if not (tmp / marker).is_file():
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise ConfigError(
-                    f"model_name {uri!r}: no config.json under that prefix; point at the model directory"
+                    f"{field} {uri!r}: no {marker} under that prefix; point at the directory that holds it"
                 )
             (tmp / ".kubetune-complete").write_text(uri)
             shutil.rmtree(target, ignore_errors=True)

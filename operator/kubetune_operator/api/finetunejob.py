@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from kubetune_trainer.config import (
     AUGMENT_DEFAULT_BATCH_SIZE,
@@ -19,6 +19,7 @@ from kubetune_trainer.config import (
     AUGMENT_MAX_VARIANTS,
     AUGMENT_PROMPT_DEFAULT,
     LOGGED_NAMES,
+    REPLAY_FRACTION_DEFAULT,
     WATCHABLE_METRICS,
 )
 
@@ -87,6 +88,42 @@ EVAL_EVERY_EPOCH = (
 )
 
 
+# ---- base model ----------------------------------------------------------------------------------
+
+
+@rules(
+    Rule(
+        "has(self.uri) != has(self.fineTuneJobRef)",
+        "baseModel.initAdapter needs exactly one of uri (an adapter directory: s3://, hf://, pvc:// or file://) "
+        "or fineTuneJobRef (a FineTuneJob in this namespace whose adapter to continue)",
+        check=lambda a: (a.uri is None) != (a.fine_tune_job_ref is None),
+    ),
+)
+class InitAdapter(ApiModel):
+    """An existing adapter to continue training instead of starting a new one (continual learning)."""
+
+    uri: Annotated[str, model_uri_rule("baseModel.initAdapter.uri")] | None = Field(
+        None,
+        max_length=URI_MAX,
+        description="Adapter directory (adapter_config.json + weights): s3://bucket/path/ (read with this job's "
+        "storage credentials), hf://org/name, pvc://claim/path or file:///path.",
+    )
+    fine_tune_job_ref: LocalObjectReference | None = Field(
+        None,
+        description="A FineTuneJob in this namespace: training starts from its adapter "
+        "(status.output.adapterUri) once it has Succeeded; until then this job waits.",
+    )
+
+
+class FineTuneBaseModel(ModelSource):
+    """The base model to fine-tune and, optionally, the adapter to continue."""
+
+    init_adapter: InitAdapter | None = Field(
+        None,
+        description="Continue training this adapter (same base model, same method type) instead of a new one.",
+    )
+
+
 # ---- data --------------------------------------------------------------------------------------
 
 
@@ -119,7 +156,7 @@ class Replay(ApiModel):
         max_length=URI_MAX, description="Data of the earlier task(s), in any dataset format."
     )
     fraction: float = Field(
-        0.1,
+        REPLAY_FRACTION_DEFAULT,
         gt=0,
         lt=1,
         description="Share of the training mix (so of every epoch) drawn from the replay data: 0.2 with "
@@ -815,6 +852,13 @@ class RunPolicy(ApiModel):
         field_path=".distributed",
     ),
     Rule(
+        "!has(self.baseModel.initAdapter) || self.method.type != 'full'",
+        "baseModel.initAdapter continues a PEFT adapter, and method.type full trains no adapter: set "
+        "method.type to the adapter's method (lora, qlora, prefix, prompt or ptuning) or remove initAdapter",
+        check=lambda s: s.base_model.init_adapter is None or s.method.type != "full",
+        field_path=".baseModel.initAdapter",
+    ),
+    Rule(
         f"!has(self.dataset.replay) || self.dataset.replay.ewcLambda == 0.0 || !{ZERO3}",
         "dataset.replay.ewcLambda > 0 (elastic weight consolidation) does not work with ZeRO-3 (parameters are "
         "sharded): set ewcLambda to 0 or zeroStage to 2 or less",
@@ -826,9 +870,16 @@ class FineTuneJobSpec(ApiModel):
     """What to fine-tune, on which data, how, on which hardware, and where the results go."""
 
     base_model: Annotated[
-        ModelSource,
+        FineTuneBaseModel,
         immutable("spec.baseModel is immutable: create a new FineTuneJob to change the base model"),
-    ] = Field(description="The base model to fine-tune.")
+    ] = Field(description="The base model to fine-tune (and the adapter to continue, if any).")
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _plain_model_source(cls, v: Any) -> Any:
+        # Python callers may pass the shared ModelSource (no initAdapter): take its fields.
+        return v.model_dump(exclude_unset=True) if type(v) is ModelSource else v
+
     dataset: Annotated[
         Dataset, immutable("spec.dataset is immutable: create a new FineTuneJob to change the data")
     ] = Field(description="Training data and its preparation.")
@@ -938,6 +989,12 @@ class FineTuneJobStatus(ApiModel):
     progress: Progress | None = Field(None, description="Training progress.")
     checkpoint: CheckpointStatus | None = Field(None, description="Checkpoints in storage.")
     output: OutputStatus | None = Field(None, description="Results.")
+    init_adapter_uri: str | None = Field(
+        None,
+        max_length=URI_MAX,
+        description="The adapter training continues (baseModel.initAdapter; a fineTuneJobRef resolved to that "
+        "job's adapter), fixed when the first attempt starts.",
+    )
     metrics: dict[str, float] | None = Field(
         None, max_length=128, description="Final evaluation metrics by name, e.g. perplexity, exact_match."
     )

@@ -24,7 +24,7 @@ from ..controller import Key, Result, Store, slim
 from ..convert import to_config_dict
 from ..kube import Kube
 from ..settings import Settings, load
-from . import builders, observe
+from . import builders, init_adapter, observe
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,37 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
             return Result()
 
     if current is None:
+        init = init_adapter.resolve(store, ftj)
+        if init.failed:
+            new.update(phase="Failed", completionTime=now_iso())
+            conditions = set_condition(
+                conditions, init_adapter.CONDITION, False, "InitAdapterUnavailable", init.failed, generation
+            )
+            new["conditions"] = set_condition(
+                conditions, "Failed", True, "InitAdapterUnavailable", init.failed, generation
+            )
+            _write(kube, ftj, status, new)
+            return Result()
+        if init.waiting:
+            # Requeued when the referenced FineTuneJob changes (Store.refs) and on every resync.
+            new["phase"] = "Pending"
+            new["conditions"] = set_condition(
+                conditions, init_adapter.CONDITION, False, "WaitingForFineTuneJob", init.waiting, generation
+            )
+            _write(kube, ftj, status, new)
+            return Result()
+        if init.uri:
+            new["initAdapterUri"] = init.uri
+            conditions = set_condition(
+                conditions,
+                init_adapter.CONDITION,
+                True,
+                "Resolved",
+                f"training continues the adapter {init.uri}",
+                generation,
+            )
         try:
-            trainer_config = to_config_dict(ftj)
+            trainer_config = to_config_dict(ftj, init_adapter=init.uri)
             FinetuningConfig.from_dict(trainer_config, source="spec")
         except (ConfigError, ValueError) as e:
             # The API server's validation should have caught this; never start pods that cannot work.
