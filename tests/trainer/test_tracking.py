@@ -201,6 +201,10 @@ def test_a_run_reports_to_mlflow_and_tensorboard_and_ships_its_curves_to_s3(
         assert img.format == "PNG" and img.size == Image.open(png).size
     assert kubetune(["plot", str(out), "-o", str(tmp_path / "local.png")]) == 0
     assert (tmp_path / "local.png").stat().st_size > 10_000
+    # A run still training has no log_history.json yet: the newest checkpoint's trainer_state.json.
+    (out / "log_history.json").unlink()
+    assert kubetune(["plot", str(out), "-o", str(tmp_path / "running.png")]) == 0
+    assert (tmp_path / "running.png").stat().st_size > 10_000
 
 
 def test_report_to_names_known_trackers_only() -> None:

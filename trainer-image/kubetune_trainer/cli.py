@@ -154,6 +154,7 @@ def _cmd_plot(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="PNG to write (default: training_curves.png in SOURCE, or in the current directory for s3://)",
     )
+    p.add_argument("--title", help="title above the panels (default: SOURCE)")
 
     def run(args: argparse.Namespace) -> int:
         from kubetune_trainer.plots import CURVES_FILE, load_log_history, plot_training_curves
@@ -162,7 +163,7 @@ def _cmd_plot(sub: argparse._SubParsersAction) -> None:
         local = not args.source.startswith("s3://") and Path(args.source).is_dir()
         out = args.output or (Path(args.source) / CURVES_FILE if local else Path(CURVES_FILE))
         try:
-            plot_training_curves(history, out, title=args.source)
+            plot_training_curves(history, out, title=args.title or args.source)
         except ValueError as exc:
             raise TrainerError(f"{args.source}: {exc}", ExitCode.BAD_CONFIG) from exc
         print(f"training curves written to {out}")

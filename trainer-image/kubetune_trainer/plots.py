@@ -105,7 +105,12 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: Path, *, title
         ax.plot(xs, ys, color="tab:purple", marker="o", linewidth=1.5)
         ax.set_title(f"validation {name.removeprefix('eval_')}")
         used += 1
+    # One step axis for every panel, so an evaluation lines up with the loss at that step.
+    steps = [float(r["step"]) for r in history if isinstance(r.get("step"), int | float)]
+    last = max(steps, default=0.0)
     for ax in axes[:used]:
+        if last > 0:
+            ax.set_xlim(0, last * 1.03)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
