@@ -8,9 +8,12 @@ redrawn by ``kubetune plot s3://...``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import math
+import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -34,29 +37,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _mlflow_server_command() -> list[str]:
+def _mlflow_server_command(*extra: str) -> list[str]:
     """`mlflow server` from the full mlflow package (dev extra), else run by uv in its own environment
     (the full server pins versions that the training environment may have outgrown)."""
     try:
         importlib.metadata.version("mlflow")
-        return [sys.executable, "-m", "mlflow", "server"]
+        return [sys.executable, "-m", "mlflow", "server", *extra]
     except importlib.metadata.PackageNotFoundError:
         pass
     uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
     if uv is None:
         pytest.skip("no MLflow server: install the dev extra (mlflow) or uv")
-    return [uv, "tool", "run", "--from", "mlflow>=3", "mlflow", "server"]
+    return [uv, "tool", "run", "--from", "mlflow[auth]>=3", "mlflow", "server", *extra]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+ADMIN_PASSWORD = "kt-admin-" + secrets.token_hex(6)
+
+
+@contextlib.contextmanager
+def _mlflow_server(root: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[str]:
     """A real MLflow tracking server (SQLite backend, artifacts proxied to a temp folder)."""
-    root = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
     log = (root / "server.log").open("w")
     proc = subprocess.Popen(
         [
-            *_mlflow_server_command(),
+            *_mlflow_server_command(*extra),
             "--backend-store-uri",
             f"sqlite:///{root / 'mlflow.db'}",
             "--artifacts-destination",
@@ -71,6 +76,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=root,
+        env={**os.environ, **(env or {})},
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -96,6 +102,23 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with _mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def mlflow_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The same with MLflow's basic authentication (user admin)."""
+    env = {
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(8),
+    }
+    with _mlflow_server(tmp_path_factory.mktemp("mlflow-auth"), "--app-name", "basic-auth", env=env) as url:
+        yield url
 
 
 @pytest.mark.s3
@@ -248,3 +271,34 @@ def test_a_tracker_without_its_package_fails_before_training(
 def test_plot_explains_a_folder_without_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert kubetune(["plot", str(tmp_path)]) == 2
     assert "neither log_history.json nor a checkpoint's trainer_state.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_mlflow_credentials_come_from_the_environment_and_a_refusal_is_a_config_error(
+    mlflow_auth_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from kubetune_trainer.tracking import TrackingRun
+
+    config = FinetuningConfig(
+        model_name="m",
+        train_file="t.jsonl",
+        output_dir="run-with-auth",
+        report_to=["mlflow"],
+        mlflow={"tracking_uri": mlflow_auth_server, "experiment": "with-auth"},
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-" + ADMIN_PASSWORD)
+    with pytest.raises(
+        ConfigError, match=r"refused the request \(UNAUTHENTICATED\): give credentials"
+    ) as info:
+        TrackingRun(config, is_global_rank0=True).start()
+    assert ADMIN_PASSWORD not in str(info.value)
+
+    # The credentials a pod gets from its Secret: MLflow's client reads them from the environment.
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+    run = TrackingRun(config, is_global_rank0=True).start()
+    run.end()
+    finished = MlflowClient(mlflow_auth_server).get_run(run.mlflow_run_id)
+    assert finished.info.status == "FINISHED" and finished.info.run_name == "run-with-auth"

@@ -46,6 +46,10 @@ _INTEGRATIONS: dict[str, tuple[str, str]] = {
 }
 
 
+# MLflow's error codes for a request the server will not accept with these credentials.
+_REFUSED = ("UNAUTHENTICATED", "PERMISSION_DENIED")
+
+
 def check_report_to(config: FinetuningConfig) -> None:
     """Fail before any work when a tracker in ``report_to`` cannot run here."""
     if not config.report_to:
@@ -101,8 +105,6 @@ class TrackingRun:
             return
         if cfg.mlflow.tracking_uri:
             mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-        if cfg.mlflow.experiment:
-            mlflow.set_experiment(cfg.mlflow.experiment)
         tags = {"kubetune.method": cfg.method, "kubetune.model": cfg.model_name}
         if cfg.job is not None:
             tags |= {
@@ -114,7 +116,20 @@ class TrackingRun:
         root = cfg.storage_root()
         if root:
             tags["kubetune.output"] = root
-        run = mlflow.start_run(run_name=run_name(cfg), tags=tags)
+        try:
+            if cfg.mlflow.experiment:
+                mlflow.set_experiment(cfg.mlflow.experiment)
+            run = mlflow.start_run(run_name=run_name(cfg), tags=tags)
+        except mlflow.exceptions.MlflowException as exc:
+            if getattr(exc, "error_code", None) not in _REFUSED:
+                raise  # the server is down or failing: an error worth retrying
+            # Wrong or missing credentials: another attempt would be refused just the same.
+            raise ConfigError(
+                f"the MLflow server {mlflow.get_tracking_uri()} refused the request ({exc.error_code}): give "
+                "credentials it accepts in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or "
+                "MLFLOW_TRACKING_TOKEN (in a FineTuneJob: the Secret named in "
+                "spec.tracking.mlflow.credentialsSecretRef)"
+            ) from None
         self._mlflow = mlflow
         self.mlflow_run_id = run.info.run_id
         log.info("MLflow run %s at %s", run.info.run_id, mlflow.get_tracking_uri())
