@@ -37,7 +37,8 @@ def write_run_curves(out_dir: Path, history: Sequence[dict[str, Any]], title: st
 
 
 def _series(history: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
+    xs: list[float] = []
+    ys: list[float] = []
     for rec in history:
         value = rec.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):

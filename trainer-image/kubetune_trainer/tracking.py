@@ -99,9 +99,10 @@ class TrackingRun:
         import mlflow
 
         cfg = self.config
-        if mlflow.active_run() is not None:
+        active = mlflow.active_run()
+        if active is not None:
             # The caller's own run (a notebook's `with mlflow.start_run():`): MLflowCallback logs into it.
-            log.info("logging to the active MLflow run %s", mlflow.active_run().info.run_id)
+            log.info("logging to the active MLflow run %s", active.info.run_id)
             return
         if cfg.mlflow.tracking_uri:
             mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
