@@ -199,6 +199,13 @@ def to_config_dict(
         }
 
     cfg.update(save_steps=ckpt.get("everySteps"), keep_last=ckpt.get("keepLast"), resume=ckpt.get("resume"))
+    tracking = spec.get("tracking") or {}
+    if tracking.get("reportTo"):
+        cfg["report_to"] = list(tracking["reportTo"])
+    mlflow = tracking.get("mlflow") or {}
+    if mlflow:
+        # Where, not who: the credentials reach the pods as env vars from their Secret (builders.py).
+        cfg["mlflow"] = {"tracking_uri": mlflow.get("trackingUri"), "experiment": mlflow.get("experiment")}
     if md.get("name") and md.get("namespace"):
         cfg["job"] = {"namespace": md["namespace"], "name": md["name"], "uid": md.get("uid")}
     if in_pod:

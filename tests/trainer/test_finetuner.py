@@ -130,6 +130,11 @@ def test_output_has_tokenizer_and_provenance(
     assert prov["metrics"]["eval"]["eval_loss"] == pytest.approx(metrics["eval_loss"])
     assert 0 < prov["parameters"]["trainable"] < prov["parameters"]["total"]
     assert prov["global_step"] == 12
+    # The curves come with every run, trackers only when asked for.
+    history = json.loads((out / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h][-1] == 12
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "tensorboard").exists()
     # Checkpoints live apart from the final output.
     assert sorted(p.name for p in (out / "checkpoints").iterdir())
 

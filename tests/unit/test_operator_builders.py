@@ -193,6 +193,46 @@ def test_credentials_only_through_secret_key_refs() -> None:
     assert "s3-creds" not in rendered and "AWS_SECRET" not in rendered
 
 
+TRACKING = {
+    "reportTo": ["tensorboard", "mlflow"],
+    "mlflow": {
+        "trackingUri": "https://mlflow.example.com",
+        "experiment": "support-bot",
+        "credentialsSecretRef": {"name": "mlflow-creds", "passwordKey": "pw"},
+    },
+}
+
+
+def test_tracking_reaches_the_trainer_and_its_credentials_only_the_pod_env() -> None:
+    parent = ftj(tracking=TRACKING)
+    cfg = finetunejob_to_config(parent, in_pod=True)
+    assert cfg.report_to == ["tensorboard", "mlflow"]
+    assert (cfg.mlflow.tracking_uri, cfg.mlflow.experiment) == ("https://mlflow.example.com", "support-bot")
+
+    [c] = fb.job(parent, 1, SETTINGS)["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    # Keys the spec names win; the others default to the variable's own name; a Secret may lack some.
+    for var, key in (
+        ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_USERNAME"),
+        ("MLFLOW_TRACKING_PASSWORD", "pw"),
+        ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_TOKEN"),
+    ):
+        assert "value" not in env[var]
+        assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-creds", "key": key, "optional": True}
+    rendered = yaml.safe_dump(fb.config_map(parent, to_config_dict(parent)))
+    assert "https://mlflow.example.com" in rendered  # where to report is configuration ...
+    assert "mlflow-creds" not in rendered and "MLFLOW_TRACKING" not in rendered  # ... who reports is not
+
+
+def test_no_tracking_no_tracker_env() -> None:
+    [c] = fb.job(ftj(), 1, SETTINGS)["spec"]["template"]["spec"]["containers"]
+    assert not [e for e in c["env"] if e["name"].startswith("MLFLOW_")]
+    assert finetunejob_to_config(ftj(), in_pod=True).report_to == []
+    no_secret = ftj(tracking={"reportTo": ["mlflow"], "mlflow": {"trackingUri": "http://mlflow:5000"}})
+    [c] = fb.job(no_secret, 1, SETTINGS)["spec"]["template"]["spec"]["containers"]
+    assert not [e for e in c["env"] if e["name"].startswith("MLFLOW_")]
+
+
 def test_scheduling_fields_pass_through() -> None:
     sched = {
         "nodes": 1,

@@ -161,6 +161,39 @@ def _cmd_quickstart(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _cmd_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plot",
+        help="draw a run's loss and evaluation curves as a PNG",
+        description="Draw training/validation loss, learning rate and evaluation metrics per step from a "
+        "run's log_history.json (or a checkpoint's trainer_state.json). SOURCE is a run's output "
+        "directory or the s3:// URI of its final/ prefix (S3 credentials from the usual AWS_* variables).",
+    )
+    p.add_argument("source", help="run directory, checkpoint directory or s3://bucket/.../final/")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="PNG to write (default: training_curves.png in SOURCE, or in the current directory for s3://)",
+    )
+    p.add_argument("--title", help="title above the panels (default: SOURCE)")
+
+    def run(args: argparse.Namespace) -> int:
+        from kubetune_trainer.plots import CURVES_FILE, load_log_history, plot_training_curves
+
+        history = load_log_history(args.source)
+        local = not args.source.startswith("s3://") and Path(args.source).is_dir()
+        out = args.output or (Path(args.source) / CURVES_FILE if local else Path(CURVES_FILE))
+        try:
+            plot_training_curves(history, out, title=args.title or args.source)
+        except ValueError as exc:
+            raise TrainerError(f"{args.source}: {exc}", ExitCode.BAD_CONFIG) from exc
+        print(f"training curves written to {out}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def _cmd_operator(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("operator", help="run the kubetune operator (needs the `operator` extra)")
     try:
@@ -202,6 +235,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _cmd_run,
     _cmd_sweep,
     _cmd_quickstart,
+    _cmd_plot,
     _cmd_serve,
     _cmd_fetch,
     _cmd_adapter_sync,

@@ -66,6 +66,25 @@ WATCHABLE_METRICS: tuple[str, ...] = tuple(
     dict.fromkeys(["loss", *(n for m in KNOWN_METRICS for n in LOGGED_NAMES[m])])
 )
 
+# transformers' reporting integrations (TrainingArguments.report_to) a run may use. The trainer
+# image ships tensorboard and mlflow; the others work where their package is installed
+# (kubetune_trainer.tracking checks that before training, with the package to install).
+REPORT_TO = (
+    "tensorboard",
+    "mlflow",
+    "wandb",
+    "comet_ml",
+    "clearml",
+    "dvclive",
+    "neptune",
+    "trackio",
+    "swanlab",
+    "codecarbon",
+    "azure_ml",
+    "dagshub",
+    "flyte",
+)
+
 SCHEDULERS = (
     "linear",
     "cosine",
@@ -341,6 +360,33 @@ class DeepSpeedSettings(_Strict):
         return self
 
 
+class MlflowSettings(_Strict):
+    """Where ``report_to: [mlflow]`` sends a run. Credentials never go here: MLflow's client reads
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN from the environment
+    (in pods: from the Secret named in spec.tracking.mlflow.credentialsSecretRef)."""
+
+    tracking_uri: str | None = Field(
+        None,
+        min_length=1,
+        description="MLflow tracking server, e.g. http://mlflow.mlflow.svc:5000; null: MLFLOW_TRACKING_URI "
+        "from the environment, else MLflow's local ./mlruns",
+    )
+    experiment: str | None = Field(
+        None, min_length=1, description="experiment name (created when missing); null: MLflow's Default"
+    )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials_in_uri(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v and "@" in v.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError(
+                "mlflow.tracking_uri must not contain credentials (user:password@host): set "
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
+                "environment instead"
+            )
+        return v
+
+
 class JobIdentity(_Strict):
     """The FineTuneJob this run belongs to (set by the operator in pods)."""
 
@@ -480,6 +526,14 @@ class FinetuningConfig(_Strict):
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="serve Prometheus metrics on this port"
     )
+    report_to: list[str] = Field(
+        default_factory=list,
+        description=f"experiment trackers that receive the training logs: {', '.join(REPORT_TO)} "
+        "(empty: none; every run also writes training_curves.png next to the adapter)",
+    )
+    mlflow: MlflowSettings = Field(
+        default_factory=MlflowSettings, description="MLflow server (report_to mlflow)"
+    )
     progress_bar: bool = Field(True, description="show a progress bar (local runs)")
     status_patch_interval_s: float = Field(10.0, gt=0, description="minimum seconds between status patches")
 
@@ -509,6 +563,25 @@ class FinetuningConfig(_Strict):
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(f"unknown metric {name!r}{hint}; known metrics: {', '.join(KNOWN_METRICS)}")
         return list(dict.fromkeys(v))  # keep order, drop repeats
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, v: Any) -> Any:
+        if isinstance(v, str):  # transformers' spelling: report_to="tensorboard" or "none"
+            v = [] if v == "none" else [v]
+        if not isinstance(v, list):
+            return v
+        for name in v:
+            if name == "all":
+                raise ValueError(
+                    "report_to 'all' depends on whatever packages happen to be installed; name the trackers, "
+                    f"e.g. [tensorboard, mlflow] (known: {', '.join(REPORT_TO)})"
+                )
+            if name not in REPORT_TO:
+                close = difflib.get_close_matches(str(name), REPORT_TO, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown report_to {name!r}{hint}; use some of: {', '.join(REPORT_TO)}")
+        return list(dict.fromkeys(v))
 
     @field_validator("storage_uri")
     @classmethod
@@ -571,6 +644,10 @@ class FinetuningConfig(_Strict):
                 )
         if self.method == "qlora" and self.deepspeed is not None and self.deepspeed.zero_stage == 3:
             raise ValueError("qlora cannot shard 4-bit weights with ZeRO-3: use zero_stage 2 or less")
+        if self.mlflow != MlflowSettings() and "mlflow" not in self.report_to:
+            raise ValueError(
+                "mlflow settings are given but report_to does not name mlflow: add 'mlflow' to report_to"
+            )
         return self
 
     # --------------------------------------------------------------------------- derived

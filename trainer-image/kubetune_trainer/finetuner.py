@@ -26,6 +26,8 @@ Output directory layout (the same under ``<storage root>/final/``)::
     tokenizer files, chat_template.jinja              the tokenizer used in training
     provenance.json                                   base model, data hashes, config, metrics
     metrics.json                                      final evaluation / test metrics
+    log_history.json, training_curves.png             the Trainer's logs and their plot (kubetune plot)
+    tensorboard/                                      TensorBoard event files (report_to: [tensorboard])
     merged/                                           base + adapter merged (merge_adapter: true)
     checkpoints/checkpoint-<step>/                    Trainer checkpoints (not uploaded as final)
 """
@@ -55,6 +57,7 @@ from kubetune_trainer.methods import (
     parameter_counts,
     resolve_precision,
 )
+from kubetune_trainer.tracking import TrackingRun, check_report_to, run_name
 
 if TYPE_CHECKING:  # the data package imports tokenizers; loaded when first used
     from kubetune_trainer.data import DataSource
@@ -109,6 +112,7 @@ class ModelFinetuner:
         self._run_saved = False
         self._run_prefix = ""  # the run's prefix under the storage root ("" for the first run)
         self.continued_from: str | None = None  # what the current run's model started from
+        self._tracking: Any = None  # kubetune_trainer.tracking.TrackingRun of the last train()
 
     # ------------------------------------------------------------------------- loading
 
@@ -119,6 +123,7 @@ class ModelFinetuner:
         cfg = self.config
         check_supported(cfg)  # before any download: QLoRA without a GPU fails here (exit 4)
         check_metric_requirements(cfg)  # ... and a metric whose package is missing (exit 2)
+        check_report_to(cfg)  # ... and an experiment tracker whose package is missing (exit 2)
         self.precision = precision = resolve_precision(cfg)
         init_distributed(use_deepspeed=cfg.deepspeed is not None)
         if cfg.deepspeed is not None and cfg.deepspeed.zero_stage == 3:
@@ -316,6 +321,9 @@ class ModelFinetuner:
         if not cfg.progress_bar or "reporter" not in self._callbacks:
             callbacks.append(LogMetricsCallback())
         ewc = self._estimate_ewc() if cfg.ewc_lambda > 0 else None
+        if self._tracking is not None:  # a new train() is a new tracker run
+            self._tracking.end()
+        self._tracking = TrackingRun(cfg, self.dist.is_global_rank0).start()
 
         self.trainer = KubetuneTrainer(
             model=self.model,
@@ -612,7 +620,7 @@ class ModelFinetuner:
                     model=self.model,
                     # Evaluation only: no schedule, no checkpoints.
                     args=self._training_args(
-                        eval_strategy="no", save_strategy="no", load_best_model_at_end=False
+                        eval_strategy="no", save_strategy="no", load_best_model_at_end=False, report_to="none"
                     ),
                     data_collator=make_collator(self.tokenizer, cfg.packing),
                     processing_class=self.tokenizer,
@@ -722,10 +730,28 @@ class ModelFinetuner:
             tok.save_pretrained(str(out))
             _check_saved_adapter(out, self.model)
             self._write_provenance(out)
+            self._write_curves(out)
             if self.config.merge_adapter and self.config.uses_peft:
                 self._save_merged(out)
         self._barrier()
         return out
+
+    def _write_curves(self, out: Path) -> None:
+        """log_history.json and training_curves.png next to the adapter (uploaded with it)."""
+        if self.trainer is None or not self.trainer.state.log_history:
+            return
+        from kubetune_trainer.plots import write_run_curves
+
+        try:
+            png = write_run_curves(
+                out, self.trainer.state.log_history, title=f"{run_name(self.config)} ({self.config.method})"
+            )
+        except Exception as exc:  # a plot is not worth failing a finished training for
+            log.warning("could not draw the training curves: %s", exc)
+            return
+        log.info("training curves: %s (redraw with `kubetune plot %s`)", png, out)
+        if self._tracking is not None:
+            self._tracking.log_artifact(png)
 
     def _save_merged(self, out: Path) -> None:
         """Reload base + adapter at full precision on CPU and merge (works after ZeRO-3 too)."""
@@ -813,8 +839,12 @@ class ModelFinetuner:
             reporter.output(uri)
         return uri
 
-    def close(self) -> None:
-        """Stop the progress reporter (metrics server, status patches) and restore signal handlers."""
+    def close(self, status: str = "FINISHED") -> None:
+        """End the tracker run (``status``: FINISHED, FAILED or KILLED), stop the progress reporter
+        (metrics server, status patches) and restore signal handlers."""
+        if self._tracking is not None:
+            self._tracking.end("KILLED" if self.preempted else status)
+            self._tracking = None
         reporter = self._callbacks.pop("reporter", None)
         if reporter is not None:
             reporter.close()
@@ -879,6 +909,9 @@ def run_training(config: FinetuningConfig) -> TrainingResult:
             test_metrics=ft.test_metrics,
             augmentation=dict(ft.data.stats.augmentation) if ft.data is not None else {},
         )
+    except BaseException:
+        ft.close("FAILED")
+        raise
     finally:
         ft.close()
 

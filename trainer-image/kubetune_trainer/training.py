@@ -25,6 +25,7 @@ from kubetune_trainer.config import FinetuningConfig
 from kubetune_trainer.distributed import cpu_backend_needed, deepspeed_config, dist_info
 from kubetune_trainer.evaluation.metrics import perplexity
 from kubetune_trainer.exit_codes import ConfigError
+from kubetune_trainer.tracking import run_name
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,9 @@ def training_arguments(
         "logging_first_step": True,
         "save_total_limit": config.keep_last,
         "dataloader_num_workers": config.dataloader_num_workers,
-        "report_to": "none",
+        # transformers' tracker callbacks (rank 0 only); kubetune_trainer.tracking prepares their runs.
+        "report_to": config.report_to or "none",
+        "run_name": run_name(config),
         "disable_tqdm": disable_tqdm,
         # Our datasets yield exactly the model inputs; PEFT models hide `labels` from the
         # forward signature Trainer inspects, so name them explicitly.

@@ -20,12 +20,24 @@ from kubetune_trainer.config import (
     AUGMENT_PROMPT_DEFAULT,
     LOGGED_NAMES,
     REPLAY_FRACTION_DEFAULT,
+    REPORT_TO,
     WATCHABLE_METRICS,
 )
 
-from .base import ApiModel, KindModel, ListType, PreserveUnknownFields, Rule, immutable, rules
+from .base import (
+    ApiModel,
+    KindModel,
+    ListType,
+    PreserveUnknownFields,
+    Rule,
+    cel_matches,
+    immutable,
+    matches,
+    rules,
+)
 from .common import (
     DNS1123_SUBDOMAIN,
+    HTTP_URL,
     RESOURCE_NAME,
     S3_URI,
     URI_MAX,
@@ -734,6 +746,102 @@ class Output(ApiModel):
     )
 
 
+# ---- tracking ----------------------------------------------------------------------------------
+
+# The trainer's list of transformers' reporting integrations (kubetune_trainer.config.REPORT_TO).
+ReportTo = Literal[REPORT_TO]  # type: ignore[valid-type]
+# scheme://user:password@host: credentials belong in the Secret, not in the URI (it is in the spec).
+URI_WITH_USERINFO = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*@"
+
+
+class MlflowCredentials(ApiModel):
+    """A Secret (same namespace) with the MLflow server's credentials. The pods get each key as the
+    environment variable MLflow's client reads; keys missing from the Secret are left out."""
+
+    name: Annotated[
+        str,
+        pattern_rule(
+            DNS1123_SUBDOMAIN,
+            "tracking.mlflow.credentialsSecretRef.name must be the name of a Secret (a lowercase DNS subdomain)",
+        ),
+    ] = Field(max_length=253, description="Name of the Secret (same namespace).")
+    username_key: str = Field(
+        "MLFLOW_TRACKING_USERNAME",
+        max_length=253,
+        description="Key holding the user name (basic auth): becomes MLFLOW_TRACKING_USERNAME.",
+    )
+    password_key: str = Field(
+        "MLFLOW_TRACKING_PASSWORD",
+        max_length=253,
+        description="Key holding the password (basic auth): becomes MLFLOW_TRACKING_PASSWORD.",
+    )
+    token_key: str = Field(
+        "MLFLOW_TRACKING_TOKEN",
+        max_length=253,
+        description="Key holding a bearer token (instead of user and password): becomes MLFLOW_TRACKING_TOKEN.",
+    )
+
+
+class Mlflow(ApiModel):
+    """The MLflow tracking server that receives the run (one MLflow run per attempt)."""
+
+    tracking_uri: Annotated[
+        str,
+        pattern_rule(
+            HTTP_URL,
+            "tracking.mlflow.trackingUri must be an http:// or https:// URL, e.g. http://mlflow.mlflow.svc:5000",
+        ),
+        Rule(
+            f"!{cel_matches('self', URI_WITH_USERINFO)}",
+            "tracking.mlflow.trackingUri must not contain credentials (user:password@): put them in a Secret "
+            "and name it in tracking.mlflow.credentialsSecretRef",
+            check=lambda v: not matches(v, URI_WITH_USERINFO),
+        ),
+    ] = Field(
+        max_length=URI_MAX, description="MLflow tracking server URL, e.g. http://mlflow.mlflow.svc:5000."
+    )
+    experiment: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="Experiment the run goes into (created when missing). Empty: MLflow's Default experiment.",
+    )
+    credentials_secret_ref: MlflowCredentials | None = Field(
+        None, description="Secret with the server's credentials. Empty: no authentication."
+    )
+
+
+@rules(
+    Rule(
+        "!has(self.mlflow) || (has(self.reportTo) && 'mlflow' in self.reportTo)",
+        "tracking.mlflow is set but tracking.reportTo does not name mlflow: add mlflow to tracking.reportTo",
+        check=lambda t: t.mlflow is None or "mlflow" in (t.report_to or []),
+        field_path=".reportTo",
+    ),
+    Rule(
+        "!has(self.reportTo) || !('mlflow' in self.reportTo) || has(self.mlflow)",
+        "tracking.reportTo mlflow needs a server: set tracking.mlflow.trackingUri (a pod's local MLflow files "
+        "would be lost with the pod)",
+        check=lambda t: "mlflow" not in (t.report_to or []) or t.mlflow is not None,
+        field_path=".mlflow",
+        reason="FieldValueRequired",
+    ),
+)
+class Tracking(ApiModel):
+    """Experiment trackers that receive the training logs (loss, learning rate, evaluations) from rank 0.
+
+    Independently of this, every run writes training_curves.png and log_history.json next to the adapter."""
+
+    report_to: Annotated[list[ReportTo], ListType("set")] | None = Field(
+        None,
+        max_length=len(REPORT_TO),
+        description="Trackers, as transformers' report_to: tensorboard (event files uploaded with the adapter, "
+        "under tensorboard/), mlflow (set tracking.mlflow too), or wandb, comet_ml ... with a trainer image that has their "
+        "package (credentials through env).",
+    )
+    mlflow: Mlflow | None = Field(None, description="MLflow server (reportTo mlflow).")
+
+
 class RunPolicy(ApiModel):
     """Restarts, deadlines, cleanup, pausing and queueing."""
 
@@ -895,6 +1003,7 @@ class FineTuneJobSpec(ApiModel):
     checkpointing: Checkpointing = Field(default_factory=Checkpointing, description="Checkpoints and resume.")
     storage: Storage = Field(description="S3-compatible storage for checkpoints and the final adapter.")
     output: Output = Field(default_factory=Output, description="Extra outputs.")
+    tracking: Tracking | None = Field(None, description="Experiment tracking: TensorBoard, MLflow ...")
     run_policy: RunPolicy = Field(
         default_factory=RunPolicy, description="Restarts, deadlines, suspend, Kueue."
     )

@@ -163,6 +163,32 @@ def _storage_env(ftj: Body, settings: Settings) -> list[Body]:
     return env
 
 
+# MLflow's client reads its credentials from these variables; each comes from a key of the Secret.
+MLFLOW_CREDENTIAL_ENV = (
+    ("MLFLOW_TRACKING_USERNAME", "usernameKey"),
+    ("MLFLOW_TRACKING_PASSWORD", "passwordKey"),
+    ("MLFLOW_TRACKING_TOKEN", "tokenKey"),
+)
+
+
+def _tracking_env(ftj: Body) -> list[Body]:
+    """The MLflow server's credentials, from the Secret in spec.tracking.mlflow.credentialsSecretRef."""
+    mlflow = ((ftj["spec"].get("tracking") or {}).get("mlflow")) or {}
+    secret = mlflow.get("credentialsSecretRef") or {}
+    if not secret.get("name"):
+        return []
+    # optional: a Secret holds a user and password, or a token; the keys it lacks are left out.
+    return [
+        {
+            "name": var,
+            "valueFrom": {
+                "secretKeyRef": {"name": secret["name"], "key": secret.get(field) or var, "optional": True}
+            },
+        }
+        for var, field in MLFLOW_CREDENTIAL_ENV
+    ]
+
+
 def _resources(res: Body, settings: Settings) -> Body:
     """Requests and limits of a trainer container: the spec's, else the operator's defaults."""
     gpus = int(res.get("gpusPerNode", 1))
@@ -216,6 +242,7 @@ def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds:
         {"name": GRACE_ENV, "value": str(settings.termination_grace_seconds)},
         *podspec.runtime_env(),
         *_storage_env(ftj, settings),
+        *_tracking_env(ftj),
         *[dict(e) for e in spec.get("env") or []],
     ]
     container: Body = {
