@@ -37,6 +37,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+MLFLOW_SERVER_VERSION = "3.17.2"
+
+
 def _mlflow_server_command(*extra: str) -> list[str]:
     """`mlflow server` from the full mlflow package (dev extra), else run by uv in its own environment
     (the full server pins versions that the training environment may have outgrown)."""
@@ -47,8 +50,11 @@ def _mlflow_server_command(*extra: str) -> list[str]:
         pass
     uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
     if uv is None:
-        pytest.skip("no MLflow server: install the dev extra (mlflow) or uv")
-    return [uv, "tool", "run", "--from", "mlflow[auth]>=3", "mlflow", "server", *extra]
+        pytest.fail(
+            "no MLflow server: install the dev extra (mlflow) or uv (`make venv` installs uv in .venv)"
+        )
+    # Pinned: 3.18.0's wheel set on PyPI is incomplete (its tracing package is missing).
+    return [uv, "tool", "run", "--from", f"mlflow[auth]=={MLFLOW_SERVER_VERSION}", "mlflow", "server", *extra]
 
 
 ADMIN_PASSWORD = "kt-admin-" + secrets.token_hex(6)
