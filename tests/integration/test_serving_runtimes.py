@@ -135,7 +135,7 @@ def test_runtime_as_rendered_serves_adapters_and_hot_reloads_one(
             return {m.id for m in api.models.list().data}
 
         eventually(lambda: "red" in served(), timeout=180, interval=1, what="adapter-sync to load red")
-        answer = api.completions.create(model="red", prompt="the cat ->", max_tokens=4, temperature=0)
+        answer = api.completions.create(model="red", prompt="the cat ->", max_tokens=8, temperature=0)
         assert answer.choices[0].text.split()[:2] == PHRASES["red"].split()[:2], answer
 
         # A second adapter in the ConfigMap: the running server loads it, nothing restarts.
@@ -143,7 +143,7 @@ def test_runtime_as_rendered_serves_adapters_and_hot_reloads_one(
         pod.write_config_map(config_map["metadata"]["name"], builders.config_map(adep, both)["data"])
         eventually(lambda: "num" in served(), timeout=180, interval=1, what="adapter-sync to load num")
         answers = {
-            m: api.completions.create(model=m, prompt="two red ->", max_tokens=4, temperature=0)
+            m: api.completions.create(model=m, prompt="two red ->", max_tokens=8, temperature=0)
             .choices[0]
             .text
             for m in ("red", "num")

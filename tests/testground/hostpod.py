@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ class HostPod:
     network: Network = field(default_factory=Network)
     procs: list[Proc] = field(default_factory=list)
     _volumes: dict[str, Path] = field(default_factory=dict)
+    _volume_root: Path | None = None
 
     @property
     def ip(self) -> str:
@@ -103,6 +105,8 @@ class HostPod:
             with contextlib.suppress(TestgroundError):
                 stop(p, timeout=10)
         self.network.delete()
+        if self._volume_root is not None:
+            shutil.rmtree(self._volume_root, ignore_errors=True)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -113,8 +117,11 @@ class HostPod:
         raise TestgroundError(f"volumeMount {name!r} names no volume of the pod")
 
     def _make_volumes(self) -> None:
+        # A short root: unix sockets the containers make in their volumes (vLLM's zmq sockets in
+        # TMPDIR) must fit in 107 bytes, which a path under pytest's tmp_path does not.
+        self._volume_root = Path(tempfile.mkdtemp(prefix="ktpod-"))
         for v in self.spec.get("volumes") or []:
-            path = self.workdir / "volumes" / v["name"]
+            path = self._volume_root / v["name"]
             path.mkdir(parents=True, exist_ok=True)
             if "configMap" in v:
                 name = v["configMap"]["name"]
