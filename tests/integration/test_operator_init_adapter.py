@@ -97,9 +97,9 @@ def test_a_job_continues_another_jobs_adapter_once_it_succeeded(cluster: Control
 
     def resolved():
         st = status(cluster, ns, "task-2")
-        return st if st.get("initAdapterUri") else None
+        return st if st.get("initAdapterUri") and condition(st)["status"] == "True" else None
 
-    st = eventually(resolved, timeout=20, what="task-2's status to name the adapter")
+    st = eventually(resolved, timeout=20, what="task-2's status to name the adapter, InitAdapterReady True")
     assert st["initAdapterUri"] == ADAPTER
     c = condition(st)
     assert c["status"] == "True" and c["reason"] == "Resolved" and ADAPTER in c["message"]

@@ -159,6 +159,8 @@ def test_keys_rotate_without_a_restart_and_are_never_logged(
 ) -> None:
     run, keys, _ = secured
     caplog.set_level(logging.DEBUG)
+    # The package's own level too: an in-process quickstart earlier in the session set it to WARNING.
+    caplog.set_level(logging.DEBUG, logger="kubetune_trainer")
     try:
         keys.write("sk-rotated-91aa\n")  # the kubelet swaps the Secret mount's ..data symlink
         with httpx.Client(base_url=run.url, timeout=60) as h:

@@ -166,6 +166,18 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
             f"attempt {attempt}: Job {job_name} created",
             generation,
         )
+    elif (init := init_adapter.resolve(store, ftj)).uri:
+        # The Job exists only for a resolved adapter. A status written from a stale cache can still
+        # carry the waiting condition: level-based, say what is true now.
+        new["initAdapterUri"] = init.uri
+        conditions = set_condition(
+            conditions,
+            init_adapter.CONDITION,
+            True,
+            "Resolved",
+            f"training continues the adapter {init.uri}",
+            generation,
+        )
 
     # Converge what can change on a live Job: suspension (runPolicy.suspend).
     want_suspend = bool(run_policy.get("suspend"))
