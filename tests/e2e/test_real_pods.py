@@ -28,7 +28,7 @@ import yaml
 
 from kubetune_trainer.quickstart import CODEBOOK
 from tests.conftest import eventually
-from tests.integration.operator_support import get, install_crds, pods, status
+from tests.integration.operator_support import get, install_crds, pods, status, wait_phase
 from tests.testground.cluster import REPO, ControlPlane, binaries_dir, kubectl_binary
 from tests.testground.node import RealNode, scheduling
 from tests.testground.procs import free_port
@@ -167,16 +167,6 @@ def finetunejob(world: dict, name: str, *, nodes: int, max_steps: int, every: in
 def trainer_pods(cluster: ControlPlane, ns: str, job: str, attempt: int | None = None) -> list[dict]:
     sel = f"kubetune.io/finetunejob={job}" + (f",kubetune.io/attempt={attempt}" if attempt else "")
     return pods(cluster, ns, sel)
-
-
-def wait_phase(cluster: ControlPlane, ns: str, name: str, phase: str, timeout: float) -> dict:
-    def check():
-        st = status(cluster, ns, name)
-        if st.get("phase") == "Failed" and phase != "Failed":
-            raise AssertionError(f"{name} failed: {json.dumps(st)[:3000]}")
-        return st if st.get("phase") == phase else None
-
-    return eventually(check, timeout=timeout, interval=1, what=f"{name} to be {phase}")
 
 
 def pod_log(cluster: ControlPlane, ns: str, pod: str) -> str:

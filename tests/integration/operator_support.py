@@ -63,6 +63,11 @@ def status(cluster: ControlPlane, namespace: str, name: str) -> dict:
 def wait_phase(cluster: ControlPlane, namespace: str, name: str, phase: str, timeout: float = 60) -> dict:
     def reached():
         st = status(cluster, namespace, name)
+        if st.get("phase") == "Failed" and phase != "Failed":
+            # Failed is terminal: stop waiting at once (not an AssertionError, which eventually() retries).
+            raise RuntimeError(
+                f"FineTuneJob {name} failed while waiting for {phase}: {json.dumps(st)[:3000]}"
+            )
         return st if st.get("phase") == phase else None
 
     try:
