@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,13 @@ from kubernetes import client
 
 from tests.conftest import eventually
 from tests.testground.cluster import REPO, ControlPlane
+from tests.testground.operator import OperatorProcess
 
 CRDS = sorted((REPO / "crds").glob("*.yaml"))
+
+
+# kwok keeps a pod with this label Running until the test finishes it (finish_pod).
+HOLD = {"kwok.kubetune.io/outcome": "hold"}
 
 
 def install_crds(cluster: ControlPlane) -> None:
@@ -20,6 +27,19 @@ def install_crds(cluster: ControlPlane) -> None:
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
     for crd in ("finetunejobs.kubetune.io", "adapterdeployments.kubetune.io", "finetunesweeps.kubetune.io"):
         cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+
+
+@contextlib.contextmanager
+def running_operator(
+    cluster: ControlPlane, workdir: Path, resync_seconds: float = 5
+) -> Iterator[OperatorProcess]:
+    """The CRDs installed and the operator running (all namespaces) until the block ends."""
+    install_crds(cluster)
+    op = OperatorProcess(cluster.kubeconfig, workdir, resync_seconds=resync_seconds).start()
+    try:
+        yield op
+    finally:
+        op.stop()
 
 
 def finetunejob(

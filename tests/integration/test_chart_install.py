@@ -18,6 +18,7 @@ import yaml
 
 from tests.conftest import eventually
 from tests.integration.operator_support import (
+    HOLD,
     apply,
     finetunejob,
     finish_pod,
@@ -34,7 +35,6 @@ from tests.testground.operator import OperatorProcess
 pytestmark = pytest.mark.cluster
 
 CHART = REPO / "charts" / "kubetune"
-HOLD = {"kwok.kubetune.io/outcome": "hold"}
 
 
 def helm(cluster: ControlPlane, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

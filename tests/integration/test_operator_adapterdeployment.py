@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import eventually
 from tests.integration.operator_support import (
+    HOLD,
     apply,
     finetunejob,
     finish_pod,
@@ -22,8 +23,6 @@ from tests.testground.cluster import ControlPlane
 from tests.testground.operator import OperatorProcess
 
 pytestmark = pytest.mark.cluster
-
-HOLD = {"kwok.kubetune.io/outcome": "hold"}
 
 
 @pytest.fixture(scope="module")

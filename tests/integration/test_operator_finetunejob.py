@@ -11,13 +11,14 @@ from kubernetes import client
 
 from tests.conftest import eventually
 from tests.integration.operator_support import (
+    HOLD,
     apply,
     finetunejob,
     finish_pod,
     get,
-    install_crds,
     make_s3_secret,
     pods,
+    running_operator,
     status,
     wait_phase,
 )
@@ -26,17 +27,11 @@ from tests.testground.operator import OperatorProcess
 
 pytestmark = pytest.mark.cluster
 
-HOLD = {"kwok.kubetune.io/outcome": "hold"}
-
 
 @pytest.fixture(scope="module")
 def operator(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    install_crds(cluster)
-    op = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator"), resync_seconds=5).start()
-    try:
+    with running_operator(cluster, tmp_path_factory.mktemp("operator"), resync_seconds=5) as op:
         yield op
-    finally:
-        op.stop()
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from kubernetes import client
 
 from tests.conftest import eventually
 from tests.integration.operator_support import (
+    HOLD,
     apply,
     finetunejob,
     finish_pod,
@@ -23,13 +24,13 @@ from tests.integration.operator_support import (
     install_crds,
     make_s3_secret,
     pods,
+    running_operator,
 )
 from tests.testground.cluster import ControlPlane
 from tests.testground.operator import OperatorProcess
 
 pytestmark = pytest.mark.cluster
 
-HOLD = {"kwok.kubetune.io/outcome": "hold"}
 LR = "hyperparameters.learningRate"
 RANK = "method.lora.r"
 
@@ -38,11 +39,8 @@ RANK = "method.lora.r"
 def operator(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     install_crds(cluster)
     cluster.kubectl("wait", "--for=condition=Established", "crd/finetunesweeps.kubetune.io", "--timeout=60s")
-    op = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator"), resync_seconds=5).start()
-    try:
+    with running_operator(cluster, tmp_path_factory.mktemp("operator"), resync_seconds=5) as op:
         yield op
-    finally:
-        op.stop()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from kubernetes import client
 
 from tests.conftest import eventually
 from tests.integration.operator_support import (
+    HOLD,
     apply,
     finetunejob,
     finish_pod,
@@ -27,8 +28,6 @@ from tests.testground.cluster import REPO, ControlPlane, binaries_dir
 from tests.testground.operator import OperatorProcess
 
 pytestmark = pytest.mark.cluster
-
-HOLD = {"kwok.kubetune.io/outcome": "hold"}
 
 
 @pytest.fixture
