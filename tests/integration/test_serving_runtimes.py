@@ -19,6 +19,7 @@ import pytest
 
 from kubetune_operator.adapterdeployment import builders
 from kubetune_operator.settings import Settings
+from kubetune_trainer.storage.transfer import upload_dir
 from tests.conftest import eventually
 from tests.testground.hostpod import HostPod, image_env
 from tests.testground.s3 import SeaweedS3
@@ -59,11 +60,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _upload(s3: SeaweedS3, bucket: str, src: Path, prefix: str) -> str:
-    client = s3.client()
-    for f in src.rglob("*"):
-        if f.is_file():
-            client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(src)}")
-    return f"s3://{bucket}/{prefix}/"
+    uri = f"s3://{bucket}/{prefix}/"
+    upload_dir(src, uri, client=s3.client())
+    return uri
 
 
 @pytest.mark.parametrize("runtime", ["builtin", "vllm"])
