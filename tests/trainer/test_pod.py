@@ -77,6 +77,40 @@ def test_metrics_are_finite_numbers_only() -> None:
     assert got == {"eval_loss": 1.5, "test_exact_match": 1.0}
 
 
+# ----------------------------------------------------------------------------- what was saved
+
+
+def _peft_save(tiny_model_dir: Path, out: Path, peft_config) -> Path:
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), peft_config)
+    model.save_pretrained(str(out))
+    return out
+
+
+def test_the_saved_output_reports_the_rank_peft_wrote_not_the_config(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig
+
+    lora = _peft_save(tiny_model_dir, tmp_path / "lora", LoraConfig(r=12, task_type="CAUSAL_LM"))
+    # The method comes from the run (qlora and lora write the same PEFT type); the rank from the file.
+    assert pod.saved_output(lora, "lora") == {"method": "lora", "rank": 12}
+    assert pod.saved_output(lora, "qlora") == {"method": "qlora", "rank": 12}
+    prefix = _peft_save(
+        tiny_model_dir, tmp_path / "prefix", PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    )
+    assert pod.saved_output(prefix, "prefix") == {"method": "prefix"}
+    prompt = _peft_save(
+        tiny_model_dir, tmp_path / "prompt", PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    )
+    assert pod.saved_output(prompt, "prompt") == {"method": "prompt"}
+    # A full fine-tune saves a whole model; an empty directory reports nothing rather than a guess.
+    assert pod.saved_output(tiny_model_dir, "full") == {"method": "full"}
+    assert pod.saved_output(tmp_path, "lora") == {}
+
+
 # ----------------------------------------------------------------------------- a pod's run
 
 
@@ -120,6 +154,7 @@ def test_a_pod_trains_on_s3_data_and_reports_the_uploaded_adapter(
         "metrics": ["perplexity", "exact_match"],
         "eval_max_examples": 4,
         "merge_adapter": True,
+        "lora": {"r": 4},
         "storage_uri": f"s3://{s3_bucket}/runs",
         "job": {"namespace": "team-a", "name": "ft-pod", "uid": "u-1"},
         "progress_bar": False,
@@ -132,6 +167,7 @@ def test_a_pod_trains_on_s3_data_and_reports_the_uploaded_adapter(
     assert report["adapterUri"] == root + "final/"
     assert report["mergedUri"] == root + "final/merged/"
     assert 0 < report["trainableParameters"] < report["totalParameters"]
+    assert (report["method"], report["rank"]) == ("lora", 4)  # as saved in adapter_config.json
     assert {"eval_loss", "eval_perplexity", "eval_exact_match", "test_loss", "test_exact_match"} <= set(
         report["metrics"]
     )

@@ -57,6 +57,7 @@ from kubetune_trainer.methods import (
     parameter_counts,
     resolve_precision,
 )
+from kubetune_trainer.pod import saved_output
 from kubetune_trainer.tracking import TrackingRun, check_report_to, run_name
 
 if TYPE_CHECKING:  # the data package imports tokenizers; loaded when first used
@@ -877,6 +878,8 @@ class TrainingResult:
     test_metrics: dict[str, Any]
     # Data augmentation counts, {method: {generated, kept, dropped}} (data/augment.py); empty when off.
     augmentation: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    # What was saved, read back from the output (pod.saved_output): method, LoRA rank as trained.
+    saved: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def run_training(config: FinetuningConfig) -> TrainingResult:
@@ -891,7 +894,7 @@ def run_training(config: FinetuningConfig) -> TrainingResult:
             ft.evaluate()
         if config.test_file:
             ft.test()
-        ft.save_model()
+        out = ft.save_model()
         ft.write_metrics()
         uri = ft.upload_final()
         if ft.dist.is_global_rank0:
@@ -908,6 +911,7 @@ def run_training(config: FinetuningConfig) -> TrainingResult:
             eval_metrics=ft.eval_metrics,
             test_metrics=ft.test_metrics,
             augmentation=dict(ft.data.stats.augmentation) if ft.data is not None else {},
+            saved=saved_output(out, config.method) if ft.dist.is_global_rank0 else {},
         )
     except BaseException:
         ft.close("FAILED")
