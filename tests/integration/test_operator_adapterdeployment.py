@@ -395,3 +395,92 @@ def test_auth_and_network_policy(cluster: ControlPlane, ns: str) -> None:
     eventually(
         lambda: get(cluster, ns, "networkpolicy", "guarded") is None, timeout=30, what="the policy to go"
     )
+
+
+def _finish_training(cluster: ControlPlane, ns: str, job: str, report: dict) -> None:
+    """Play the trainer: its pod exits 0 with this success report."""
+    pod = eventually(
+        lambda: next(
+            (
+                p
+                for p in pods(cluster, ns, f"kubetune.io/finetunejob={job}")
+                if p["status"].get("phase") == "Running"
+            ),
+            None,
+        ),
+        timeout=60,
+        what=f"a running pod of {job}",
+    )
+    finish_pod(cluster.api_client(), ns, pod["metadata"]["name"], 0, json.dumps(report))
+    wait_phase(cluster, ns, job, "Succeeded")
+
+
+def _server_args(cluster: ControlPlane, ns: str, name: str) -> list[str]:
+    dep = get(cluster, ns, "deployment", name)
+    assert dep is not None
+    return dep["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_vllm_sizes_lora_slots_from_the_rank_the_trainer_reports(cluster: ControlPlane, ns: str) -> None:
+    # The spec says r 16, the saved adapter has r 96 (the report): vLLM must fit 96 -> 128 slots.
+    # (Before status.output.rank, a QLoRA job's rank was not read at all: vLLM got 64 and refused it.)
+    method = {"type": "qlora", "qlora": {"r": 16}}
+    apply(cluster, ns, finetunejob("q-job", pod_labels=HOLD, method=method))
+    _finish_training(
+        cluster, ns, "q-job", {"adapterUri": "s3://out/q/final/", "method": "qlora", "rank": 96}
+    )
+    ftj = get(cluster, ns, "finetunejob", "q-job")
+    assert ftj is not None and ftj["status"]["output"]["rank"] == 96
+    apply(
+        cluster,
+        ns,
+        adapterdeployment(
+            "q-serve",
+            [{"name": "q", "fineTuneJobRef": {"name": "q-job"}}],
+            runtime="vllm",
+            resources={"gpus": 1},
+        ),
+    )
+    wait_adep(cluster, ns, "q-serve", "Ready")
+    args = _server_args(cluster, ns, "q-serve")
+    assert args[args.index("--max-lora-rank") + 1] == "128"
+    assert "q=/adapters/q" in args
+
+
+@pytest.mark.parametrize("runtime", ["vllm", "builtin"])
+def test_an_output_the_runtime_cannot_serve_is_refused_with_the_reason(
+    cluster: ControlPlane, ns: str, runtime: str
+) -> None:
+    job, adep = f"prefix-{runtime}", f"p-serve-{runtime}"
+    apply(cluster, ns, finetunejob(job, pod_labels=HOLD, method={"type": "prefix"}))
+    _finish_training(cluster, ns, job, {"adapterUri": "s3://out/p/final/", "method": "prefix"})
+    extra = {"runtime": "vllm", "resources": {"gpus": 1}} if runtime == "vllm" else {}
+    apply(
+        cluster,
+        ns,
+        adapterdeployment(
+            adep,
+            [
+                {"name": "ok", "source": "s3://adapters/ok/"},
+                {"name": "p", "fineTuneJobRef": {"name": job}},
+            ],
+            **extra,
+        ),
+    )
+    st = wait_adep(cluster, ns, adep, "Degraded")
+    cond = next(c for c in st["conditions"] if c["type"] == "AdaptersResolved")
+    assert cond["status"] == "False" and cond["reason"] == "UnservableAdapter"
+    assert f"FineTuneJob {job} trained a prefix adapter" in cond["message"]
+    assert f"runtime {runtime} cannot serve" in cond["message"] and "method lora or qlora" in cond["message"]
+    p = next(a for a in st["adapters"] if a["name"] == "p")
+    assert p["ready"] is False and "uri" not in p and p["message"] == cond["message"]
+    # The servable adapter is still served, the refused one is not handed to the server.
+    cm = get(cluster, ns, "configmap", f"{adep}-adapters")
+    assert cm is not None and "s3://adapters/ok/" in cm["data"]["adapters.json"]
+    assert "s3://out/p/final/" not in cm["data"]["adapters.json"]
+    events = json.loads(cluster.kubectl("get", "events", "-o", "json", namespace=ns).stdout)["items"]
+    assert any(
+        e["reason"] == "Degraded" and e["type"] == "Warning"
+        for e in events
+        if e["involvedObject"].get("name") == adep
+    )

@@ -90,6 +90,8 @@ def test_success_reports_the_trainers_output(cluster: ControlPlane, ns: str) -> 
     wait_phase(cluster, ns, "ok", "Running")  # else a quick finish may skip Running (and its Event)
     report = {
         "adapterUri": "s3://checkpoints/runs/x/ok/uid/final/",
+        "method": "lora",
+        "rank": 24,
         "trainableParameters": 1234,
         "totalParameters": 99999,
         "metrics": {"eval_loss": 1.5, "exact_match": 0.75},
@@ -99,6 +101,7 @@ def test_success_reports_the_trainers_output(cluster: ControlPlane, ns: str) -> 
     st = wait_phase(cluster, ns, "ok", "Succeeded")
     assert st["output"]["adapterUri"] == report["adapterUri"]
     assert st["output"]["trainableParameters"] == 1234
+    assert (st["output"]["method"], st["output"]["rank"]) == ("lora", 24)  # as trained, not the spec's r 8
     assert st["output"]["augmentation"] == {"replace_synonyms": {"generated": 20, "kept": 18, "dropped": 2}}
     assert st["metrics"] == {"eval_loss": 1.5, "exact_match": 0.75}
     assert st["completionTime"]

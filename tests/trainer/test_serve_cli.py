@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -250,3 +251,48 @@ def test_kubetune_serve_exits_2_when_the_base_model_is_missing(tmp_path: Path) -
     )
     assert res.returncode == 2, res.stderr
     assert "no-model" in res.stderr and "no directory" in res.stderr
+
+
+# ----------------------------------------------------------------------------- base model options
+
+
+def _hub_cache(root: Path, repo: str, revisions: dict[str, Path]) -> Path:
+    """A model hub cache laid out as huggingface_hub writes it (refs -> snapshots/<commit>), so an
+    offline load resolves a revision exactly as after a download."""
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    for i, (ref, model_dir) in enumerate(revisions.items()):
+        commit = f"{i + 1:040x}"
+        (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+        (repo_dir / "refs" / ref).write_text(commit)
+        shutil.copytree(model_dir, repo_dir / "snapshots" / commit)
+    return root
+
+
+def test_revision_and_trust_remote_code_reach_the_model_load(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from kubetune_trainer.tiny_model import make_tiny_model
+
+    three_layers = make_tiny_model(tmp_path / "v2", num_layers=3)
+    cache = _hub_cache(tmp_path / "hub", "kubetune/tiny", {"main": tiny_model_dir, "v2": three_layers})
+    cfg = config_of("--base-model", "hf://kubetune/tiny", "--revision", "v2", "--trust-remote-code")
+    assert (cfg.revision, cfg.trust_remote_code) == ("v2", True)
+    # The load itself, offline from the cache: each revision gives its own weights.
+    script = (
+        "import sys; from kubetune_trainer.serve.cli import build_parser, server_config_from_args\n"
+        "from kubetune_trainer.serve.model import LoadedModel\n"
+        "c = server_config_from_args(build_parser().parse_args(['serve', *sys.argv[1:]]))\n"
+        "lm = LoadedModel.load('kubetune/tiny', revision=c.revision, device='cpu', cpu_threads=1)\n"
+        "print(lm.base.config.num_hidden_layers)\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    layers = {}
+    for rev in ("main", "v2"):
+        out = subprocess.run(
+            [sys.executable, "-c", script, "--base-model", "hf://kubetune/tiny", "--revision", rev],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        layers[rev] = int(out.stdout.split()[-1])
+    assert layers == {"main": 2, "v2": 3}

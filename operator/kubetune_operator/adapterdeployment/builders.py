@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import meta, podspec
+from ..api.finetunejob import LoraParams, Method, OutputStatus
 from ..convert import resolve_uri
 from ..settings import Settings
 
@@ -42,6 +43,48 @@ class ResolvedAdapter:
     name: str
     uri: str
     rank: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainedOutput:
+    """What a finished FineTuneJob saved: its method and, for LoRA, its rank (None: unknown)."""
+
+    method: str | None
+    rank: int | None
+
+
+# Both runtimes serve LoRA adapters only (a QLoRA adapter is a LoRA adapter: the quantization was
+# the base model's during training). vLLM's --lora-modules and the builtin server's mixed-adapter
+# batches (PEFT adapter_names=) have no prefix/prompt/P-tuning counterpart.
+SERVABLE_METHODS = ("lora", "qlora")
+
+
+def trained_output(method: Method | None, output: OutputStatus | None) -> TrainedOutput:
+    """The trainer's report (status.output.method/rank, read back from the saved adapter) first;
+    a report without them (a trainer image older than those fields) falls back to the spec."""
+    if output is not None and output.method is not None:
+        return TrainedOutput(output.method, output.rank)
+    if method is None:
+        return TrainedOutput(None, None)
+    block = method.qlora if method.type == "qlora" else method.lora if method.type == "lora" else None
+    if method.type in SERVABLE_METHODS:
+        return TrainedOutput(method.type, (block or LoraParams()).r)
+    return TrainedOutput(method.type, None)
+
+
+def unservable(runtime: str, trained: TrainedOutput, what: str, uri: str) -> str | None:
+    """Why ``runtime`` cannot serve ``what``'s output at ``uri`` as an adapter (None: it can)."""
+    if trained.method is None or trained.method in SERVABLE_METHODS:
+        return None
+    if trained.method == "full":
+        return (
+            f"{what} is a full fine-tune: its output {uri} is a whole model, not an adapter. Serve it as "
+            f"the base model (spec.baseModel.uri: {uri}) of an AdapterDeployment, and remove this adapter"
+        )
+    return (
+        f"{what} trained a {trained.method} adapter, which runtime {runtime} cannot serve (it serves LoRA "
+        "adapters only): train with method lora or qlora, or remove this adapter"
+    )
 
 
 def names(adep: Body) -> dict[str, str]:
@@ -226,6 +269,18 @@ def vllm_max_lora_rank(adapters: list[ResolvedAdapter], override: int | None = N
     return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
 
 
+def base_model_flags(base: Body) -> list[str]:
+    """spec.baseModel's loading options as flags; `kubetune serve` and vLLM spell them the same."""
+    flags: list[str] = []
+    if base.get("revision") and str(base.get("uri", "")).startswith("hf://"):
+        flags += ["--revision", str(base["revision"])]  # a hub revision: other schemes have none
+    if base.get("dtype", "auto") != "auto":
+        flags += ["--dtype", str(base["dtype"])]
+    if base.get("trustRemoteCode"):
+        flags.append("--trust-remote-code")
+    return flags
+
+
 def deployment(adep: Body, adapters: list[ResolvedAdapter], settings: Settings) -> Body:
     spec = adep["spec"]
     n = names(adep)
@@ -304,6 +359,7 @@ def deployment(adep: Body, adapters: list[ResolvedAdapter], settings: Settings) 
             str(int(vllm.get("maxLoras") or (HOT_RELOAD_MAX_LORAS if hot else len(adapters) or 1))),
             "--max-lora-rank",
             str(vllm_max_lora_rank(started_with, vllm.get("maxLoraRank"))),
+            *base_model_flags(spec.get("baseModel") or {}),
         ]
         if started_with:
             args += ["--lora-modules", *[f"{a.name}={ADAPTERS_DIR}/{a.name}" for a in started_with]]
@@ -337,6 +393,7 @@ def deployment(adep: Body, adapters: list[ResolvedAdapter], settings: Settings) 
             "0.0.0.0",
             "--port",
             str(SERVER_PORT),
+            *base_model_flags(spec.get("baseModel") or {}),
         ]
         if hot:  # load/unload on, from the sidecar's copies only
             args += ["--runtime-adapter-updates", "--adapter-root", ADAPTERS_DIR]

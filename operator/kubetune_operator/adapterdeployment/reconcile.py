@@ -4,14 +4,30 @@ Adapters with a fineTuneJobRef resolve to that job's status.output.adapterUri on
 Succeeded; adapters with a fineTuneSweepRef to the sweep's status.bestTrial.adapterUri once the
 sweep has Succeeded. Until then the server runs with the adapters that are resolved (the others
 are listed in status with why they are not ready); a referenced job or sweep that failed makes
-the AdapterDeployment Degraded with its reason.
+the AdapterDeployment Degraded with its reason. Referenced objects are read as typed API models.
+
+A finished job's status.output says what it saved (method, LoRA rank, as the trainer read them
+back from the adapter): the rank sizes vLLM's LoRA slots, and an output the runtime cannot serve
+(a full model, prefix/prompt/P-tuning) is refused with AdaptersResolved=False/UnservableAdapter.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import meta, metrics
+from ..api import (
+    AdapterDeploymentSpec,
+    FineTuneJob,
+    InvalidManifestError,
+    load_finetunejob,
+    load_finetunesweep,
+)
+from ..api.adapterdeployment import Adapter
+from ..api.common import Condition
+from ..api.finetunejob import FineTuneJobStatus
+from ..api.finetunesweep import FineTuneSweepStatus
 from ..conditions import get_condition, now_iso, set_condition
 from ..controller import Key, Result, Store
 from ..kube import Kube
@@ -42,95 +58,110 @@ def finetunejob_refs(adep: Body) -> list[str]:
     ]
 
 
-def _lora_rank(job: Body | None) -> int | None:
-    lora = (((job or {}).get("spec") or {}).get("method") or {}).get("lora") or {}
-    return lora.get("r") if isinstance(lora, dict) else None
+@dataclass
+class Resolution:
+    """What the adapter list resolves to now."""
+
+    adapters: list[builders.ResolvedAdapter] = field(default_factory=list)
+    statuses: list[Body] = field(default_factory=list)  # per adapter, in spec order
+    failures: list[str] = field(default_factory=list)  # referenced jobs or sweeps that failed
+    unservable: list[str] = field(default_factory=list)  # outputs the runtime cannot serve
 
 
-def resolve_sweep(
-    kube: Kube, ns: str, name: str, ref: str
-) -> tuple[builders.ResolvedAdapter | None, Body, str | None]:
-    """(the best trial's adapter or None, the adapter's status, a failure message or None)."""
-    sweep = kube.get(meta.API_VERSION, "FineTuneSweep", ns, ref)
-    if sweep is None:
-        return (
-            None,
-            {"name": name, "ready": False, "message": f"FineTuneSweep {ref} not found in namespace {ns}"},
-            None,
-        )
-    st = sweep.get("status") or {}
-    phase = st.get("phase") or "Pending"
-    best = st.get("bestTrial") or {}
-    uri = best.get("adapterUri")
+def _failed_message(conditions: list[Condition] | None, default: str) -> str:
+    return next((c.message for c in conditions or [] if c.type == "Failed" and c.message), default)
+
+
+def _typed_job(kube: Kube, ns: str, name: str) -> FineTuneJob | None:
+    body = kube.get(meta.API_VERSION, "FineTuneJob", ns, name)
+    return None if body is None else load_finetunejob(body)
+
+
+def _resolve_output(
+    res: Resolution, adapter: Adapter, runtime: str, what: str, job: FineTuneJob | None, uri: str
+) -> None:
+    """A finished job's output (``what`` names where it came from): served when the runtime can."""
+    output = job.status.output if job is not None and job.status is not None else None
+    trained = builders.trained_output(job.spec.method if job is not None else None, output)
+    refusal = builders.unservable(runtime, trained, what, uri)
+    if refusal is not None:
+        res.unservable.append(refusal)
+        res.statuses.append({"name": adapter.name, "ready": False, "message": refusal})
+        return
+    res.adapters.append(builders.ResolvedAdapter(adapter.name, uri, adapter.rank or trained.rank))
+    res.statuses.append(
+        {"name": adapter.name, "uri": uri, "ready": False, "message": "waiting for the server"}
+    )
+
+
+def _waiting(res: Resolution, adapter: Adapter, message: str) -> None:
+    res.statuses.append({"name": adapter.name, "ready": False, "message": message})
+
+
+def _failed(res: Resolution, adapter: Adapter, message: str) -> None:
+    res.failures.append(message)
+    _waiting(res, adapter, message)
+
+
+def _resolve_job(kube: Kube, ns: str, res: Resolution, adapter: Adapter, runtime: str, ref: str) -> None:
+    try:
+        job = _typed_job(kube, ns, ref)
+    except InvalidManifestError as e:
+        return _failed(res, adapter, f"FineTuneJob {ref} cannot be read: {e}")
+    if job is None:
+        return _waiting(res, adapter, f"FineTuneJob {ref} not found in namespace {ns}")
+    st = job.status or FineTuneJobStatus()
+    phase = st.phase or "Pending"
+    uri = st.output.adapter_uri if st.output is not None else None
     if phase == "Succeeded" and uri:
-        rank = _lora_rank(kube.get(meta.API_VERSION, "FineTuneJob", ns, best.get("name", "")))
-        status = {"name": name, "uri": uri, "ready": False, "message": "waiting for the server"}
-        return builders.ResolvedAdapter(name, uri, rank), status, None
+        return _resolve_output(res, adapter, runtime, f"FineTuneJob {ref}", job, uri)
+    if phase == "Failed":
+        return _failed(res, adapter, f"FineTuneJob {ref} failed: {_failed_message(st.conditions, phase)}")
+    pct = st.progress.percent if st.progress is not None else None
+    progress = f", {pct:.0f}% done" if pct is not None else ""
+    _waiting(res, adapter, f"waiting for FineTuneJob {ref} to succeed (now {phase}{progress})")
+
+
+def _resolve_sweep(kube: Kube, ns: str, res: Resolution, adapter: Adapter, runtime: str, ref: str) -> None:
+    body = kube.get(meta.API_VERSION, "FineTuneSweep", ns, ref)
+    if body is None:
+        return _waiting(res, adapter, f"FineTuneSweep {ref} not found in namespace {ns}")
+    try:
+        st = load_finetunesweep(body).status or FineTuneSweepStatus()
+    except InvalidManifestError as e:
+        return _failed(res, adapter, f"FineTuneSweep {ref} cannot be read: {e}")
+    phase = st.phase or "Pending"
+    best = st.best_trial
+    if phase == "Succeeded" and best is not None and best.adapter_uri:
+        try:
+            trial = _typed_job(kube, ns, best.name)
+        except InvalidManifestError:
+            trial = None  # the trial's report is a refinement: without it, serve what the sweep says
+        what = f"FineTuneSweep {ref}'s best trial {best.name}"
+        return _resolve_output(res, adapter, runtime, what, trial, best.adapter_uri)
     if phase in ("Succeeded", "Failed"):
-        reason = next((c.get("message") for c in st.get("conditions") or [] if c.get("type") == "Failed"), "")
-        msg = f"FineTuneSweep {ref} failed: {reason or 'no best trial with an adapter'}"
-        return None, {"name": name, "ready": False, "message": msg}, msg
-    done = f", {st['completed']} trials finished" if st.get("completed") else ""
-    msg = f"waiting for FineTuneSweep {ref} to succeed (now {phase}{done})"
-    return None, {"name": name, "ready": False, "message": msg}, None
+        reason = _failed_message(st.conditions, "no best trial with an adapter")
+        return _failed(res, adapter, f"FineTuneSweep {ref} failed: {reason}")
+    done = f", {st.completed} trials finished" if st.completed else ""
+    _waiting(res, adapter, f"waiting for FineTuneSweep {ref} to succeed (now {phase}{done})")
 
 
-def resolve(kube: Kube, adep: Body) -> tuple[list[builders.ResolvedAdapter], list[Body], list[str]]:
-    """-> (resolved adapters, per-adapter status, failed-job messages)."""
+def resolve(kube: Kube, adep: Body) -> Resolution:
+    """The adapters as the runtime will serve them, each adapter's status, and what went wrong."""
     ns = adep["metadata"]["namespace"]
-    resolved: list[builders.ResolvedAdapter] = []
-    statuses: list[Body] = []
-    failures: list[str] = []
-    for a in adep["spec"].get("adapters") or []:
-        name = a["name"]
-        if a.get("source"):
-            resolved.append(builders.ResolvedAdapter(name, a["source"], a.get("rank")))
-            statuses.append(
-                {"name": name, "uri": a["source"], "ready": False, "message": "waiting for the server"}
+    spec = AdapterDeploymentSpec.model_validate(adep["spec"], by_alias=True, by_name=False)
+    res = Resolution()
+    for a in spec.adapters or []:
+        if a.source:
+            res.adapters.append(builders.ResolvedAdapter(a.name, a.source, a.rank))
+            res.statuses.append(
+                {"name": a.name, "uri": a.source, "ready": False, "message": "waiting for the server"}
             )
-            continue
-        if a.get("fineTuneSweepRef"):
-            adapter, st, failure = resolve_sweep(kube, ns, name, a["fineTuneSweepRef"].get("name", ""))
-            if adapter is not None:
-                resolved.append(adapter)
-            if failure:
-                failures.append(failure)
-            statuses.append(st)
-            continue
-        ref = (a.get("fineTuneJobRef") or {}).get("name", "")
-        job = kube.get(meta.API_VERSION, "FineTuneJob", ns, ref)
-        if job is None:
-            statuses.append(
-                {"name": name, "ready": False, "message": f"FineTuneJob {ref} not found in namespace {ns}"}
-            )
-            continue
-        st = job.get("status") or {}
-        phase = st.get("phase") or "Pending"
-        uri = (st.get("output") or {}).get("adapterUri")
-        if phase == "Succeeded" and uri:
-            rank = ((job.get("spec") or {}).get("method") or {}).get("lora", {}) or {}
-            resolved.append(
-                builders.ResolvedAdapter(name, uri, rank.get("r") if isinstance(rank, dict) else None)
-            )
-            statuses.append({"name": name, "uri": uri, "ready": False, "message": "waiting for the server"})
-        elif phase == "Failed":
-            reason = next(
-                (c.get("message") for c in st.get("conditions") or [] if c.get("type") == "Failed"), phase
-            )
-            msg = f"FineTuneJob {ref} failed: {reason}"
-            failures.append(msg)
-            statuses.append({"name": name, "ready": False, "message": msg})
-        else:
-            pct = (st.get("progress") or {}).get("percent")
-            progress = f", {pct:.0f}% done" if isinstance(pct, int | float) else ""
-            statuses.append(
-                {
-                    "name": name,
-                    "ready": False,
-                    "message": f"waiting for FineTuneJob {ref} to succeed (now {phase}{progress})",
-                }
-            )
-    return resolved, statuses, failures
+        elif a.fine_tune_sweep_ref is not None:
+            _resolve_sweep(kube, ns, res, a, spec.runtime, a.fine_tune_sweep_ref.name)
+        elif a.fine_tune_job_ref is not None:
+            _resolve_job(kube, ns, res, a, spec.runtime, a.fine_tune_job_ref.name)
+    return res
 
 
 HOT_RELOAD_SERVED = (
@@ -183,7 +214,8 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     status: Body = dict(adep.get("status") or {})
     generation = adep["metadata"].get("generation")
     s = settings()
-    resolved, adapter_status, failures = resolve(kube, adep)
+    res = resolve(kube, adep)
+    resolved, adapter_status, failures = res.adapters, res.statuses, res.failures
 
     kube.apply(builders.config_map(adep, resolved))
     kube.apply(builders.service(adep))
@@ -232,7 +264,13 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
                 a["message"] = "rolling out" if ready else "waiting for a ready server pod"
     conditions = status.get("conditions") or []
     pending = [a for a in adapter_status if "uri" not in a]
-    if failures:
+    if res.unservable:
+        # The job finished but made something this runtime cannot serve: waiting will not help.
+        phase = "Degraded"
+        conditions = set_condition(
+            conditions, "AdaptersResolved", False, "UnservableAdapter", "; ".join(res.unservable), generation
+        )
+    elif failures:
         phase = "Degraded"
         conditions = set_condition(
             conditions,
@@ -280,7 +318,7 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
             f"{ready}/{want} replicas ready" + ("" if rolled_out else ", rollout in progress"),
             generation,
         )
-    if phase == "Ready" and failures:
+    if phase == "Ready" and (failures or res.unservable):
         phase = "Degraded"
     new: Body = {
         "observedGeneration": generation,
@@ -298,10 +336,14 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
         kube.patch_status(adep["apiVersion"], KIND, key[0], key[1], changed)
         if status.get("phase") != phase:
             summary = f"{ready}/{want} replicas ready; {len(resolved)} adapter(s) resolved at {now_iso()}"
+            if problem:
+                summary = f"{problem[0]}: {problem[1]}"
+            elif res.unservable:
+                summary = f"UnservableAdapter: {'; '.join(res.unservable)}"
             kube.post_event(
                 adep,
                 phase,
-                f"{problem[0]}: {problem[1]}" if problem else summary,
+                summary,
                 "Warning" if phase == "Degraded" else "Normal",
             )
     # Waiting on a FineTuneJob: its events requeue us, but look again now and then anyway.

@@ -1067,6 +1067,19 @@ class OutputStatus(ApiModel):
     merged_uri: str | None = Field(
         None, max_length=URI_MAX, description="Where the merged model is, when output.mergedModel is set."
     )
+    method: MethodType | None = Field(
+        None,
+        description="The method the saved output was trained with (read back from it by the trainer): lora, "
+        "qlora and their merged models can be served by an AdapterDeployment; full is a whole model (serve "
+        "adapterUri as an AdapterDeployment's baseModel.uri); prefix, prompt and ptuning are not served.",
+    )
+    rank: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="LoRA rank r of the saved adapter (lora, qlora), as written in its adapter_config.json; an "
+        "AdapterDeployment sizes vLLM's --max-lora-rank with it.",
+    )
     trainable_parameters: int | None = Field(None, ge=0, description="Parameters trained.")
     total_parameters: int | None = Field(None, ge=0, description="Parameters of the model.")
     augmentation: dict[str, AugmentationCounts] | None = Field(

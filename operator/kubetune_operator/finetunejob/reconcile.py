@@ -200,7 +200,7 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     if observe.job_succeeded(current):
         report = observe.trainer_report(attempt_pods)
         output = {"adapterUri": report.get("adapterUri") or final_uri(ftj)}
-        for k in ("mergedUri", "trainableParameters", "totalParameters", "augmentation"):
+        for k in ("mergedUri", "method", "rank", "trainableParameters", "totalParameters", "augmentation"):
             if report.get(k) is not None:
                 output[k] = report[k]
         new.update(phase="Succeeded", completionTime=now_iso(), output=output)

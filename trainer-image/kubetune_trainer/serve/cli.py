@@ -65,6 +65,7 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
         help="mixed (default): adapters share batches; the others are benchmark baselines",
     )
     p.add_argument("--download-dir", help="where s3:// sources are downloaded (default: a temp directory)")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) of a hub base model")
     p.add_argument("--trust-remote-code", action="store_true", default=None)
     p.add_argument(
         "--cpu-threads", type=int, help="torch threads on CPU (default: the container's CPU limit)"
@@ -125,6 +126,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         "device": args.device,
         "scheduling": args.scheduling,
         "download_dir": args.download_dir,
+        "revision": args.revision,
         "trust_remote_code": args.trust_remote_code,
         "cpu_threads": args.cpu_threads,
         "api_key_file": args.api_key_file,

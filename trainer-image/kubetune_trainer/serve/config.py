@@ -89,6 +89,10 @@ class ServerConfig(BaseModel):
     download_dir: str | None = Field(
         None, description="where s3:// models and adapters are downloaded (default: a temporary directory)"
     )
+    revision: str | None = Field(
+        None,
+        description="model hub revision (branch, tag or commit) of a hub base model; ignored for directories",
+    )
     trust_remote_code: bool = Field(False, description="allow model code from the checkpoint (keep false)")
     api_key_file: str | None = Field(
         None,

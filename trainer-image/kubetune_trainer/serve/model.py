@@ -89,6 +89,7 @@ class LoadedModel:
         max_model_len: int | None = None,
         trust_remote_code: bool = False,
         cpu_threads: int | None = None,
+        revision: str | None = None,
     ) -> LoadedModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -98,9 +99,12 @@ class LoadedModel:
             # the quota and the threads spin-wait on each other.
             torch.set_num_threads(cpu_threads or available_cpus())
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            # revision picks a hub commit; transformers ignores it for a local directory.
+            tokenizer = AutoTokenizer.from_pretrained(
+                path, revision=revision, trust_remote_code=trust_remote_code
+            )
             base = AutoModelForCausalLM.from_pretrained(
-                path, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code
+                path, dtype=resolve_dtype(dtype, dev), revision=revision, trust_remote_code=trust_remote_code
             )
         except OSError as exc:
             raise SourceError(f"cannot load the base model from {path}: {exc}") from None

@@ -322,6 +322,7 @@ class ModelServer:
             max_model_len=self.config.max_model_len,
             trust_remote_code=self.config.trust_remote_code,
             cpu_threads=self.config.cpu_threads,
+            revision=self.config.revision,
         )
 
         def install() -> None:
