@@ -426,9 +426,7 @@ def test_vllm_sizes_lora_slots_from_the_rank_the_trainer_reports(cluster: Contro
     # (Before status.output.rank, a QLoRA job's rank was not read at all: vLLM got 64 and refused it.)
     method = {"type": "qlora", "qlora": {"r": 16}}
     apply(cluster, ns, finetunejob("q-job", pod_labels=HOLD, method=method))
-    _finish_training(
-        cluster, ns, "q-job", {"adapterUri": "s3://out/q/final/", "method": "qlora", "rank": 96}
-    )
+    _finish_training(cluster, ns, "q-job", {"adapterUri": "s3://out/q/final/", "method": "qlora", "rank": 96})
     ftj = get(cluster, ns, "finetunejob", "q-job")
     assert ftj is not None and ftj["status"]["output"]["rank"] == 96
     apply(

@@ -10,6 +10,7 @@ import yaml
 
 from kubetune_operator import meta
 from kubetune_operator.adapterdeployment import builders as ab
+from kubetune_operator.api.finetunejob import Method, OutputStatus
 from kubetune_operator.convert import finetunejob_to_config, to_config_dict
 from kubetune_operator.finetunejob import builders as fb
 from kubetune_operator.settings import Settings
@@ -457,6 +458,75 @@ def test_vllm_rank_rounds_up_to_a_supported_size() -> None:
     assert ab.vllm_max_lora_rank([ab.ResolvedAdapter("a", "s3://x/", 12)]) == 16
     assert ab.vllm_max_lora_rank([ab.ResolvedAdapter("a", "s3://x/")]) == 64
     assert ab.vllm_max_lora_rank([], override=32) == 32
+
+
+def _method(**block) -> Method:
+    return Method.model_validate(block)
+
+
+def test_the_trainers_report_decides_the_rank_and_the_spec_is_only_a_fallback() -> None:
+    qlora = _method(type="qlora", qlora={"r": 16})
+    reported = OutputStatus.model_validate({"adapterUri": "s3://x/", "method": "qlora", "rank": 96})
+    assert ab.trained_output(qlora, reported) == ab.TrainedOutput("qlora", 96)
+    # A report without the fields (an older trainer image): the spec's block of the job's method,
+    # the qlora block for qlora (spec.method.lora alone left a QLoRA job at vLLM's 64).
+    bare = OutputStatus.model_validate({"adapterUri": "s3://x/"})
+    assert ab.trained_output(qlora, bare) == ab.TrainedOutput("qlora", 16)
+    assert ab.trained_output(_method(type="lora"), bare) == ab.TrainedOutput("lora", 8)  # LoraParams' default
+    assert ab.trained_output(_method(type="prompt"), None) == ab.TrainedOutput("prompt", None)
+    assert ab.trained_output(None, None) == ab.TrainedOutput(None, None)
+    resolved = [ab.ResolvedAdapter("q", "s3://x/", ab.trained_output(qlora, reported).rank)]
+    args = ab.deployment(adep(runtime="vllm"), resolved, SETTINGS)["spec"]["template"]["spec"]["containers"][
+        0
+    ]["args"]
+    assert args[args.index("--max-lora-rank") + 1] == "128"
+
+
+@pytest.mark.parametrize("runtime", ["builtin", "vllm"])
+def test_only_lora_outputs_are_servable_and_a_refusal_says_what_to_do(runtime: str) -> None:
+    for method in ("lora", "qlora", None):
+        assert ab.unservable(runtime, ab.TrainedOutput(method, 8), "FineTuneJob j", "s3://o/") is None
+    for method in ("prefix", "prompt", "ptuning"):
+        why = ab.unservable(runtime, ab.TrainedOutput(method, None), "FineTuneJob j", "s3://o/")
+        assert why is not None and f"trained a {method} adapter" in why and f"runtime {runtime}" in why
+        assert "method lora or qlora" in why
+    full = ab.unservable(runtime, ab.TrainedOutput("full", None), "FineTuneJob j", "s3://o/final/")
+    assert full is not None and "spec.baseModel.uri: s3://o/final/" in full
+
+
+@pytest.mark.parametrize("runtime", ["builtin", "vllm"])
+def test_base_model_loading_options_reach_the_server(runtime: str) -> None:
+    def args(**base) -> list[str]:
+        spec = adep(runtime=runtime, baseModel={"uri": "hf://org/llama", **base})
+        return ab.deployment(spec, ADAPTERS, SETTINGS)["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    plain = args()
+    assert not {"--revision", "--dtype", "--trust-remote-code"} & set(plain)
+    got = args(revision="v1.1", dtype="bfloat16", trustRemoteCode=True)
+    assert got[got.index("--revision") + 1] == "v1.1" and got[got.index("--dtype") + 1] == "bfloat16"
+    assert "--trust-remote-code" in got
+    # A revision names a hub commit: an s3:// or pvc:// model has none, so it is not passed.
+    spec = adep(runtime=runtime, baseModel={"uri": "s3://models/llama", "revision": "v1.1"})
+    container = ab.deployment(spec, ADAPTERS, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+    assert "--revision" not in container["args"]
+
+
+def test_builtin_flags_are_flags_kubetune_serve_accepts() -> None:
+    from kubetune_trainer.serve.cli import build_parser, server_config_from_args
+
+    spec = adep(
+        baseModel={"uri": "hf://org/llama", "revision": "v1.1", "dtype": "float16", "trustRemoteCode": True}
+    )
+    container = ab.deployment(spec, ADAPTERS, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+    argv = [a for a in container["args"] if not a.startswith("/etc/kubetune")]
+    argv = [a for a in argv if a != "--adapter-set"]
+    cfg = server_config_from_args(build_parser().parse_args(argv))
+    assert (cfg.base_model, cfg.revision, cfg.dtype, cfg.trust_remote_code) == (
+        "org/llama",
+        "v1.1",
+        "float16",
+        True,
+    )
 
 
 def test_builders_do_not_mutate_the_parent() -> None:
