@@ -31,9 +31,16 @@ import yaml
 
 from kubetune_operator.adapterdeployment import builders as ab
 from kubetune_operator.adapterdeployment import reconcile as ar
-from kubetune_operator.api import InvalidManifestError, load_adapterdeployment, load_finetunejob
+from kubetune_operator.api import (
+    InvalidManifestError,
+    load_adapterdeployment,
+    load_finetunejob,
+    load_finetunesweep,
+)
 from kubetune_operator.convert import to_config_dict
 from kubetune_operator.finetunejob import builders as fb
+from kubetune_operator.finetunesweep import builders as sb
+from kubetune_operator.finetunesweep import study
 from kubetune_operator.settings import Settings
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"
@@ -74,6 +81,14 @@ READ_BY_RECONCILE: dict[str, dict[str, str]] = {
         "spec.adapters[].fineTuneJobRef.name": "reconcile: resolve",
         "spec.adapters[].fineTuneSweepRef.name": "reconcile: resolve",
     },
+    "FineTuneSweep": {
+        # finetunesweep/reconcile.py starts trials while fewer than parallelism run
+        # (tests/integration/test_operator_finetunesweep.py::test_grid_sweep_runs_every_point_once_within_...).
+        "spec.parallelism": "reconcile: trials at once",
+        # finetunesweep/reconcile.py::_observe reads the metric from each finished trial's status
+        # (test_operator_finetunesweep.py::test_grid_sweep_runs_every_point_once_..._reports_the_best).
+        "spec.objective.metric": "reconcile: objective",
+    },
 }
 
 # TO WIRE: accepted but not yet read; another branch (onedef) wires these. The lead empties this
@@ -87,7 +102,12 @@ TO_WIRE: dict[str, set[str]] = {
         "spec.dataset.test.format",
     },
     "AdapterDeployment": set(),
+    "FineTuneSweep": set(),
 }
+
+# A sweep's template is a FineTuneJob spec, copied into every trial with the trial's parameters
+# set (test_a_sweep_template_reaches_every_trial): its fields are walked as FineTuneJob fields.
+SWEEP_TEMPLATE = "spec.template."
 
 
 # ---------------------------------------------------------------------------------- fixtures
@@ -367,6 +387,64 @@ AD_FIXTURES = [
 ]
 
 
+_TEMPLATE: dict[str, Any] = {
+    "baseModel": {"uri": "hf://org/base"},
+    "dataset": {"train": {"uri": "s3://data/train.jsonl"}, "validationSplit": 0.1},
+    "method": {"type": "lora", "lora": {"alpha": 32}},
+    "evaluation": {"metrics": ["exact_match"], "everySteps": 20},
+    "storage": {"uri": "s3://ckpt/runs"},
+}
+
+
+def _sweep(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneSweep",
+        "metadata": META,
+        "spec": {"template": _TEMPLATE, **spec},
+    }
+
+
+SWEEP_FIXTURES = [
+    _sweep(
+        parameters=[
+            {"path": "hyperparameters.learningRate", "values": [1e-4, 3e-4]},
+            {"path": "hyperparameters.scheduler", "choices": ["cosine", "linear"]},
+            {"path": "method.lora.r", "min": 8, "max": 32, "step": 8},
+        ],
+        algorithm="grid",
+        seed=3,
+        maxTrials=5,
+        parallelism=2,
+        objective={"metric": "eval_loss", "direction": "minimize"},
+        earlyStopping={"rule": "median", "startupTrials": 2, "warmupSteps": 10},
+    ),
+    _sweep(
+        parameters=[
+            {"path": "hyperparameters.learningRate", "min": 1e-5, "max": 1e-3, "scale": "log"},
+            {"path": "hyperparameters.warmupRatio", "min": 0.0, "max": 0.2},
+        ],
+        algorithm="random",
+        seed=1,
+        maxTrials=4,
+        objective={"metric": "eval_loss"},
+        earlyStopping={"rule": "successiveHalving", "minResource": 10, "reductionFactor": 3},
+    ),
+    # A rule whose other settings the other rule accepts too, so that the rule itself can change.
+    _sweep(
+        parameters=[{"path": "hyperparameters.learningRate", "values": [1e-4, 3e-4, 1e-3]}],
+        objective={"metric": "eval_loss"},
+        earlyStopping={"rule": "successiveHalving", "reductionFactor": 2},
+    ),
+    # Without earlyStopping the direction may be maximize (early stopping compares eval_loss).
+    _sweep(
+        parameters=[{"path": "hyperparameters.learningRate", "values": [1e-4, 3e-4, 1e-3]}],
+        maxTrials=3,
+        objective={"metric": "exact_match", "direction": "maximize"},
+    ),
+]
+
+
 # ---------------------------------------------------------------------------------- rendering
 
 
@@ -398,6 +476,29 @@ def render_adapterdeployment(obj: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def render_finetunesweep(obj: dict[str, Any], trials: int = 3) -> dict[str, Any]:
+    """What the operator makes of a FineTuneSweep: its first trials (as the reconcile asks the
+    rebuilt study for each, the earlier ones running), the trial count and the study's pruner."""
+    sweep = load_finetunesweep(obj).to_manifest()
+    spec = sweep["spec"]
+    params = study.parameters(spec)
+    total = study.total_trials(spec, params)
+    records: list[study.Record] = []
+    jobs = []
+    for number in range(min(total, trials)):
+        chosen = study.ask(study.rebuild(spec, params, records, number))
+        jobs.append(sb.trial_job(sweep, number, chosen))
+        records.append(study.Record(number, chosen, "Running"))
+    search = study.rebuild(spec, params, records, len(records))
+    pruner = search.study.pruner
+    return {
+        "total_trials": total,
+        "trials": jobs,
+        "direction": search.study.direction.name,
+        "pruner": (type(pruner).__name__, {k: repr(v) for k, v in vars(pruner).items()}),
+    }
+
+
 class _NoCluster:
     """A namespace without the referenced FineTuneJobs and FineTuneSweeps (they are not found)."""
 
@@ -413,6 +514,7 @@ KINDS: dict[str, tuple[str, list[dict[str, Any]], Callable[[dict[str, Any]], Any
         render_adapterdeployment,
         load_adapterdeployment,
     ),
+    "FineTuneSweep": ("finetunesweeps.yaml", SWEEP_FIXTURES, render_finetunesweep, load_finetunesweep),
 }
 
 
@@ -497,6 +599,7 @@ _OMIT = object()
 # Valid values the schema cannot suggest (a rule, not an enum, decides them).
 SAMPLES: dict[str, list[Any]] = {
     "spec.evaluation.earlyStopping.metric": ["perplexity", "exact_match"],
+    "spec.parameters[].path": ["hyperparameters.weightDecay", "hyperparameters.warmupRatio"],
 }
 
 
@@ -533,7 +636,11 @@ def effect_of(kind: str, path: str, schema: dict[str, Any]) -> str:
 
 def _leaf_ids(kind: str) -> list[tuple[str, str, dict[str, Any]]]:
     crd_file = KINDS[kind][0]
-    return [(kind, path, schema) for path, schema in leaves(spec_schema(crd_file))]
+    return [
+        (kind, path, schema)
+        for path, schema in leaves(spec_schema(crd_file))
+        if not (kind == "FineTuneSweep" and path.startswith(SWEEP_TEMPLATE))
+    ]
 
 
 ALL_LEAVES = [leaf for kind in KINDS for leaf in _leaf_ids(kind)]
@@ -566,6 +673,37 @@ def test_every_spec_field_changes_what_the_operator_renders(
             f"{kind} {path} is accepted but nothing the operator renders depends on it (no valid change of "
             "it changes the trainer config or a child object): wire it, or remove it from the API"
         )
+
+
+def test_a_sweep_template_reaches_every_trial() -> None:
+    """Why the walk may skip spec.template: the template is the FineTuneJob spec of each trial (its
+    schema is FineTuneJob's), changed only where the trial's parameters say."""
+
+    def without_description(schema: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in schema.items() if k != "description"}
+
+    assert without_description(
+        spec_schema("finetunesweeps.yaml")["properties"]["template"]
+    ) == without_description(spec_schema("finetunejobs.yaml"))
+    rendered = render_finetunesweep(SWEEP_FIXTURES[0])
+    template = load_finetunesweep(SWEEP_FIXTURES[0]).to_manifest()["spec"]["template"]
+    for trial in rendered["trials"]:
+        params = sb.trial_params(trial)
+        assert (
+            params
+            and trial["spec"]["hyperparameters"]["learningRate"] == params["hyperparameters.learningRate"]
+        )
+        unchanged = copy.deepcopy(trial["spec"])
+        for path in params:  # put the template's values back: the rest is the template, verbatim
+            *parents, leaf = path.split(".")
+            src, dst = template, unchanged
+            for key in parents:
+                src, dst = src.get(key, {}), dst[key]
+            if leaf in src:
+                dst[leaf] = src[leaf]
+            else:
+                del dst[leaf]
+        assert unchanged == template
 
 
 def test_the_allow_lists_name_fields_the_api_has() -> None:
