@@ -94,7 +94,11 @@ class Adapter(ApiModel):
         "sweep has Succeeded.",
     )
     rank: int | None = Field(
-        None, ge=1, le=1024, description="LoRA rank if known (vLLM sizes its LoRA slots with it)."
+        None,
+        ge=1,
+        le=1024,
+        description="LoRA rank if known (vLLM sizes its LoRA slots with it). Unset for a fineTuneJobRef or "
+        "fineTuneSweepRef: the rank the job saved (its status.output.rank).",
     )
 
 
