@@ -11,6 +11,8 @@ second adapter added to the ConfigMap is loaded by the running server.
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -151,3 +153,60 @@ def test_runtime_as_rendered_serves_adapters_and_hot_reloads_one(
         assert pod.alive("server")
     finally:
         pod.stop()
+
+
+def test_vllm_parses_the_rendered_arguments_as_meant(vllm_dir: Path) -> None:
+    """spec.baseModel's options and the trained rank, as vLLM's own parser (its OpenAI server's,
+    with its checks) reads the arguments the operator renders."""
+    adep = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "AdapterDeployment",
+        "metadata": {"name": "tiny", "namespace": "default", "uid": "u-1"},
+        "spec": {
+            "runtime": "vllm",
+            "resources": {"gpus": 1},
+            "baseModel": {
+                "uri": "hf://org/tiny",
+                "revision": "v2",
+                "dtype": "bfloat16",
+                "trustRemoteCode": True,
+            },
+        },
+    }
+    settings = Settings(
+        trainer_image=TRAINER_IMAGE,
+        vllm_image=VLLM_IMAGE,
+        image_pull_policy="IfNotPresent",
+        default_s3_endpoint="",
+        default_s3_region="us-east-1",
+        default_s3_secret="",
+        termination_grace_seconds=30,
+    )
+    adapters = [builders.ResolvedAdapter("q", "s3://b/q/", 96)]  # a QLoRA job's saved rank
+    [server] = builders.deployment(adep, adapters, settings)["spec"]["template"]["spec"]["containers"]
+    script = (
+        "import json, sys\n"
+        "from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args\n"
+        "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+        "args = make_arg_parser(FlexibleArgumentParser()).parse_args(sys.argv[1:])\n"
+        "validate_parsed_serve_args(args)\n"
+        "keys = ('model', 'revision', 'dtype', 'trust_remote_code', 'max_lora_rank', 'enable_lora')\n"
+        "print(json.dumps({k: getattr(args, k) for k in keys}))\n"
+    )
+    res = subprocess.run(
+        [str(vllm_dir / "bin" / "python"), "-c", script, *server["args"]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_TARGET_DEVICE": "cpu"},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    parsed = json.loads(res.stdout.strip().splitlines()[-1])
+    assert parsed == {
+        "model": "org/tiny",
+        "revision": "v2",
+        "dtype": "bfloat16",
+        "trust_remote_code": True,
+        "max_lora_rank": 128,
+        "enable_lora": True,
+    }
