@@ -161,6 +161,11 @@ def vllm_python(args: argparse.Namespace) -> tuple[Path | None, str]:
     """The vLLM CPU environment's python, or None and why not."""
     if args.no_vllm:
         return None, "--no-vllm"
+    if args.device != "cpu":
+        return (
+            None,
+            f"--device {args.device}: vLLM's CPU build is a peer only for the built-in server on --device cpu",
+        )
     if args.vllm_python:
         return args.vllm_python, ""
     out = subprocess.run(
@@ -404,25 +409,30 @@ def run_scenario(
     )
 
 
-def measure(
-    server: Server, names: list[str], args: argparse.Namespace, startup_timeout: float
-) -> list[Result]:
+def start(server: Server, names: list[str], args: argparse.Namespace, timeout: float) -> None:
     print(f"[{server.name}] starting (log {server.log_path})", flush=True)
-    print(f"[{server.name}] ready after {server.wait_ready(startup_timeout):.0f} s", flush=True)
+    print(f"[{server.name}] ready after {server.wait_ready(timeout):.0f} s", flush=True)
     # Warm-up outside the timed runs: first-call overheads, allocator, every adapter once.
     warm = make_requests(args.concurrency, names, [4] * args.concurrency, args.prompt_words, seed=99)
     asyncio.run(drive(server.url, warm, args.concurrency, None))
-    out = []
-    for workload in args.workloads:
-        for adapters, models in (("mixed", names), ("single", names[:1])):
-            r = run_scenario(server, workload, adapters, models, args)
-            out.append(r)
-            print(
-                f"[{server.name}] {workload:<5} {adapters:<6} {r.req_per_s:6.2f} req/s {r.tokens_per_s:7.1f} tok/s  "
-                f"TTFT p50 {r.ttft_p50_ms:.0f} ms p99 {r.ttft_p99_ms:.0f} ms",
-                flush=True,
-            )
-    return out
+
+
+def scenarios(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(workload, adapters) pairs in the order they run."""
+    return [
+        (workload, adapters)
+        for workload in args.workloads
+        for adapters in ("mixed", "single")
+        if adapters == "mixed" or workload in args.single_on
+    ]
+
+
+def report(r: Result) -> None:
+    print(
+        f"[{r.server}] {r.workload:<5} {r.adapters:<6} {r.req_per_s:6.2f} req/s {r.tokens_per_s:7.1f} tok/s  "
+        f"TTFT p50 {r.ttft_p50_ms:.0f} ms p99 {r.ttft_p99_ms:.0f} ms",
+        flush=True,
+    )
 
 
 def print_results(results: list[Result]) -> None:
@@ -447,6 +457,8 @@ def compare(results: list[Result]) -> tuple[dict, bool]:
     print(f"\nmixed adapters / single adapter (req/s; target >= {TARGET_MIXED_VS_SINGLE}, within 25%)")
     for (server, workload, adapters), r in by.items():
         if adapters != "mixed":
+            continue
+        if (server, workload, "single") not in by:
             continue
         ratio = r.req_per_s / by[(server, workload, "single")].req_per_s
         ratios["mixed_vs_single"][f"{server}/{workload}"] = round(ratio, 3)
@@ -491,13 +503,19 @@ def main() -> int:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="fewer requests (32 per scenario): a few minutes on a busy machine",
+        help="32 requests per scenario, single adapter on the fixed workload only: a few minutes",
     )
     p.add_argument(
         "--requests", type=int, default=96, help="timed requests per scenario (default 96; --quick 32)"
     )
     p.add_argument("--concurrency", type=int, default=16, help="concurrent closed-loop clients")
     p.add_argument("--workloads", nargs="+", choices=["fixed", "mixed"], default=["fixed", "mixed"])
+    p.add_argument(
+        "--single-on",
+        nargs="*",
+        choices=["fixed", "mixed"],
+        help="workloads that also run all requests on one adapter (default: both; --quick: fixed)",
+    )
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request of the fixed workload")
     p.add_argument("--min-len", type=int, default=8, help="shortest output of the mixed workload")
     p.add_argument("--max-len", type=int, default=256, help="longest output of the mixed workload")
@@ -510,7 +528,9 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--max-model-len", type=int, default=1024, help="both servers' prompt + completion limit")
     p.add_argument("--max-batch-size", type=int, default=16, help="kubetune's --max-batch-size")
-    p.add_argument("--device", default="auto", help="kubetune's --device")
+    p.add_argument(
+        "--device", default="cpu", help="kubetune's --device (vLLM runs only with cpu: its CPU build)"
+    )
     p.add_argument(
         "--cpu-threads",
         type=int,
@@ -538,6 +558,8 @@ def main() -> int:
     args = p.parse_args()
     if args.quick and "--requests" not in sys.argv:
         args.requests = 32
+    if args.single_on is None:
+        args.single_on = ["fixed"] if args.quick else ["fixed", "mixed"]
     if not 1 <= args.min_len <= args.max_len:
         p.error(f"--min-len {args.min_len} and --max-len {args.max_len}: need 1 <= min-len <= max-len")
 
@@ -555,17 +577,23 @@ def main() -> int:
         print(f"vLLM: not run ({why_not}); measuring the built-in server alone", flush=True)
 
     results: list[Result] = []
-    startup = {}
-    servers = [("kubetune", lambda log: KubetuneServer(base, adapters, "mixed", args, log), 600)]
-    if python is not None:
-        # vLLM's first start on CPU compiles its model graph: minutes on a busy machine.
-        servers.append(("vllm", lambda log: VllmServer(python, base, adapters, args, log), 1800))
-    for name, start, timeout in servers:
-        server = start(args.workdir / f"server-{name}.log")
-        try:
-            results += measure(server, names, args, timeout)
-            startup[name] = round(time.monotonic() - server.started, 1)
-        finally:
+    servers: list[Server] = []
+    try:
+        # Both servers stay up (an idle one takes no CPU) and take turns scenario by scenario, so
+        # a change in the machine's load between the start and the end of a run hits both alike.
+        servers.append(KubetuneServer(base, adapters, "mixed", args, args.workdir / "server-kubetune.log"))
+        start(servers[-1], names, args, timeout=600)
+        if python is not None:
+            servers.append(VllmServer(python, base, adapters, args, args.workdir / "server-vllm.log"))
+            start(servers[-1], names, args, timeout=1200)  # ~1 min alone, minutes on a busy machine
+        for workload, mode in scenarios(args):
+            for server in servers:
+                results.append(
+                    run_scenario(server, workload, mode, names if mode == "mixed" else names[:1], args)
+                )
+                report(results[-1])
+    finally:
+        for server in servers:
             server.stop()
 
     if args.scheduling_baselines:
@@ -575,10 +603,9 @@ def main() -> int:
             )
             server.name = f"kubetune-{scheduling}"
             try:
-                server.wait_ready(600)
-                r = run_scenario(server, "fixed", "mixed", names, args)
-                results.append(r)
-                print(f"[{server.name}] fixed mixed {r.req_per_s:.2f} req/s", flush=True)
+                start(server, names, args, timeout=600)
+                results.append(run_scenario(server, "fixed", "mixed", names, args))
+                report(results[-1])
             finally:
                 server.stop()
 
