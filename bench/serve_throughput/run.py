@@ -1,16 +1,16 @@
 """Serving throughput: kubetune's built-in server and vLLM's CPU build, same model, adapters and load.
 
-One run starts each server in turn on a free port (`kubetune serve`, then vLLM's OpenAI server
-from its CPU environment when `make vllm` has set it up) with the same random-weight Llama and
-the same LoRA adapters, and drives both with the same requests: concurrent closed-loop clients
-(each sends its next request when the previous one ends), streaming greedy /v1/completions,
-requests round-robin over the adapters.
+One run starts both servers on free ports (`kubetune serve`, and vLLM's OpenAI server from its
+CPU environment when `make vllm` has set it up) with the same random-weight Llama and the same
+LoRA adapters, and drives them in turn, scenario by scenario, with the same requests: concurrent
+closed-loop clients (each sends its next request when the previous one ends), streaming greedy
+/v1/completions, requests round-robin over the adapters.
 
 Workloads (every request generates exactly the tokens it asks for: ignore_eos, and min_tokens
 on vLLM; the bench checks each request's completion_tokens):
 
   fixed   every request generates --max-tokens tokens
-  mixed   output lengths drawn uniformly from --min-len..--max-len (seeded: the same lengths, in
+  varlen  output lengths drawn uniformly from --min-len..--max-len (seeded: the same lengths, in
           the same order, for both servers)
 
 For each server x workload: `mixed` (requests round-robin over the adapters) and `single`
@@ -429,7 +429,7 @@ def scenarios(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def report(r: Result) -> None:
     print(
-        f"[{r.server}] {r.workload:<5} {r.adapters:<6} {r.req_per_s:6.2f} req/s {r.tokens_per_s:7.1f} tok/s  "
+        f"[{r.server}] {r.workload:<6} {r.adapters:<6} {r.req_per_s:6.2f} req/s {r.tokens_per_s:7.1f} tok/s  "
         f"TTFT p50 {r.ttft_p50_ms:.0f} ms p99 {r.ttft_p99_ms:.0f} ms",
         flush=True,
     )
@@ -509,17 +509,17 @@ def main() -> int:
         "--requests", type=int, default=96, help="timed requests per scenario (default 96; --quick 32)"
     )
     p.add_argument("--concurrency", type=int, default=16, help="concurrent closed-loop clients")
-    p.add_argument("--workloads", nargs="+", choices=["fixed", "mixed"], default=["fixed", "mixed"])
+    p.add_argument("--workloads", nargs="+", choices=["fixed", "varlen"], default=["fixed", "varlen"])
     p.add_argument(
         "--single-on",
         nargs="*",
-        choices=["fixed", "mixed"],
+        choices=["fixed", "varlen"],
         help="workloads that also run all requests on one adapter (default: both; --quick: fixed)",
     )
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request of the fixed workload")
-    p.add_argument("--min-len", type=int, default=8, help="shortest output of the mixed workload")
-    p.add_argument("--max-len", type=int, default=256, help="longest output of the mixed workload")
-    p.add_argument("--seed", type=int, default=0, help="seeds the prompts and the mixed workload's lengths")
+    p.add_argument("--min-len", type=int, default=8, help="shortest output of the varlen workload")
+    p.add_argument("--max-len", type=int, default=256, help="longest output of the varlen workload")
+    p.add_argument("--seed", type=int, default=0, help="seeds the prompts and the varlen workload's lengths")
     p.add_argument("--prompt-words", type=int, default=24, help="words per prompt")
     p.add_argument("--hidden-size", type=int, default=1024)
     p.add_argument("--layers", type=int, default=8)
@@ -559,7 +559,7 @@ def main() -> int:
     if args.quick and "--requests" not in sys.argv:
         args.requests = 32
     if args.single_on is None:
-        args.single_on = ["fixed"] if args.quick else ["fixed", "mixed"]
+        args.single_on = ["fixed"] if args.quick else ["fixed", "varlen"]
     if not 1 <= args.min_len <= args.max_len:
         p.error(f"--min-len {args.min_len} and --max-len {args.max_len}: need 1 <= min-len <= max-len")
 
