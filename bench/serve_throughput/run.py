@@ -167,6 +167,10 @@ def vllm_python(args: argparse.Namespace) -> tuple[Path | None, str]:
             f"--device {args.device}: vLLM's CPU build is a peer only for the built-in server on --device cpu",
         )
     if args.vllm_python:
+        if not args.vllm_python.is_file():
+            raise SystemExit(
+                f"--vllm-python {args.vllm_python}: no such file (the python of a vLLM environment)"
+            )
         return args.vllm_python, ""
     out = subprocess.run(
         [REPO / "hack/vllm-env.sh", "--print-dir"], capture_output=True, text=True, check=True
@@ -506,7 +510,7 @@ def main() -> int:
         help="32 requests per scenario, single adapter on the fixed workload only: a few minutes",
     )
     p.add_argument(
-        "--requests", type=int, default=96, help="timed requests per scenario (default 96; --quick 32)"
+        "--requests", type=int, default=None, help="timed requests per scenario (default 96; --quick 32)"
     )
     p.add_argument("--concurrency", type=int, default=16, help="concurrent closed-loop clients")
     p.add_argument("--workloads", nargs="+", choices=["fixed", "varlen"], default=["fixed", "varlen"])
@@ -556,18 +560,18 @@ def main() -> int:
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args()
-    if args.quick and "--requests" not in sys.argv:
-        args.requests = 32
+    if args.requests is None:
+        args.requests = 32 if args.quick else 96
     if args.single_on is None:
         args.single_on = ["fixed"] if args.quick else ["fixed", "varlen"]
     if not 1 <= args.min_len <= args.max_len:
         p.error(f"--min-len {args.min_len} and --max-len {args.max_len}: need 1 <= min-len <= max-len")
 
+    python, why_not = vllm_python(args)
     args.workdir.mkdir(parents=True, exist_ok=True)
     base, adapters = build_models(args.workdir, args.hidden_size, args.layers, args.adapters, args.rank)
     names = list(adapters)
     params = count_parameters(base)
-    python, why_not = vllm_python(args)
     print(
         f"model: random-weight Llama, {args.layers} x {args.hidden_size}, {params / 1e6:.0f}M parameters, {args.dtype}; "
         f"{len(names)} rank-{args.rank} adapters; {args.concurrency} clients, {args.requests} requests per scenario",
