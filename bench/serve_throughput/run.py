@@ -268,7 +268,15 @@ class VllmServer(Server):
         argv += ["--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
         argv += ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--seed", "0"]
         argv += ["--disable-uvicorn-access-log", *args.vllm_arg]
-        super().__init__(argv, self.cpu_env(python, args), log)
+        env = self.cpu_env(python, args)
+        print(f"[vllm] {' '.join(f'{k}={v}' for k, v in env.items())}", flush=True)
+        if not TCMALLOC.exists():
+            print(
+                f"[vllm] {TCMALLOC} not found: vLLM's CPU docs ask for tcmalloc preloaded; "
+                "install it with `apt-get install libtcmalloc-minimal4`",
+                flush=True,
+            )
+        super().__init__(argv, env, log)
 
     @staticmethod
     def cpu_env(python: Path, args: argparse.Namespace) -> dict[str, str]:
