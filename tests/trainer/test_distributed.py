@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune_trainer.config import DeepSpeedSettings
+from kubetune_trainer.settings import DeepSpeed as DeepSpeedSettings
 from kubetune_trainer.distributed import deep_merge, deepspeed_config, dist_info
 
 

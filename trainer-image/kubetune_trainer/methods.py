@@ -174,7 +174,7 @@ def build_peft_config(config: FinetuningConfig, model: Any) -> PeftConfig | None
         return None
     if method in ("lora", "qlora"):
         lo = config.lora
-        targets: list[str] | str = lo.target_modules or detect_lora_targets(model)
+        targets: list[str] | str = lo.peft_target_modules or detect_lora_targets(model)
         if isinstance(targets, list):
             missing = [t for t in targets if t not in linear_module_names(model) and "." not in t]
             if missing:

@@ -10,8 +10,9 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from kubetune_trainer.apimodel import RULE_ERROR, ApiModel
+
 from .adapterdeployment import AdapterDeployment
-from .base import RULE_ERROR, ApiModel
 from .finetunejob import FineTuneJob
 from .finetunesweep import FineTuneSweep
 
@@ -48,7 +49,8 @@ def _errors(exc: ValidationError) -> list[tuple[str, str]]:
     return out
 
 
-def _load(model: type[M], obj: dict[str, Any]) -> M:
+def load_model(model: type[M], obj: dict[str, Any]) -> M:
+    """Validate a manifest as `model` (a kind, or a variant of one); raises InvalidManifestError."""
     if not isinstance(obj, dict):
         raise InvalidManifestError(
             model.__name__, None, [("", f"expected a mapping, got {type(obj).__name__}")]
@@ -63,14 +65,14 @@ def _load(model: type[M], obj: dict[str, Any]) -> M:
 
 def load_finetunejob(obj: dict[str, Any]) -> FineTuneJob:
     """Validate a FineTuneJob manifest client-side; defaults are filled in as the API server would."""
-    return _load(FineTuneJob, obj)
+    return load_model(FineTuneJob, obj)
 
 
 def load_adapterdeployment(obj: dict[str, Any]) -> AdapterDeployment:
     """Validate an AdapterDeployment manifest client-side; defaults are filled in as the API server would."""
-    return _load(AdapterDeployment, obj)
+    return load_model(AdapterDeployment, obj)
 
 
 def load_finetunesweep(obj: dict[str, Any]) -> FineTuneSweep:
     """Validate a FineTuneSweep manifest client-side; defaults are filled in as the API server would."""
-    return _load(FineTuneSweep, obj)
+    return load_model(FineTuneSweep, obj)

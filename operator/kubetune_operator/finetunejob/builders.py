@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from .. import meta, podspec
-from ..convert import PVC_MOUNT_ROOT, pvc_claims
+from ..convert import PVC_MOUNT_ROOT, pvc_claims, typed
 from ..settings import Settings
 from .observe import NON_RETRYABLE_EXIT_CODES, TRAINER_CONTAINER
 
@@ -311,7 +311,7 @@ def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds:
         ],
     }
     # Models and data on PersistentVolumeClaims (pvc://claim/path) are mounted read-only.
-    for claim in pvc_claims(spec):
+    for claim in pvc_claims(typed(ftj).spec):
         vol = meta.dns_name("pvc", claim)
         pod_spec["volumes"].append(
             {"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}

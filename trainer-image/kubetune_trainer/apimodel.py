@@ -1,4 +1,8 @@
-"""Building blocks of the kubetune API models.
+"""Building blocks of the kubetune API models and of the training settings they share.
+
+Torch-free (pydantic only): the operator image ships this module, and the trainer's settings
+blocks (kubetune_trainer.settings) are declared with it, so a field, its bounds and its rules
+exist once for the FineTuneJob API and for FinetuningConfig.
 
 The pydantic models are the single source of truth: `kubetune_operator.crdgen` walks them to
 render structural CRD schemas, and the same models validate manifests client-side
