@@ -52,7 +52,7 @@ class LocalFineTuneJobSpec(FineTuneJobSpec):
     """What `kubetune run job.yaml --local` accepts: the same spec, storage optional (a local run
     keeps its files under output/ when the manifest names no bucket)."""
 
-    storage: Storage | None = Field(None, description="S3-compatible storage (optional locally).")
+    storage: Storage | None = Field(None, description="S3-compatible storage (optional locally).")  # type: ignore[assignment]
 
 
 class LocalFineTuneJob(FineTuneJob):
@@ -61,10 +61,13 @@ class LocalFineTuneJob(FineTuneJob):
 
 def pvc_claims(spec: FineTuneJobSpec | Body) -> list[str]:
     """PersistentVolumeClaims named by pvc:// URIs in the spec (the Job mounts each read-only)."""
-    if not isinstance(spec, FineTuneJobSpec):
-        spec = FineTuneJobSpec.model_validate(spec, by_alias=True, by_name=False)
+    typed_spec = (
+        spec
+        if isinstance(spec, FineTuneJobSpec)
+        else FineTuneJobSpec.model_validate(spec, by_alias=True, by_name=False)
+    )
     claims: list[str] = []
-    for uri in _all_uris(spec):
+    for uri in _all_uris(typed_spec):
         if uri.startswith("pvc://"):
             claim = uri[len("pvc://") :].split("/", 1)[0]
             if claim not in claims:

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from kubetune_trainer.config import FinetuningConfig
-from kubetune_trainer.jobfile import load_job_file
 from kubetune_trainer.exit_codes import ConfigError, ExitCode
+from kubetune_trainer.jobfile import load_job_file
 
 
 def _cfg(**kw):
@@ -43,13 +43,25 @@ def test_guide_names_and_use_lora_mapping() -> None:
     [
         ({"lerning_rate": 1e-4}, "'lerning_rate' (did you mean 'learning_rate'?)"),
         ({"use_lora": True, "method": "full"}, "use_lora=True contradicts method='full'"),
-        ({"train_file": None}, "train_file: dataset needs training data: set dataset.train.uri, or dataset.mixture"),
+        (
+            {"train_file": None},
+            "train_file: dataset needs training data: set dataset.train.uri, or dataset.mixture",
+        ),
         ({"metrics": ["blue"]}, "unknown metric 'blue' (did you mean 'bleu'?)"),
-        ({"deepspeed": {"zero_stage": 2, "offload": "all"}}, "deepspeed.offload: distributed.deepspeed.offload all (parameters too) needs zeroStage 3"),
-        ({"packing": True, "method": "prefix"}, "packing: dataset.packing does not work with virtual-token methods"),
+        (
+            {"deepspeed": {"zero_stage": 2, "offload": "all"}},
+            "deepspeed.offload: distributed.deepspeed.offload all (parameters too) needs zeroStage 3",
+        ),
+        (
+            {"packing": True, "method": "prefix"},
+            "packing: dataset.packing does not work with virtual-token methods",
+        ),
         # replay_fraction / ewc_lambda without replay_file: checked when training starts, since
         # train(task, replay_buffer=...) supplies replay data (test_finetuner_continual.py).
-        ({"early_stopping": {"metric": "eval_loss"}}, "early_stopping: evaluation.earlyStopping needs validation data"),
+        (
+            {"early_stopping": {"metric": "eval_loss"}},
+            "early_stopping: evaluation.earlyStopping needs validation data",
+        ),
         (
             {"validation_split": 0.1, "early_stopping": {"metric": "exact_match"}},
             "early_stopping.metric: evaluation.earlyStopping.metric is not computed: use eval_loss or perplexity, "
@@ -215,8 +227,8 @@ def test_config_module_does_not_import_torch() -> None:
 
 def test_early_stopping_accepts_exactly_the_names_evaluation_logs() -> None:
     """The accepted early_stopping metrics are the scalar names compute_text_metrics returns."""
-    from kubetune_trainer.settings import KNOWN_METRICS, LOSS_METRICS, WATCHABLE_METRICS
     from kubetune_trainer.evaluation.metrics import compute_text_metrics
+    from kubetune_trainer.settings import KNOWN_METRICS, LOSS_METRICS, WATCHABLE_METRICS
 
     preds, refs = ["red apple", "blue sea"], ["red apple", "gold coin"]
     text = [m for m in KNOWN_METRICS if m not in (*LOSS_METRICS, "semantic_similarity")]

@@ -12,8 +12,8 @@ import yaml
 
 from kubetune_operator import crdgen
 from kubetune_operator.api import AdapterDeployment, FineTuneJob
-from kubetune_trainer.apimodel import Rule, class_rules, field_rules, iter_models
 from kubetune_operator.api.openapi import SchemaError, model_schema
+from kubetune_trainer.apimodel import Rule, class_rules, field_rules, iter_models
 from tests.unit.test_api_cases import INVALID
 
 CRDS = {k.name: crdgen.crd(k) for k in crdgen.KINDS}

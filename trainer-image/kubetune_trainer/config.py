@@ -11,6 +11,11 @@ Field names follow the Fine-Tuning Guide (``model_name``, ``train_file``, ``use_
 data scientist's existing knowledge carries over. Method-specific settings live in small
 nested blocks (``lora``, ``quantization``, ``virtual_tokens``, ``deepspeed``, ...).
 
+Every setting a FineTuneJob also has is declared once, in kubetune_trainer.settings: the
+nested blocks are those classes, and the flat fields take their declaration with
+``setting(Block, "name")``. The cross-field rules are the FineTuneJob's (``_cross_field``
+runs them on ``as_spec()``), with the FineTuneJob's messages.
+
 Every validation error names the field and says how to fix it; unknown fields are rejected
 with a "did you mean" suggestion (a typo must not silently train with defaults).
 """

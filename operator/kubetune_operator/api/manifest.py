@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from kubetune_trainer.apimodel import RULE_ERROR, ApiModel
+from kubetune_trainer.apimodel import RULE_ERROR, SKIP_RULES, ApiModel
 
 from .adapterdeployment import AdapterDeployment
 from .finetunejob import FineTuneJob
@@ -49,7 +49,7 @@ def _errors(exc: ValidationError) -> list[tuple[str, str]]:
     return out
 
 
-def load_model(model: type[M], obj: dict[str, Any]) -> M:
+def load_model(model: type[M], obj: dict[str, Any], *, check_rules: bool = True) -> M:
     """Validate a manifest as `model` (a kind, or a variant of one); raises InvalidManifestError."""
     if not isinstance(obj, dict):
         raise InvalidManifestError(
@@ -57,7 +57,8 @@ def load_model(model: type[M], obj: dict[str, Any]) -> M:
         )
     try:
         # by_name=False: only the wire (camelCase) names are accepted, as on the API server.
-        return model.model_validate(obj, by_alias=True, by_name=False)
+        context = None if check_rules else {SKIP_RULES: True}
+        return model.model_validate(obj, by_alias=True, by_name=False, context=context)
     except ValidationError as exc:
         name = (obj.get("metadata") or {}).get("name") if isinstance(obj.get("metadata"), dict) else None
         raise InvalidManifestError(model.__name__, name, _errors(exc)) from None
