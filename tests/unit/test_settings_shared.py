@@ -158,6 +158,8 @@ TRAINING_RULE_CASES = [
     "early-stopping-step-checkpoints-epoch-evaluations",
     "steps-without-every-steps",
     "merged-model-with-prefix",
+    "lora-target-modules-empty",
+    "qlora-all-linear-with-others",
 ]
 CASES = {c.id: c for c in INVALID}
 
