@@ -228,3 +228,17 @@ def _write_and_load(manifest: dict[str, Any], where: Path) -> FinetuningConfig:
     where.mkdir()
     (where / "job.yaml").write_text(yaml.safe_dump(manifest))
     return load_job_file(where / "job.yaml")
+
+
+def test_every_shared_rule_points_at_a_trainer_field() -> None:
+    """A trainer error names the FinetuningConfig field of the rule (then the FineTuneJob's message)."""
+    from kubetune_trainer.apimodel import class_rules
+    from kubetune_trainer.config import _TRAINER_FIELD
+
+    paths = [
+        *(".dataset" + (r.field_path or "") for r in settings.DATASET_RULES),
+        *(".evaluation" + (r.field_path or "") for r in class_rules(settings.Evaluation)),
+        *((r.field_path or "") for r in settings.TRAINING_RULES),
+    ]
+    for path in paths:
+        assert _TRAINER_FIELD[path].split(".")[0] in FinetuningConfig.model_fields, path
