@@ -242,3 +242,19 @@ def test_every_shared_rule_points_at_a_trainer_field() -> None:
     ]
     for path in paths:
         assert _TRAINER_FIELD[path].split(".")[0] in FinetuningConfig.model_fields, path
+
+
+def test_a_config_dumps_snake_case_names_inside_the_shared_blocks() -> None:
+    """Provenance files and search trials read the dump by the trainer's (snake_case) names."""
+    cfg = FinetuningConfig(
+        model_name="m",
+        train_file="t",
+        method="ptuning",
+        virtual_tokens={"num_virtual_tokens": 8},
+        deepspeed={"overrides": {"zero_optimization": {"overlap_comm": True}}},
+    )
+    for dump in (cfg.model_dump(), cfg.model_dump(mode="json"), yaml.safe_load(cfg.to_yaml())):
+        assert dump["virtual_tokens"]["num_virtual_tokens"] == 8
+        assert dump["deepspeed"]["overrides"] == {"zero_optimization": {"overlap_comm": True}}
+    assert '"num_virtual_tokens":8' in cfg.model_dump_json()
+    assert FinetuningConfig.from_dict(cfg.model_dump()) == cfg

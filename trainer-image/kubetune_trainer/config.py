@@ -594,9 +594,19 @@ class FinetuningConfig(_Strict):
             update["augmentation"] = _resolve_augmentation_paths(self.augmentation, fix)
         return self.model_copy(update=update)
 
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        """Snake_case names throughout: the nested blocks are API models, which dump camelCase
+        by default (provenance files, search trials and the ConfigMap use these names)."""
+        kwargs.setdefault("by_alias", False)
+        return super().model_dump(**kwargs)
+
+    def model_dump_json(self, **kwargs: Any) -> str:
+        kwargs.setdefault("by_alias", False)
+        return super().model_dump_json(**kwargs)
+
     def to_dict(self) -> dict[str, Any]:
         """The fields that differ from the defaults, by their snake_case names (the YAML's content)."""
-        return self.model_dump(mode="json", exclude_defaults=True, by_alias=False)
+        return self.model_dump(mode="json", exclude_defaults=True)
 
     def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
         """Serialise (only fields that differ from defaults, so the file stays readable)."""
