@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from kubetune_trainer.config import FinetuningConfig
+from kubetune_trainer.exit_codes import ConfigError
 from kubetune_trainer.settings import (
     Checkpointing,
     DatasetOptions,
@@ -29,7 +30,7 @@ from kubetune_trainer.settings import (
     sources,
 )
 
-from .api import FineTuneJob, FineTuneJobSpec, load_finetunejob
+from .api import FineTuneJob, FineTuneJobSpec, InvalidManifestError, load_finetunejob
 from .api.finetunejob import Augmentation, Storage
 from .api.manifest import load_model
 
@@ -109,10 +110,19 @@ def resolve_uri(uri: str, *, in_pod: bool, base_dir: Path | None = None) -> str:
 
 
 def typed(ftj: FineTuneJob | Body, *, in_pod: bool = True) -> FineTuneJob:
-    """The typed FineTuneJob (validated as the API server does; locally, storage is optional)."""
+    """The typed FineTuneJob.
+
+    For the cluster, validated as the API server does. For `kubetune run --local`, the bounds and
+    enums only: the cluster's rules (URI schemes, GPUs, storage) do not apply to a laptop, where a
+    base model may be a local directory, and the rules on training settings are FinetuningConfig's
+    own (the same rules, with the same messages). Locally, numbers are read as FinetuningConfig
+    reads them (PyYAML reads `1e-06` as a string, where the API server's YAML reads a number).
+    """
     if isinstance(ftj, FineTuneJob):
         return ftj
-    return load_finetunejob(ftj) if in_pod else load_model(LocalFineTuneJob, ftj)
+    if in_pod:
+        return load_finetunejob(ftj)
+    return load_model(LocalFineTuneJob, ftj, check_rules=False, strict=False)
 
 
 def to_config(
@@ -212,8 +222,14 @@ def to_config_dict(
 def finetunejob_to_config(
     ftj: Body, *, base_dir: Path | None = None, in_pod: bool = False
 ) -> FinetuningConfig:
-    """`kubetune run job.yaml --local`: validate and convert a FineTuneJob manifest."""
-    return to_config(ftj, in_pod=in_pod, base_dir=base_dir)
+    """`kubetune run job.yaml --local`: validate and convert a FineTuneJob manifest.
+
+    An invalid manifest is a configuration error (exit code 2), as an invalid FinetuningConfig is.
+    """
+    try:
+        return to_config(ftj, in_pod=in_pod, base_dir=base_dir)
+    except InvalidManifestError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _fields(block: BaseModel | None, like: type[BaseModel] | None = None) -> Body | None:

@@ -49,7 +49,7 @@ def _errors(exc: ValidationError) -> list[tuple[str, str]]:
     return out
 
 
-def load_model(model: type[M], obj: dict[str, Any], *, check_rules: bool = True) -> M:
+def load_model(model: type[M], obj: dict[str, Any], *, check_rules: bool = True, strict: bool = True) -> M:
     """Validate a manifest as `model` (a kind, or a variant of one); raises InvalidManifestError."""
     if not isinstance(obj, dict):
         raise InvalidManifestError(
@@ -58,7 +58,7 @@ def load_model(model: type[M], obj: dict[str, Any], *, check_rules: bool = True)
     try:
         # by_name=False: only the wire (camelCase) names are accepted, as on the API server.
         context = None if check_rules else {SKIP_RULES: True}
-        return model.model_validate(obj, by_alias=True, by_name=False, context=context)
+        return model.model_validate(obj, by_alias=True, by_name=False, context=context, strict=strict)
     except ValidationError as exc:
         name = (obj.get("metadata") or {}).get("name") if isinstance(obj.get("metadata"), dict) else None
         raise InvalidManifestError(model.__name__, name, _errors(exc)) from None
