@@ -1,7 +1,11 @@
-"""FineTuneJob manifest -> the trainer's FinetuningConfig (the ConfigMap's content).
+"""FineTuneJob -> the trainer's FinetuningConfig (the ConfigMap's content).
 
-Torch-free: imports only `kubetune_trainer.config` from the trainer. Used by the operator
-(pods get the result as YAML) and by `kubetune run job.yaml --local`.
+Works on the typed model: the manifest is validated (the API's defaults and rules) and its
+blocks are handed over as they are, since both sides declare them once in
+kubetune_trainer.settings. The flat fields of FinetuningConfig say which block field they are
+(`settings.sources`), so the mapping below is only what is not a setting: URIs, identity, paths.
+
+Torch-free. Used by the operator (pods get the result as YAML) and by `kubetune run job.yaml --local`.
 """
 
 from __future__ import annotations
@@ -10,7 +14,25 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.config import AUGMENT_DEFAULT_FRACTION, EarlyStoppingSettings, FinetuningConfig
+from pydantic import BaseModel, Field
+
+from kubetune_trainer.config import FinetuningConfig
+from kubetune_trainer.exit_codes import ConfigError
+from kubetune_trainer.settings import (
+    Checkpointing,
+    DatasetOptions,
+    DeepSpeed,
+    Evaluation,
+    Hyperparameters,
+    LoraParams,
+    QuantizationParams,
+    VirtualTokenParams,
+    sources,
+)
+
+from .api import FineTuneJob, FineTuneJobSpec, InvalidManifestError, load_finetunejob
+from .api.finetunejob import Augmentation, Storage
+from .api.manifest import load_model
 
 Body = dict[str, Any]
 
@@ -18,11 +40,35 @@ POD_OUTPUT_DIR = "/workspace/output"
 PVC_MOUNT_ROOT = "/mnt/kubetune"
 TRAINER_METRICS_PORT = 9400
 
+# Where each block of FinetuningConfig's flat fields sits in the spec.
+_SPEC_BLOCK = {
+    Hyperparameters: "hyperparameters",
+    Evaluation: "evaluation",
+    Checkpointing: "checkpointing",
+    DatasetOptions: "dataset",
+}
 
-def pvc_claims(spec: Body) -> list[str]:
+
+class LocalFineTuneJobSpec(FineTuneJobSpec):
+    """What `kubetune run job.yaml --local` accepts: the same spec, storage optional (a local run
+    keeps its files under output/ when the manifest names no bucket)."""
+
+    storage: Storage | None = Field(None, description="S3-compatible storage (optional locally).")  # type: ignore[assignment]
+
+
+class LocalFineTuneJob(FineTuneJob):
+    spec: LocalFineTuneJobSpec = Field(description="The FineTuneJob spec.")
+
+
+def pvc_claims(spec: FineTuneJobSpec | Body) -> list[str]:
     """PersistentVolumeClaims named by pvc:// URIs in the spec (the Job mounts each read-only)."""
+    typed_spec = (
+        spec
+        if isinstance(spec, FineTuneJobSpec)
+        else FineTuneJobSpec.model_validate(spec, by_alias=True, by_name=False)
+    )
     claims: list[str] = []
-    for uri in _all_uris(spec):
+    for uri in _all_uris(typed_spec):
         if uri.startswith("pvc://"):
             claim = uri[len("pvc://") :].split("/", 1)[0]
             if claim not in claims:
@@ -30,18 +76,14 @@ def pvc_claims(spec: Body) -> list[str]:
     return claims
 
 
-def _all_uris(spec: Body) -> list[str]:
-    ds = spec.get("dataset") or {}
-    base = spec.get("baseModel") or {}
-    uris = [base.get("uri"), (base.get("initAdapter") or {}).get("uri")]
-    for k in ("train", "validation", "test"):
-        uris.append((ds.get(k) or {}).get("uri"))
-    uris += [m.get("uri") for m in ds.get("mixture") or []]
-    uris.append((ds.get("replay") or {}).get("uri"))
-    aug = ds.get("augmentation") or {}
-    uris.append((aug.get("synonyms") or {}).get("file"))
-    uris.append((aug.get("paraphrase") or {}).get("model"))
-    uris += [(aug.get("backTranslation") or {}).get(k) for k in ("model", "backModel")]
+def _all_uris(spec: FineTuneJobSpec) -> list[str]:
+    ds, base, aug = spec.dataset, spec.base_model, spec.dataset.augmentation
+    sources_ = [ds.train, ds.validation, ds.test, ds.replay, *(ds.mixture or [])]
+    uris = [base.uri, base.init_adapter and base.init_adapter.uri, *(s.uri for s in sources_ if s)]
+    if aug is not None:
+        uris += [aug.synonyms and aug.synonyms.file, aug.paraphrase and aug.paraphrase.model]
+        if aug.back_translation is not None:
+            uris += [aug.back_translation.model, aug.back_translation.back_model]
     return [u for u in uris if u]
 
 
@@ -67,201 +109,152 @@ def resolve_uri(uri: str, *, in_pod: bool, base_dir: Path | None = None) -> str:
     return str(base_dir / uri)
 
 
-def to_config_dict(
-    ftj: Body, *, in_pod: bool = True, base_dir: Path | None = None, init_adapter: str | None = None
-) -> Body:
-    """The FinetuningConfig fields for a FineTuneJob (spec as stored: camelCase, defaults applied).
+def typed(ftj: FineTuneJob | Body, *, in_pod: bool = True) -> FineTuneJob:
+    """The typed FineTuneJob.
+
+    For the cluster, validated as the API server does. For `kubetune run --local`, the bounds and
+    enums only: the cluster's rules (URI schemes, GPUs, storage) do not apply to a laptop, where a
+    base model may be a local directory, and the rules on training settings are FinetuningConfig's
+    own (the same rules, with the same messages). Locally, numbers are read as FinetuningConfig
+    reads them (PyYAML reads `1e-06` as a string, where the API server's YAML reads a number).
+    """
+    if isinstance(ftj, FineTuneJob):
+        return ftj
+    if in_pod:
+        return load_finetunejob(ftj)
+    return load_model(LocalFineTuneJob, ftj, check_rules=False, strict=False)
+
+
+def to_config(
+    ftj: FineTuneJob | Body,
+    *,
+    in_pod: bool = True,
+    base_dir: Path | None = None,
+    init_adapter: str | None = None,
+) -> FinetuningConfig:
+    """The FinetuningConfig of a FineTuneJob.
 
     ``init_adapter``: the adapter URI a ``baseModel.initAdapter.fineTuneJobRef`` resolved to (the
     operator looks the job up); an ``initAdapter.uri`` is used as given.
     """
-    spec = ftj.get("spec") or {}
-    md = ftj.get("metadata") or {}
+    job = typed(ftj, in_pod=in_pod)
+    spec, md = job.spec, job.metadata
+    base, ds, method = spec.base_model, spec.dataset, spec.method
 
     def loc(uri: str | None) -> str | None:
         return resolve_uri(uri, in_pod=in_pod, base_dir=base_dir) if uri else None
 
-    base = spec.get("baseModel") or {}
-    ds = spec.get("dataset") or {}
-    method = spec.get("method") or {}
-    hp = spec.get("hyperparameters") or {}
-    ev = spec.get("evaluation") or {}
-    dist = spec.get("distributed") or {}
-    ckpt = spec.get("checkpointing") or {}
-    storage = spec.get("storage") or {}
-    output = spec.get("output") or {}
-    mtype = method.get("type", "lora")
-    init = base.get("initAdapter") or {}
-    if init_adapter is None and init.get("fineTuneJobRef") and not in_pod:
+    init = base.init_adapter
+    if init_adapter is None and init is not None and init.fine_tune_job_ref is not None and not in_pod:
         raise ValueError(
-            f"baseModel.initAdapter.fineTuneJobRef ({init['fineTuneJobRef'].get('name')}) names a FineTuneJob, "
+            f"baseModel.initAdapter.fineTuneJobRef ({init.fine_tune_job_ref.name}) names a FineTuneJob, "
             "which only the operator can look up; to run locally, set baseModel.initAdapter.uri to that job's "
             "status.output.adapterUri (or a local adapter directory) instead"
         )
-
+    # The flat settings: FinetuningConfig field <- the spec block field it is declared as.
     cfg: Body = {
-        "model_name": loc(base.get("uri")),
-        "model_revision": base.get("revision"),
-        "trust_remote_code": bool(base.get("trustRemoteCode", False)),
-        "init_adapter": loc(init_adapter or init.get("uri")),
-        "method": mtype,
-        "train_file": loc((ds.get("train") or {}).get("uri")),
-        "data_format": (ds.get("train") or {}).get("format", "auto"),
-        "validation_file": loc((ds.get("validation") or {}).get("uri")),
-        "validation_split": ds.get("validationSplit"),
-        "test_file": loc((ds.get("test") or {}).get("uri")),
-        "max_seq_length": ds.get("maxSeqLength"),
-        "packing": ds.get("packing"),
-        "dedupe": ds.get("dedupe"),
-        "mixture": [
-            {"path": loc(m.get("uri")), "weight": m.get("weight", 1.0), "format": m.get("format", "auto")}
-            for m in ds.get("mixture") or []
-        ],
-        "storage_uri": storage.get("uri"),
-        "merge_adapter": bool(output.get("mergedModel", False)),
+        field: getattr(getattr(spec, _SPEC_BLOCK[src.block]), src.name)
+        for field, src in sources(FinetuningConfig).items()
+    }
+    lora = method.lora or method.qlora
+    virtual_tokens = (
+        getattr(method, method.type, None) if method.type in ("prefix", "prompt", "ptuning") else None
+    )
+    cfg |= {
+        "model_name": loc(base.uri),
+        "model_revision": base.revision,
+        "model_dtype": base.dtype,
+        "trust_remote_code": base.trust_remote_code,
+        "init_adapter": loc(init_adapter or (init.uri if init else None)),
+        "method": method.type,
+        "lora": _fields(lora, LoraParams),
+        "quantization": _fields(method.qlora, QuantizationParams),
+        "virtual_tokens": _fields(virtual_tokens, VirtualTokenParams),
+        "train_file": loc(ds.train.uri) if ds.train else None,
+        "data_format": ds.train.format if ds.train else "auto",
+        "validation_file": loc(ds.validation.uri) if ds.validation else None,
+        "test_file": loc(ds.test.uri) if ds.test else None,
+        "mixture": [{"path": loc(m.uri), "weight": m.weight, "format": m.format} for m in ds.mixture or []],
+        "augmentation": _augmentation(ds.augmentation, loc),
+        "early_stopping": _fields(spec.evaluation.early_stopping),
+        # An absent deepspeed block means the documented default (ZeRO-2, no offload), not DDP.
+        "deepspeed": _fields(spec.distributed.deepspeed or DeepSpeed())
+        if spec.distributed.strategy == "deepspeed"
+        else None,
+        "storage_uri": spec.storage.uri if spec.storage else None,
+        "merge_adapter": spec.output.merged_model,
         "output_dir": POD_OUTPUT_DIR
         if in_pod
         else str((base_dir or Path.cwd()) / "output" / md.get("name", "job")),
     }
-    replay = ds.get("replay") or {}
-    if replay:
-        cfg["replay_file"] = loc(replay.get("uri"))
-        cfg["replay_fraction"] = replay.get("fraction")
-        cfg["ewc_lambda"] = replay.get("ewcLambda")
-
-    aug = ds.get("augmentation") or {}
-    if aug:
-        cfg["augmentation"] = _augmentation(aug, loc)
-
-    lora = method.get("lora") or method.get("qlora") or {}
-    if lora:
-        cfg["lora"] = {
-            "r": lora.get("r"),
-            "alpha": lora.get("alpha"),
-            "dropout": lora.get("dropout"),
-            "target_modules": lora.get("targetModules"),
-            "bias": lora.get("bias"),
+    if ds.replay is not None:
+        cfg |= {
+            "replay_file": loc(ds.replay.uri),
+            "replay_fraction": ds.replay.fraction,
+            "ewc_lambda": ds.replay.ewc_lambda,
         }
-    q = method.get("qlora") or {}
-    if q:
-        cfg["quantization"] = {
-            "bits": q.get("bits"),
-            "quant_type": q.get("quantType"),
-            "double_quant": q.get("doubleQuant"),
-        }
-    vt = method.get(mtype) if mtype in ("prefix", "prompt", "ptuning") else None
-    if vt:
-        cfg["virtual_tokens"] = {
-            "num_virtual_tokens": vt.get("numVirtualTokens"),
-            "prompt_init_text": vt.get("promptInitText"),
-            "encoder_hidden_size": vt.get("encoderHiddenSize"),
-            "encoder_reparameterization_type": vt.get("encoderReparameterizationType"),
-            "prefix_projection": vt.get("prefixProjection"),
-        }
-
-    cfg.update(
-        num_train_epochs=hp.get("epochs"),
-        max_steps=hp.get("maxSteps"),
-        learning_rate=hp.get("learningRate"),
-        per_device_train_batch_size=hp.get("batchSizePerDevice"),
-        gradient_accumulation_steps=hp.get("gradientAccumulationSteps"),
-        warmup_ratio=hp.get("warmupRatio"),
-        warmup_steps=hp.get("warmupSteps"),
-        lr_scheduler_type=hp.get("scheduler"),
-        weight_decay=hp.get("weightDecay"),
-        max_grad_norm=hp.get("maxGradNorm"),
-        precision=hp.get("precision"),
-        seed=hp.get("seed"),
-        gradient_checkpointing=hp.get("gradientCheckpointing"),
-    )
-
-    if ev:
-        cfg["metrics"] = ev.get("metrics")
-        cfg["eval_steps"] = ev.get("everySteps")
-        cfg["semantic_model"] = ev.get("semanticModel")
-        if ev.get("strategy"):
-            cfg["eval_strategy"] = ev["strategy"]
-        es = ev.get("earlyStopping")
-        if es is not None:
-            # Present means on, even as `{}` in a manifest the API server has not defaulted
-            # (`kubetune run --local`); the trainer's defaults are the CRD's.
-            cfg["early_stopping"] = EarlyStoppingSettings().model_dump() | {
-                k: es[k] for k in ("metric", "patience", "threshold") if es.get(k) is not None
+    if spec.tracking is not None:
+        cfg["report_to"] = list(spec.tracking.report_to or [])
+        if spec.tracking.mlflow is not None:
+            # Where, not who: the credentials reach the pods as env vars from their Secret (builders.py).
+            cfg["mlflow"] = {
+                "tracking_uri": spec.tracking.mlflow.tracking_uri,
+                "experiment": spec.tracking.mlflow.experiment,
             }
-
-    if dist.get("strategy", "deepspeed") == "deepspeed":
-        dsp = dist.get("deepspeed") or {}
-        # An absent block means the documented default (ZeRO-2, no offload), not DDP.
-        cfg["deepspeed"] = {
-            "zero_stage": dsp.get("zeroStage", 2),
-            "offload": dsp.get("offload", "none"),
-            "overrides": dsp.get("config") or dsp.get("overrides") or {},
-        }
-
-    cfg.update(save_steps=ckpt.get("everySteps"), keep_last=ckpt.get("keepLast"), resume=ckpt.get("resume"))
-    tracking = spec.get("tracking") or {}
-    if tracking.get("reportTo"):
-        cfg["report_to"] = list(tracking["reportTo"])
-    mlflow = tracking.get("mlflow") or {}
-    if mlflow:
-        # Where, not who: the credentials reach the pods as env vars from their Secret (builders.py).
-        cfg["mlflow"] = {"tracking_uri": mlflow.get("trackingUri"), "experiment": mlflow.get("experiment")}
     if md.get("name") and md.get("namespace"):
         cfg["job"] = {"namespace": md["namespace"], "name": md["name"], "uid": md.get("uid")}
     if in_pod:
-        cfg.update(metrics_port=TRAINER_METRICS_PORT, progress_bar=False)
-    return _drop_none(cfg)
+        cfg |= {"metrics_port": TRAINER_METRICS_PORT, "progress_bar": False}
+    return FinetuningConfig.from_dict({k: v for k, v in cfg.items() if v is not None}, source="FineTuneJob")
 
 
-def _augmentation(aug: Body, loc: Any) -> Body:
-    """spec.dataset.augmentation -> FinetuningConfig.augmentation (URIs resolved like the base model's)."""
-    common = ("variants", "maxVariants", "batchSize", "maxNewTokens", "includeResponse", "prompt")
-
-    def model_block(block: Body, *uris: str) -> Body:
-        out = {_snake(k): block.get(k) for k in common}
-        out |= {_snake(k): loc(block.get(k)) for k in uris}
-        if "backPrompt" in block:
-            out["back_prompt"] = block["backPrompt"]
-        return out
-
-    out: Body = {}
-    if aug.get("synonyms") is not None:
-        syn = aug["synonyms"]
-        out["synonyms"] = {
-            # Present means on, even as `synonyms: {}` in a manifest the API server has not defaulted.
-            "fraction": syn.get("fraction", AUGMENT_DEFAULT_FRACTION),
-            "variants": syn.get("variants"),
-            "synonyms_file": loc(syn.get("file")),
-            "include_response": syn.get("includeResponse"),
-        }
-    if aug.get("paraphrase") is not None:
-        out["paraphrase"] = model_block(aug["paraphrase"], "model")
-    if aug.get("backTranslation") is not None:
-        out["back_translation"] = model_block(aug["backTranslation"], "model", "backModel")
-    return out
-
-
-def _snake(name: str) -> str:
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name)
-
-
-def _drop_none(value: Any) -> Any:
-    """Unset fields take the trainer's defaults (the CRD's defaults are the same numbers)."""
-    if isinstance(value, dict):
-        return {
-            k: _drop_none(v)
-            for k, v in value.items()
-            if v is not None and not (isinstance(v, dict) and not _drop_none(v))
-        }
-    if isinstance(value, list):
-        return [_drop_none(v) for v in value]
-    return value
+def to_config_dict(
+    ftj: FineTuneJob | Body,
+    *,
+    in_pod: bool = True,
+    base_dir: Path | None = None,
+    init_adapter: str | None = None,
+) -> Body:
+    """The ConfigMap's content: the FinetuningConfig fields that differ from the defaults."""
+    return to_config(ftj, in_pod=in_pod, base_dir=base_dir, init_adapter=init_adapter).to_dict()
 
 
 def finetunejob_to_config(
     ftj: Body, *, base_dir: Path | None = None, in_pod: bool = False
 ) -> FinetuningConfig:
-    """`kubetune run job.yaml --local`: validate and convert a FineTuneJob manifest."""
-    return FinetuningConfig.from_dict(
-        to_config_dict(ftj, in_pod=in_pod, base_dir=base_dir), source="FineTuneJob"
-    )
+    """`kubetune run job.yaml --local`: validate and convert a FineTuneJob manifest.
+
+    An invalid manifest is a configuration error (exit code 2), as an invalid FinetuningConfig is.
+    """
+    try:
+        return to_config(ftj, in_pod=in_pod, base_dir=base_dir)
+    except InvalidManifestError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _fields(block: BaseModel | None, like: type[BaseModel] | None = None) -> Body | None:
+    """A block's settings by their Python names (only those of ``like``: qlora holds LoRA's and quantization's)."""
+    if block is None:
+        return None
+    names = (like or type(block)).model_fields
+    return {name: getattr(block, name) for name in names if hasattr(block, name)}
+
+
+def _augmentation(aug: Augmentation | None, loc: Any) -> Body | None:
+    """spec.dataset.augmentation -> FinetuningConfig.augmentation (URIs resolved like the base model's)."""
+    if aug is None:
+        return None
+    out: Body = {}
+    if aug.synonyms is not None:
+        syn = aug.synonyms
+        out["synonyms"] = {
+            "fraction": syn.fraction,
+            "variants": syn.variants,
+            "synonyms_file": loc(syn.file),
+            "include_response": syn.include_response,
+        }
+    for name, block in (("paraphrase", aug.paraphrase), ("back_translation", aug.back_translation)):
+        if block is not None:
+            fields = block.model_dump(by_alias=False, exclude_none=True)
+            out[name] = fields | {k: loc(fields[k]) for k in ("model", "back_model") if k in fields}
+    return out

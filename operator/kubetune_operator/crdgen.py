@@ -20,8 +20,9 @@ from typing import Any
 
 import yaml
 
+from kubetune_trainer.apimodel import ApiModel
+
 from .api import GROUP, VERSION, AdapterDeployment, FineTuneJob, FineTuneSweep
-from .api.base import ApiModel
 from .api.openapi import Schema, describe, root_schema
 
 REPO = Path(__file__).resolve().parents[2]

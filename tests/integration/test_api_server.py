@@ -243,7 +243,8 @@ def test_nested_block_defaults_are_applied(cluster: ControlPlane, api_ns: str) -
     manifest["spec"]["evaluation"] = {"earlyStopping": {"patience": 5}}
     spec = created_spec(cluster, api_ns, manifest)
     assert spec["method"]["qlora"] == {
-        "r": 32, "alpha": 16, "dropout": 0.05, "bias": "none", "bits": 4, "quantType": "nf4", "doubleQuant": True,
+        "r": 32, "alpha": 16, "dropout": 0.05, "bias": "none", "useRslora": False, "bits": 4, "quantType": "nf4",
+        "doubleQuant": True, "computeDtype": "auto",
     }  # fmt: skip
     assert spec["distributed"]["deepspeed"] == {"zeroStage": 2, "offload": "optimizer"}
     assert spec["dataset"]["replay"] == {"uri": "s3://data/old.jsonl", "fraction": 0.1, "ewcLambda": 0}

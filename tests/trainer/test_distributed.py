@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune_trainer.config import DeepSpeedSettings
 from kubetune_trainer.distributed import deep_merge, deepspeed_config, dist_info
+from kubetune_trainer.settings import DeepSpeed as DeepSpeedSettings
 
 
 def test_deepspeed_config_per_stage() -> None:

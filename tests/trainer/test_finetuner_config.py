@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune_trainer.config import FinetuningConfig, load_job_file
+from kubetune_trainer.config import FinetuningConfig
 from kubetune_trainer.exit_codes import ConfigError, ExitCode
+from kubetune_trainer.jobfile import load_job_file
 
 
 def _cfg(**kw):
@@ -42,39 +43,52 @@ def test_guide_names_and_use_lora_mapping() -> None:
     [
         ({"lerning_rate": 1e-4}, "'lerning_rate' (did you mean 'learning_rate'?)"),
         ({"use_lora": True, "method": "full"}, "use_lora=True contradicts method='full'"),
-        ({"train_file": None}, "no training data: set train_file"),
+        (
+            {"train_file": None},
+            "train_file: dataset needs training data: set dataset.train.uri, or dataset.mixture",
+        ),
         ({"metrics": ["blue"]}, "unknown metric 'blue' (did you mean 'bleu'?)"),
-        ({"deepspeed": {"zero_stage": 2, "offload": "all"}}, "needs zero_stage 3"),
-        ({"packing": True, "method": "prefix"}, "packing is not supported with method='prefix'"),
+        (
+            {"deepspeed": {"zero_stage": 2, "offload": "all"}},
+            "deepspeed.offload: distributed.deepspeed.offload all (parameters too) needs zeroStage 3",
+        ),
+        (
+            {"packing": True, "method": "prefix"},
+            "packing: dataset.packing does not work with virtual-token methods",
+        ),
         # replay_fraction / ewc_lambda without replay_file: checked when training starts, since
         # train(task, replay_buffer=...) supplies replay data (test_finetuner_continual.py).
-        ({"early_stopping": {"metric": "eval_loss"}}, "early_stopping needs validation data"),
+        (
+            {"early_stopping": {"metric": "eval_loss"}},
+            "early_stopping: evaluation.earlyStopping needs validation data",
+        ),
         (
             {"validation_split": 0.1, "early_stopping": {"metric": "exact_match"}},
-            "'exact_match' to metrics",
+            "early_stopping.metric: evaluation.earlyStopping.metric is not computed: use eval_loss or perplexity, "
+            "or add the metric to evaluation.metrics",
         ),
-        ({"early_stopping": {"metric": "confusion_matrix"}}, "not a scalar metric"),
+        ({"early_stopping": {"metric": "confusion_matrix"}}, "confusion_matrix is a matrix, not a number"),
         (
             {"metrics": ["perplexity", "semantic_similarity"]},
-            "metric 'semantic_similarity' needs an embedding model: set semantic_model",
+            "semantic_model: evaluation.metrics semantic_similarity needs evaluation.semanticModel",
         ),
         # Trainer logs eval_rouge1 / eval_rouge2 / eval_rougeL, never eval_rouge.
         (
             {"validation_split": 0.1, "metrics": ["rouge"], "early_stopping": {"metric": "rouge"}},
-            "'rouge' is logged as rouge1 / rouge2 / rougeL, not as one number; watch one of them, "
-            "e.g. 'rouge1' or 'rougeL'",
+            "early_stopping.metric: evaluation.earlyStopping.metric must be a number evaluation logs: eval_loss, "
+            "perplexity or one of",
         ),
-        ({"early_stopping": {"metric": "eval_rouge"}}, "watch one of them, e.g. 'rouge1' or 'rougeL'"),
+        ({"early_stopping": {"metric": "eval_rouge"}}, "(rouge is logged as rouge1/rouge2/rougeL;"),
         (
             {"validation_split": 0.1, "metrics": ["bleu"], "early_stopping": {"metric": "rougeL"}},
-            "add 'rougeL' (or 'rouge') to metrics",
+            "early_stopping.metric: evaluation.earlyStopping.metric is not computed",
         ),
         ({"storage_uri": "gs://bucket"}, "must look like s3://bucket/prefix"),
         ({"lr_scheduler_type": "cosine_annealing"}, "unknown lr_scheduler_type"),
         ({"lora": {"r": 8, "alpah": 16}}, "did you mean 'alpha'"),
         ({"lora": {"target_modules": []}}, "empty list"),
         ({"lora": {"target_modules": ["all-linear", "q_proj"]}}, "give it alone"),
-        ({"eval_strategy": "steps"}, "needs eval_steps"),
+        ({"eval_strategy": "steps"}, "eval_steps: evaluation.strategy steps needs evaluation.everySteps"),
         ({"method": "qlora", "deepspeed": {"zero_stage": 3}}, "qlora cannot shard"),
     ],
 )
@@ -90,7 +104,8 @@ def test_bad_config_names_field_and_fix(kwargs: dict, message: str) -> None:
 def test_all_linear_as_a_list_is_the_peft_string() -> None:
     """The FineTuneJob API spells it `targetModules: [all-linear]`; PEFT needs the string."""
     config = FinetuningConfig(model_name="m", train_file="t", lora={"target_modules": ["all-linear"]})
-    assert config.lora.target_modules == "all-linear"
+    assert config.lora.target_modules == ["all-linear"]  # the FineTuneJob's spelling, one declaration
+    assert config.lora.peft_target_modules == "all-linear"
 
 
 def test_all_errors_are_listed_with_their_field() -> None:
@@ -212,8 +227,8 @@ def test_config_module_does_not_import_torch() -> None:
 
 def test_early_stopping_accepts_exactly_the_names_evaluation_logs() -> None:
     """The accepted early_stopping metrics are the scalar names compute_text_metrics returns."""
-    from kubetune_trainer.config import KNOWN_METRICS, LOSS_METRICS, WATCHABLE_METRICS
     from kubetune_trainer.evaluation.metrics import compute_text_metrics
+    from kubetune_trainer.settings import KNOWN_METRICS, LOSS_METRICS, WATCHABLE_METRICS
 
     preds, refs = ["red apple", "blue sea"], ["red apple", "gold coin"]
     text = [m for m in KNOWN_METRICS if m not in (*LOSS_METRICS, "semantic_similarity")]

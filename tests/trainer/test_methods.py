@@ -147,6 +147,15 @@ def test_model_load_kwargs() -> None:
     assert "quantization_config" not in model_load_kwargs(_cfg(), "fp32")
 
 
+def test_base_model_dtype_overrides_the_load_dtype() -> None:
+    """A FineTuneJob's baseModel.dtype (FinetuningConfig.model_dtype) is the dtype the weights load in."""
+    assert model_load_kwargs(_cfg(method="full", model_dtype="bfloat16"), "bf16")["dtype"] == torch.bfloat16
+    assert model_load_kwargs(_cfg(model_dtype="float32"), "bf16")["dtype"] == torch.float32
+    assert model_load_kwargs(_cfg(model_dtype="float16"), "fp32")["dtype"] == torch.float16
+    with pytest.raises(ValueError, match="model_dtype"):
+        _cfg(model_dtype="bf16")  # the API's spelling (torch names), not the precision's
+
+
 def test_qlora_quantisation_config() -> None:
     kwargs = model_load_kwargs(_cfg(method="qlora", quantization={"double_quant": False}), "bf16")
     q = kwargs["quantization_config"]

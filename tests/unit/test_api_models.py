@@ -12,9 +12,9 @@ from kubetune_operator.api import (
     load_adapterdeployment,
     load_finetunejob,
 )
-from kubetune_operator.api.base import matches
 from kubetune_operator.api.common import QUANTITY, S3_URI, ModelSource
 from kubetune_operator.api.finetunejob import Dataset, DataSource, Storage
+from kubetune_trainer.apimodel import matches
 from tests.unit.test_api_cases import adapterdeployment, finetunejob
 
 

@@ -12,8 +12,8 @@ import yaml
 
 from kubetune_operator import crdgen
 from kubetune_operator.api import AdapterDeployment, FineTuneJob
-from kubetune_operator.api.base import Rule, class_rules, field_rules, iter_models
 from kubetune_operator.api.openapi import SchemaError, model_schema
+from kubetune_trainer.apimodel import Rule, class_rules, field_rules, iter_models
 from tests.unit.test_api_cases import INVALID
 
 CRDS = {k.name: crdgen.crd(k) for k in crdgen.KINDS}
@@ -284,7 +284,7 @@ def test_committed_files_are_up_to_date() -> None:
 def test_schema_walk_refuses_undocumented_or_unbounded_fields() -> None:
     from pydantic import Field
 
-    from kubetune_operator.api.base import ApiModel
+    from kubetune_trainer.apimodel import ApiModel
 
     class NoDescription(ApiModel):
         """A model with an undocumented field."""

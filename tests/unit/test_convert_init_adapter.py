@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from kubetune_operator.convert import finetunejob_to_config, pvc_claims, to_config_dict
-from kubetune_trainer.config import load_job_file
 from kubetune_trainer.exit_codes import ConfigError
+from kubetune_trainer.jobfile import load_job_file
 from tests.unit.test_api_cases import finetunejob
 
 

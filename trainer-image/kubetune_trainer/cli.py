@@ -111,8 +111,8 @@ def _cmd_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", type=Path, help="override output_dir")
 
     def run(args: argparse.Namespace) -> int:
-        from kubetune_trainer.config import load_job_file
         from kubetune_trainer.finetuner import run_training
+        from kubetune_trainer.jobfile import load_job_file
 
         config = load_job_file(args.file)
         if args.output_dir:

@@ -11,6 +11,11 @@ Field names follow the Fine-Tuning Guide (``model_name``, ``train_file``, ``use_
 data scientist's existing knowledge carries over. Method-specific settings live in small
 nested blocks (``lora``, ``quantization``, ``virtual_tokens``, ``deepspeed``, ...).
 
+Every setting a FineTuneJob also has is declared once, in kubetune_trainer.settings: the
+nested blocks are those classes, and the flat fields take their declaration with
+``setting(Block, "name")``. The cross-field rules are the FineTuneJob's (``_cross_field``
+runs them on ``as_spec()``), with the FineTuneJob's messages.
+
 Every validation error names the field and says how to fix it; unknown fields are rejected
 with a "did you mean" suggestion (a typo must not silently train with defaults).
 """
@@ -20,81 +25,47 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from types import SimpleNamespace
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_snake
+from pydantic_core import PydanticCustomError
 
+from kubetune_trainer.apimodel import RULE_ERROR, class_rules
 from kubetune_trainer.exit_codes import ConfigError
-
-Method = Literal["lora", "qlora", "full", "prefix", "prompt", "ptuning"]
-DataFormat = Literal["auto", "text", "instruction", "chat", "completion"]
-Precision = Literal["auto", "bf16", "fp16", "fp32"]
-
-METHODS: tuple[str, ...] = ("lora", "qlora", "full", "prefix", "prompt", "ptuning")
-PEFT_METHODS = frozenset({"lora", "qlora", "prefix", "prompt", "ptuning"})
-VIRTUAL_TOKEN_METHODS = frozenset({"prefix", "prompt", "ptuning"})
-# The share of replay data when a replay source is given without a fraction (the FineTuneJob
-# API's dataset.replay.fraction default is this number too).
-REPLAY_FRACTION_DEFAULT = 0.1
-
-# Metrics the evaluation package implements (kept here, torch-free, so the operator can
-# validate a FineTuneJob without importing the evaluation code).
-LOSS_METRICS = ("perplexity",)
-GENERATION_METRICS = (
-    "bleu",
-    "rouge",
-    "rouge1",
-    "rouge2",
-    "rougeL",
-    "exact_match",
-    "token_f1",
-    "semantic_similarity",
-)
-CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1", "confusion_matrix")
-KNOWN_METRICS = (*LOSS_METRICS, *GENERATION_METRICS, *CLASSIFICATION_METRICS)
-# The scalar names each metric is logged under during training (``eval_`` + name), as the
-# evaluation code computes them: ``rouge`` yields three F-measures, ``confusion_matrix`` is not
-# a scalar (returned by evaluate(), kept out of Trainer logs). Early stopping and best-checkpoint
-# selection can watch exactly these names (plus ``loss``).
-LOGGED_NAMES: dict[str, tuple[str, ...]] = {
-    **{m: (m,) for m in KNOWN_METRICS},
-    "rouge": ("rouge1", "rouge2", "rougeL"),
-    "confusion_matrix": (),
-}
-WATCHABLE_METRICS: tuple[str, ...] = tuple(
-    dict.fromkeys(["loss", *(n for m in KNOWN_METRICS for n in LOGGED_NAMES[m])])
-)
-
-# transformers' reporting integrations (TrainingArguments.report_to) a run may use. The trainer
-# image ships tensorboard and mlflow; the others work where their package is installed
-# (kubetune_trainer.tracking checks that before training, with the package to install).
-REPORT_TO = (
-    "tensorboard",
-    "mlflow",
-    "wandb",
-    "comet_ml",
-    "clearml",
-    "dvclive",
-    "neptune",
-    "trackio",
-    "swanlab",
-    "codecarbon",
-    "azure_ml",
-    "dagshub",
-    "flyte",
-)
-
-SCHEDULERS = (
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "cosine_with_min_lr",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
-    "warmup_stable_decay",
+from kubetune_trainer.settings import (
+    AUGMENT_DEFAULT_BATCH_SIZE,
+    AUGMENT_DEFAULT_FRACTION,
+    AUGMENT_DEFAULT_MAX_NEW_TOKENS,
+    AUGMENT_MAX_VARIANTS,
+    AUGMENT_PROMPT_DEFAULT,
+    DATASET_RULES,
+    KNOWN_METRICS,
+    LOSS_METRICS,
+    MODEL_DTYPE,
+    PEFT_METHODS,
+    REPLAY_FRACTION_DEFAULT,
+    REPORT_TO,
+    SCHEDULERS,
+    TRAINING_RULES,
+    Checkpointing,
+    DataFormat,
+    DatasetOptions,
+    Dedupe,
+    DeepSpeed,
+    EarlyStopping,
+    EvalStrategy,
+    Evaluation,
+    Hyperparameters,
+    LoraParams,
+    MethodType,
+    ModelDtype,
+    Precision,
+    QuantizationParams,
+    VirtualTokenParams,
+    setting,
 )
 
 
@@ -121,79 +92,12 @@ class _Strict(BaseModel):
         return data
 
 
-class LoraSettings(_Strict):
-    """LoRA (also used by QLoRA): rank, scaling, dropout, which Linear layers get adapters."""
-
-    r: int = Field(8, ge=1, le=1024, description="rank of the update matrices (4-64 typical)")
-    alpha: float = Field(16, gt=0, description="scaling: the update is multiplied by alpha / r")
-    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
-    target_modules: list[str] | Literal["all-linear"] | None = Field(
-        None,
-        description="module names (suffixes) to adapt, 'all-linear', or null to detect from the "
-        "architecture (attention projections)",
-    )
-    bias: Literal["none", "all", "lora_only"] = Field("none", description="which biases to train")
-    use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
-
-    @field_validator("target_modules")
-    @classmethod
-    def _non_empty(cls, v: Any) -> Any:
-        if isinstance(v, list) and not v:
-            raise ValueError(
-                "lora.target_modules is an empty list: give module names or omit it to auto-detect"
-            )
-        if isinstance(v, list) and "all-linear" in v:
-            # The FineTuneJob API spells it as a list ([all-linear]); PEFT wants the bare string.
-            if len(v) > 1:
-                raise ValueError(
-                    "lora.target_modules: 'all-linear' already covers every Linear layer; "
-                    "give it alone or list module names instead"
-                )
-            return "all-linear"
-        return v
-
-
-class QuantizationSettings(_Strict):
-    """QLoRA quantisation of the frozen base model (bitsandbytes)."""
-
-    bits: Literal[4, 8] = Field(4, description="4 (NF4, the QLoRA recipe) or 8 (LLM.int8)")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
-    double_quant: bool = Field(True, description="quantise the quantisation constants too")
-    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="dtype of the matmuls; auto follows `precision`"
-    )
-
-
-class VirtualTokenSettings(_Strict):
-    """Prefix tuning, prompt tuning and P-tuning: learned virtual tokens."""
-
-    num_virtual_tokens: int = Field(20, ge=1, le=1024, description="number of virtual tokens")
-    prompt_init_text: str | None = Field(
-        None, description="prompt tuning only: initialise the soft prompt from this text's embeddings"
-    )
-    encoder_hidden_size: int | None = Field(
-        None, ge=1, description="P-tuning: hidden size of the prompt encoder (default: the model's)"
-    )
-    encoder_reparameterization_type: Literal["MLP", "LSTM"] = Field(
-        "MLP", description="P-tuning prompt encoder"
-    )
-    prefix_projection: bool = Field(False, description="prefix tuning: reparameterise the prefix with an MLP")
-
-
 class DataSourceConfig(_Strict):
     """One training source of a multi-task mixture."""
 
     path: str = Field(..., min_length=1, description="JSON / JSONL file")
     format: DataFormat = Field("auto", description="auto-detected from the first records when 'auto'")
     weight: float = Field(1.0, gt=0, description="relative sampling weight in the mixture")
-
-
-# Data augmentation (data/augment.py). The bounds are the API's too (api/finetunejob.py imports them).
-AUGMENT_MAX_VARIANTS = 16  # variants per example and method
-AUGMENT_DEFAULT_FRACTION = 0.1
-AUGMENT_DEFAULT_BATCH_SIZE = 8
-AUGMENT_DEFAULT_MAX_NEW_TOKENS = 128
-AUGMENT_PROMPT_DEFAULT = "{text}"
 
 
 def _check_prompt(v: str, field: str) -> str:
@@ -299,30 +203,12 @@ class AugmentationSettings(_Strict):
         return self
 
 
-class EarlyStoppingSettings(_Strict):
-    metric: str = Field("eval_loss", description="metric watched, e.g. eval_loss, exact_match, bleu")
-    patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
-    threshold: float = Field(0.0, ge=0, description="minimum improvement that counts")
+class EarlyStoppingSettings(EarlyStopping):
+    """The shared early-stopping block, plus the direction of improvement (trainer only)."""
+
     greater_is_better: bool | None = Field(
         None, description="default: false for losses/perplexity, true otherwise"
     )
-
-    @field_validator("metric")
-    @classmethod
-    def _known_metric(cls, v: str) -> str:
-        name = v.removeprefix("eval_")
-        if name in WATCHABLE_METRICS:
-            return v
-        if LOGGED_NAMES.get(name):  # e.g. 'rouge': logged as rouge1, rouge2 and rougeL
-            names = " / ".join(LOGGED_NAMES[name])
-            raise ValueError(
-                f"early_stopping.metric {v!r} is logged as {names}, not as one number; "
-                "watch one of them, e.g. 'rouge1' or 'rougeL' (and keep 'rouge' in metrics)"
-            )
-        raise ValueError(
-            f"early_stopping.metric {v!r} is not a scalar metric kubetune logs; "
-            f"use eval_loss or one of {', '.join(m for m in WATCHABLE_METRICS if m != 'loss')}"
-        )
 
     @property
     def trainer_metric(self) -> str:
@@ -334,30 +220,6 @@ class EarlyStoppingSettings(_Strict):
         if self.greater_is_better is not None:
             return self.greater_is_better
         return self.metric.removeprefix("eval_") not in ("loss", "perplexity")
-
-
-class DeepSpeedSettings(_Strict):
-    """DeepSpeed ZeRO: the JSON config is generated (distributed.py) and merged with overrides."""
-
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage")
-    offload: Literal["none", "optimizer", "all"] = Field(
-        "none",
-        description="CPU offload: optimizer states (stage >= 1), or optimizer and parameters (stage 3)",
-    )
-    overrides: dict[str, Any] = Field(
-        default_factory=dict, description="raw DeepSpeed config keys deep-merged over the generated config"
-    )
-
-    @model_validator(mode="after")
-    def _offload_needs_stage(self) -> DeepSpeedSettings:
-        if self.offload == "all" and self.zero_stage != 3:
-            raise ValueError(
-                f"deepspeed.offload='all' offloads parameters, which needs zero_stage 3 (got {self.zero_stage}); "
-                "set zero_stage: 3 or offload: optimizer"
-            )
-        if self.offload == "optimizer" and self.zero_stage == 0:
-            raise ValueError("deepspeed.offload='optimizer' needs zero_stage >= 1")
-        return self
 
 
 class MlflowSettings(_Strict):
@@ -403,6 +265,7 @@ class FinetuningConfig(_Strict):
         ..., min_length=1, description="base model: local directory, file://, s3:// or a hub id"
     )
     model_revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    model_dtype: ModelDtype = MODEL_DTYPE
     trust_remote_code: bool = Field(False, description="allow model code from the checkpoint (keep false)")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = Field(
         None,
@@ -418,14 +281,16 @@ class FinetuningConfig(_Strict):
     )
 
     # --- method ----------------------------------------------------------------------------
-    method: Method = Field("lora", description="lora | qlora | full | prefix | prompt | ptuning")
+    method: MethodType = Field("lora", description="lora | qlora | full | prefix | prompt | ptuning")
     use_lora: bool | None = Field(
         None,
         description="guide compatibility: true = method lora, false = method full (when method is not set)",
     )
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    quantization: QuantizationSettings = Field(default_factory=QuantizationSettings)
-    virtual_tokens: VirtualTokenSettings = Field(default_factory=VirtualTokenSettings)
+    # The blocks are the FineTuneJob's own (kubetune_trainer.settings): method.lora (and the LoRA
+    # half of method.qlora), the quantization half of method.qlora, method.prefix/prompt/ptuning.
+    lora: LoraParams = Field(default_factory=LoraParams)
+    quantization: QuantizationParams = Field(default_factory=QuantizationParams)
+    virtual_tokens: VirtualTokenParams = Field(default_factory=VirtualTokenParams)
 
     # --- data ------------------------------------------------------------------------------
     train_file: str | None = Field(None, description="training data (JSON array or JSONL)")
@@ -436,19 +301,17 @@ class FinetuningConfig(_Strict):
         default_factory=list,
         description="several training sources with weights (instead of, or besides, train_file)",
     )
-    max_seq_length: int = Field(1024, ge=8, le=1_048_576)
-    packing: bool = Field(False, description="padding-free packing (lora, qlora and full only)")
+    max_seq_length: int = setting(DatasetOptions, "max_seq_length")
+    packing: bool = setting(DatasetOptions, "packing")
     group_by_length: bool = Field(
         True,
         description="without packing: batch examples of similar length together, so little padding is computed",
     )
-    dedupe: Literal["none", "exact", "normalized"] = "exact"
+    dedupe: Dedupe = setting(DatasetOptions, "dedupe")
     drop_too_long: bool = Field(
         True, description="drop examples longer than max_seq_length (false: truncate)"
     )
-    validation_split: float | None = Field(
-        None, gt=0, lt=1, description="hold out this fraction of train data when no validation_file"
-    )
+    validation_split: float | None = setting(DatasetOptions, "validation_split")
     replay_file: str | None = Field(None, description="data from earlier tasks mixed in (continual learning)")
     replay_fraction: float = Field(
         REPLAY_FRACTION_DEFAULT,
@@ -463,59 +326,45 @@ class FinetuningConfig(_Strict):
     ewc_lambda: float = Field(0.0, ge=0, description="elastic weight consolidation strength (0 = off)")
     ewc_samples: int = Field(64, ge=1, description="replay examples used to estimate the Fisher information")
 
-    # --- hyperparameters -------------------------------------------------------------------
-    num_train_epochs: float = Field(3.0, gt=0)
-    max_steps: int | None = Field(
-        None, ge=1, description="stop after this many optimizer steps (overrides epochs)"
-    )
-    per_device_train_batch_size: int = Field(4, ge=1)
+    # --- hyperparameters (declared in settings.Hyperparameters) -----------------------------
+    num_train_epochs: float = setting(Hyperparameters, "epochs")
+    max_steps: int | None = setting(Hyperparameters, "max_steps")
+    per_device_train_batch_size: int = setting(Hyperparameters, "batch_size_per_device")
     per_device_eval_batch_size: int | None = Field(None, ge=1, description="default: the train batch size")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-4, gt=0, le=1)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    warmup_steps: int = Field(0, ge=0, description="overrides warmup_ratio when > 0")
-    lr_scheduler_type: str = Field("linear", description=f"one of: {', '.join(SCHEDULERS)}")
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0 = off)")
+    gradient_accumulation_steps: int = setting(Hyperparameters, "gradient_accumulation_steps")
+    learning_rate: float = setting(Hyperparameters, "learning_rate")
+    warmup_ratio: float = setting(Hyperparameters, "warmup_ratio")
+    warmup_steps: int = setting(Hyperparameters, "warmup_steps")
+    # A plain string here (values: settings.SCHEDULERS) for a "did you mean" error message.
+    lr_scheduler_type: str = setting(Hyperparameters, "scheduler")
+    weight_decay: float = setting(Hyperparameters, "weight_decay")
+    max_grad_norm: float = setting(Hyperparameters, "max_grad_norm")
     optim: str = Field("adamw_torch", description="transformers optimizer name")
-    precision: Precision = Field(
-        "auto",
-        description="auto: bf16 on GPUs that support it (fp16 on older GPUs) and on CPUs that compute it "
-        "natively (AMX or AVX-512 BF16), fp32 on other CPUs",
-    )
-    seed: int = 42
-    gradient_checkpointing: bool = False
+    precision: Precision = setting(Hyperparameters, "precision")
+    seed: int = setting(Hyperparameters, "seed")
+    gradient_checkpointing: bool = setting(Hyperparameters, "gradient_checkpointing")
     logging_steps: int = Field(10, ge=1)
     dataloader_num_workers: int = Field(0, ge=0)
 
-    # --- evaluation ------------------------------------------------------------------------
-    metrics: list[str] = Field(default_factory=lambda: ["perplexity"], description="evaluation metrics")
-    eval_strategy: Literal["auto", "no", "steps", "epoch"] = Field(
-        "auto", description="auto: every eval_steps if set, else every epoch, when there is validation data"
-    )
-    eval_steps: int | None = Field(None, ge=1)
+    # --- evaluation (declared in settings.Evaluation) ---------------------------------------
+    # A plain list here (values: settings.KNOWN_METRICS) for a "did you mean" error message.
+    metrics: list[str] = setting(Evaluation, "metrics")
+    eval_strategy: EvalStrategy = setting(Evaluation, "strategy")
+    eval_steps: int | None = setting(Evaluation, "every_steps")
     eval_max_examples: int = Field(
         200, ge=1, description="examples generated for generation metrics per evaluation"
     )
     eval_max_new_tokens: int = Field(64, ge=1, description="generation length for generation metrics")
-    semantic_model: str | None = Field(
-        None,
-        min_length=1,
-        description="sentence-transformers embedding model for the semantic_similarity metric: a local "
-        "model directory (relative to the YAML file) or a model name sentence-transformers can load "
-        "(needs the sentence-transformers package and, for a name, its model cache or hub access)",
-    )
+    semantic_model: str | None = setting(Evaluation, "semantic_model")
     early_stopping: EarlyStoppingSettings | None = None
 
     # --- distributed -----------------------------------------------------------------------
-    deepspeed: DeepSpeedSettings | None = Field(None, description="DeepSpeed ZeRO; null = DDP under torchrun")
+    deepspeed: DeepSpeed | None = Field(None, description="DeepSpeed ZeRO; null = DDP under torchrun")
 
     # --- checkpointing / storage / output --------------------------------------------------
-    save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps (default: every epoch)")
-    keep_last: int = Field(3, ge=1, description="checkpoints kept locally and in storage")
-    resume: Literal["auto", "never"] = Field(
-        "auto", description="auto: resume from the newest complete checkpoint"
-    )
+    save_steps: int | None = setting(Checkpointing, "every_steps")
+    keep_last: int = setting(Checkpointing, "keep_last")
+    resume: Literal["auto", "never"] = setting(Checkpointing, "resume")
     storage_uri: str | None = Field(
         None, description="s3://bucket/prefix for checkpoints and the final adapter (credentials from env)"
     )
@@ -592,6 +441,15 @@ class FinetuningConfig(_Strict):
             raise ValueError("storage_uri has no bucket: use s3://bucket/prefix")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _target_modules_string(cls, data: Any) -> Any:
+        """``lora.target_modules: all-linear`` (PEFT's spelling) is the FineTuneJob's [all-linear]."""
+        lora = data.get("lora") if isinstance(data, dict) else None
+        if isinstance(lora, dict) and isinstance(lora.get("target_modules"), str):
+            data = {**data, "lora": {**lora, "target_modules": [lora["target_modules"]]}}
+        return data
+
     @model_validator(mode="after")
     def _cross_field(self) -> FinetuningConfig:
         if self.use_lora is not None and self.use_lora != (self.method in ("lora", "qlora")):
@@ -599,56 +457,52 @@ class FinetuningConfig(_Strict):
                 f"use_lora={self.use_lora} contradicts method={self.method!r}; set only `method` "
                 "(lora | qlora | full | prefix | prompt | ptuning)"
             )
-        if not self.train_file and not self.mixture:
-            raise ValueError(
-                "no training data: set train_file (JSON/JSONL) or mixture: [{path: ..., weight: ...}]"
-            )
-        if self.packing and self.method in VIRTUAL_TOKEN_METHODS:
-            raise ValueError(
-                f"packing is not supported with method={self.method!r} (virtual tokens break the "
-                "per-example boundaries of packed batches); set packing: false or use lora/qlora/full"
-            )
+        # The FineTuneJob's rules on training settings, with their messages (kubetune_trainer.settings).
         # replay_fraction and ewc_lambda without replay_file are checked when training starts:
         # train(task_data, replay_buffer=...) supplies the replay data in Python
         # (ModelFinetuner.check_replay_settings).
-        if self.init_adapter and self.method == "full":
-            raise ValueError(
-                "init_adapter continues a PEFT adapter, and method 'full' trains no adapter: use the "
-                "adapter's method (lora, qlora, prefix, prompt or ptuning) or remove init_adapter"
-            )
-        if self.ewc_lambda > 0 and self.deepspeed is not None and self.deepspeed.zero_stage == 3:
-            raise ValueError(
-                "ewc_lambda > 0 is not supported with deepspeed zero_stage 3 (parameters are sharded)"
-            )
-        if "semantic_similarity" in self.metrics and not self.semantic_model:
-            raise ValueError(
-                "metric 'semantic_similarity' needs an embedding model: set semantic_model to a "
-                "sentence-transformers model directory or name (e.g. sentence-transformers/all-MiniLM-L6-v2), "
-                "or remove the metric"
-            )
-        if self.validation_file and self.validation_split:
-            raise ValueError("set validation_file or validation_split, not both")
-        if self.eval_strategy == "steps" and self.eval_steps is None:
-            raise ValueError("eval_strategy 'steps' needs eval_steps")
-        if self.early_stopping is not None and not self.has_validation:
-            raise ValueError("early_stopping needs validation data: set validation_file or validation_split")
-        if self.early_stopping is not None and self.resolved_eval_strategy == "no":
-            raise ValueError("early_stopping needs evaluation: set eval_strategy to steps or epoch")
-        if self.early_stopping is not None:
-            metric = self.early_stopping.metric.removeprefix("eval_")
-            logged = {n for m in self.metrics for n in LOGGED_NAMES[m]}
-            if metric not in ("loss", "perplexity", *logged):
-                add = f"{metric!r} (or 'rouge')" if metric in LOGGED_NAMES["rouge"] else repr(metric)
-                raise ValueError(
-                    f"early_stopping.metric {self.early_stopping.metric!r} is not computed: add {add} to metrics"
-                )
-        if self.method == "qlora" and self.deepspeed is not None and self.deepspeed.zero_stage == 3:
-            raise ValueError("qlora cannot shard 4-bit weights with ZeRO-3: use zero_stage 2 or less")
+        spec = self.as_spec()
+        for rules_, view, prefix in (
+            (DATASET_RULES, spec.dataset, ".dataset"),
+            (class_rules(Evaluation), spec.evaluation, ".evaluation"),
+            (TRAINING_RULES, spec, ""),
+        ):
+            for rule in rules_:
+                if rule.check is not None and not rule.check(view):
+                    where = _TRAINER_FIELD[prefix + (rule.field_path or "")]
+                    raise PydanticCustomError(RULE_ERROR, rule.message, {"field_path": where})
         if self.mlflow != MlflowSettings() and "mlflow" not in self.report_to:
             raise ValueError(
                 "mlflow settings are given but report_to does not name mlflow: add 'mlflow' to report_to"
             )
         return self
+
+    def as_spec(self) -> SimpleNamespace:
+        """This config in the shape of a FineTuneJob spec, for the shared rules."""
+        ns = SimpleNamespace
+        return ns(
+            method=ns(type=self.method),
+            base_model=ns(init_adapter=self.init_adapter),
+            dataset=ns(
+                train=self.train_file,
+                mixture=self.mixture,
+                validation=self.validation_file,
+                validation_split=self.validation_split,
+                packing=self.packing,
+                # ewc_lambda also applies to a replay buffer given in Python (train(replay_buffer=...)).
+                replay=ns(ewc_lambda=self.ewc_lambda),
+            ),
+            evaluation=ns(
+                metrics=self.metrics,
+                strategy=self.eval_strategy,
+                every_steps=self.eval_steps,
+                early_stopping=self.early_stopping,
+                semantic_model=self.semantic_model,
+            ),
+            checkpointing=ns(every_steps=self.save_steps),
+            distributed=ns(strategy="deepspeed" if self.deepspeed else "ddp", deepspeed=self.deepspeed),
+            output=ns(merged_model=self.merge_adapter),
+        )
 
     # --------------------------------------------------------------------------- derived
 
@@ -740,52 +594,87 @@ class FinetuningConfig(_Strict):
             update["augmentation"] = _resolve_augmentation_paths(self.augmentation, fix)
         return self.model_copy(update=update)
 
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        """Snake_case names throughout: the nested blocks are API models, which dump camelCase
+        by default (provenance files, search trials and the ConfigMap use these names)."""
+        kwargs.setdefault("by_alias", False)
+        return super().model_dump(**kwargs)
+
+    def model_dump_json(self, **kwargs: Any) -> str:
+        kwargs.setdefault("by_alias", False)
+        return super().model_dump_json(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that differ from the defaults, by their snake_case names (the YAML's content)."""
+        return self.model_dump(mode="json", exclude_defaults=True)
+
     def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
         """Serialise (only fields that differ from defaults, so the file stays readable)."""
-        text = yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
             Path(path).write_text(text, encoding="utf-8")
         return text
+
+
+# Where each shared rule's field is in FinetuningConfig (the rule's message names the FineTuneJob field).
+_TRAINER_FIELD = {
+    ".dataset": "train_file",
+    ".dataset.validationSplit": "validation_split",
+    ".evaluation.everySteps": "eval_steps",
+    ".evaluation.earlyStopping": "early_stopping",
+    ".evaluation.earlyStopping.metric": "early_stopping.metric",
+    ".evaluation.semanticModel": "semantic_model",
+    ".dataset.packing": "packing",
+    ".checkpointing.everySteps": "save_steps",
+    ".output.mergedModel": "merge_adapter",
+    ".distributed": "deepspeed",
+    ".baseModel.initAdapter": "init_adapter",
+    ".dataset.replay.ewcLambda": "ewc_lambda",
+}
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
     """One line per problem: ``<source>: <field.path>: <message> (got <value>)``."""
     lines = [f"{source}: invalid FinetuningConfig ({exc.error_count()} problem(s)):"]
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        parts = [str(p) for p in err["loc"]]
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == RULE_ERROR:  # a shared rule: its field, in this config's snake_case names
+            parts += [to_snake(p) for p in (err.get("ctx") or {}).get("field_path", "").split(".") if p]
+        elif err["type"] == "extra_forbidden":
+            msg = _unknown_field(err["loc"])
+        loc = ".".join(parts) or "(top level)"
         got = ""
-        if err["type"] not in ("missing", "value_error") and "input" in err:
+        if err["type"] not in ("missing", "value_error", RULE_ERROR, "extra_forbidden") and "input" in err:
             got = f" (got {err['input']!r})"
         lines.append(f"  {loc}: {msg}{got}")
     return "\n".join(lines)
 
 
-def load_job_file(path: str | os.PathLike[str]) -> FinetuningConfig:
-    """A FinetuningConfig YAML, or a FineTuneJob manifest converted by the operator package."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"job file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    if isinstance(data, dict) and data.get("kind") == "FineTuneJob":
-        try:
-            from kubetune_operator.convert import finetunejob_to_config
-        except ImportError:
-            raise ConfigError(
-                f"{p} is a FineTuneJob manifest, and converting manifests needs the operator package "
-                "(kubetune_operator.convert), which is not available here; run a FinetuningConfig YAML "
-                "instead (see docs/trainer.md)"
-            ) from None
-        try:
-            return finetunejob_to_config(data, base_dir=p.parent)
-        except ConfigError:
-            raise
-        except ValueError as exc:  # what the manifest asks cannot run locally (pvc://, a job reference)
-            raise ConfigError(f"{p}: {exc}") from None
-    return FinetuningConfig.from_dict(data or {}, source=str(p)).resolve_paths(p.parent)
+def _unknown_field(loc: tuple[int | str, ...]) -> str:
+    """An unknown key inside a nested block, with the closest known name."""
+    model: Any = FinetuningConfig
+    for part in loc[:-1]:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        info = model.model_fields.get(str(part))
+        model = (
+            next(
+                (t for t in _types_in(info.annotation) if isinstance(t, type) and issubclass(t, BaseModel)),
+                None,
+            )
+            if info
+            else None
+        )
+    known = sorted(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown field {str(loc[-1])!r}{hint}; remove it or use one of {', '.join(known)}"
+
+
+def _types_in(tp: Any) -> list[Any]:
+    args = get_args(tp)
+    return [tp] if not args else [t for a in args for t in _types_in(a)]
 
 
 def _resolve_augmentation_paths(aug: AugmentationSettings, fix: Any) -> AugmentationSettings:

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune_trainer.config import DeepSpeedSettings
+from kubetune_trainer.settings import DeepSpeed
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def deepspeed_config(settings: DeepSpeedSettings) -> dict[str, Any]:
+def deepspeed_config(settings: DeepSpeed) -> dict[str, Any]:
     """A DeepSpeed JSON config for Trainer's integration (``TrainingArguments(deepspeed=...)``)."""
     stage = settings.zero_stage
     zero: dict[str, Any] = {"stage": stage}
@@ -115,7 +115,7 @@ def deepspeed_config(settings: DeepSpeedSettings) -> dict[str, Any]:
             "type": "AdamW",
             "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
         }
-    return deep_merge(config, settings.overrides)
+    return deep_merge(config, settings.overrides or {})
 
 
 def cpu_backend_needed() -> bool:

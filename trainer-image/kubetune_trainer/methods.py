@@ -82,13 +82,18 @@ def model_load_kwargs(config: FinetuningConfig, precision: ResolvedPrecision) ->
     PEFT methods keep the frozen base in the training precision (half the memory; PEFT
     keeps adapter weights in fp32). Full fine-tuning loads fp32 master weights and lets
     mixed precision (autocast or DeepSpeed) handle the half-precision compute.
+    ``model_dtype`` (a FineTuneJob's baseModel.dtype), when not auto, overrides both.
     """
+    import torch
+
     kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
     if config.model_revision:
         kwargs["revision"] = config.model_revision
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
-    if config.method == "full":
+    if config.model_dtype != "auto":  # baseModel.dtype: the user's choice wins
+        kwargs["dtype"] = getattr(torch, config.model_dtype)
+    elif config.method == "full":
         kwargs["dtype"] = _torch_dtype("fp32")
     else:
         kwargs["dtype"] = _torch_dtype(precision)
@@ -174,7 +179,7 @@ def build_peft_config(config: FinetuningConfig, model: Any) -> PeftConfig | None
         return None
     if method in ("lora", "qlora"):
         lo = config.lora
-        targets: list[str] | str = lo.target_modules or detect_lora_targets(model)
+        targets: list[str] | str = lo.peft_target_modules or detect_lora_targets(model)
         if isinstance(targets, list):
             missing = [t for t in targets if t not in linear_module_names(model) and "." not in t]
             if missing:

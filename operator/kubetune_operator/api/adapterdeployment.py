@@ -6,7 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from .base import ApiModel, KindModel, ListType, Rule, rules
+from kubetune_trainer.apimodel import ApiModel, KindModel, ListType, Rule, rules
+
 from .common import (
     DNS1123_SUBDOMAIN,
     MODEL_URI,

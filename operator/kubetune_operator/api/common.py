@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from .base import (
+from kubetune_trainer.apimodel import (
     ApiModel,
     Format,
     IntOrString,
@@ -22,6 +22,7 @@ from .base import (
     matches,
     rules,
 )
+from kubetune_trainer.settings import ModelDtype
 
 # ---- formats (RE2 and Python `re` agree on this subset) ----------------------------------------------
 
@@ -96,7 +97,7 @@ class ModelSource(ApiModel):
         max_length=256,
         description="Model hub revision (branch, tag or commit) for hf:// models; ignored for other schemes.",
     )
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+    dtype: ModelDtype = Field(
         "auto",
         description="Data type the weights are loaded in. auto: the dtype the checkpoint was saved in.",
     )

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, Field
 
+from kubetune_trainer.apimodel import ApiModel, KindModel, ListType, Rule, rules, unwrap
 from kubetune_trainer.search.space import (
     DEFAULT_REDUCTION_FACTOR,
     DEFAULT_STARTUP_TRIALS,
@@ -28,22 +29,18 @@ from kubetune_trainer.search.space import (
     Direction,
     Scale,
 )
-
-from .base import ApiModel, KindModel, ListType, Rule, rules, unwrap
-from .common import URI_MAX, Conditions
-from .finetunejob import (
+from kubetune_trainer.settings import (
     WATCHABLE,
-    Dataset,
-    FineTuneJobSpec,
     Hyperparameters,
     LoraParams,
-    Method,
     PrefixParams,
     PromptParams,
     PTuningParams,
     QLoraParams,
-    Replay,
 )
+
+from .common import URI_MAX, Conditions
+from .finetunejob import Dataset, FineTuneJobSpec, Method, Replay
 from .finetunejob import Phase as JobPhase
 
 Phase = Literal["Pending", "Running", "Succeeded", "Failed"]

@@ -10,8 +10,9 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from kubetune_trainer.apimodel import RULE_ERROR, SKIP_RULES, ApiModel
+
 from .adapterdeployment import AdapterDeployment
-from .base import RULE_ERROR, ApiModel
 from .finetunejob import FineTuneJob
 from .finetunesweep import FineTuneSweep
 
@@ -48,14 +49,16 @@ def _errors(exc: ValidationError) -> list[tuple[str, str]]:
     return out
 
 
-def _load(model: type[M], obj: dict[str, Any]) -> M:
+def load_model(model: type[M], obj: dict[str, Any], *, check_rules: bool = True, strict: bool = True) -> M:
+    """Validate a manifest as `model` (a kind, or a variant of one); raises InvalidManifestError."""
     if not isinstance(obj, dict):
         raise InvalidManifestError(
             model.__name__, None, [("", f"expected a mapping, got {type(obj).__name__}")]
         )
     try:
         # by_name=False: only the wire (camelCase) names are accepted, as on the API server.
-        return model.model_validate(obj, by_alias=True, by_name=False)
+        context = None if check_rules else {SKIP_RULES: True}
+        return model.model_validate(obj, by_alias=True, by_name=False, context=context, strict=strict)
     except ValidationError as exc:
         name = (obj.get("metadata") or {}).get("name") if isinstance(obj.get("metadata"), dict) else None
         raise InvalidManifestError(model.__name__, name, _errors(exc)) from None
@@ -63,14 +66,14 @@ def _load(model: type[M], obj: dict[str, Any]) -> M:
 
 def load_finetunejob(obj: dict[str, Any]) -> FineTuneJob:
     """Validate a FineTuneJob manifest client-side; defaults are filled in as the API server would."""
-    return _load(FineTuneJob, obj)
+    return load_model(FineTuneJob, obj)
 
 
 def load_adapterdeployment(obj: dict[str, Any]) -> AdapterDeployment:
     """Validate an AdapterDeployment manifest client-side; defaults are filled in as the API server would."""
-    return _load(AdapterDeployment, obj)
+    return load_model(AdapterDeployment, obj)
 
 
 def load_finetunesweep(obj: dict[str, Any]) -> FineTuneSweep:
     """Validate a FineTuneSweep manifest client-side; defaults are filled in as the API server would."""
-    return _load(FineTuneSweep, obj)
+    return load_model(FineTuneSweep, obj)

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from .base import (
+from kubetune_trainer.apimodel import (
     ApiModel,
     Format,
     IntOrString,

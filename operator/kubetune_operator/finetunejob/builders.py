@@ -9,9 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from .. import meta, podspec
-from ..convert import PVC_MOUNT_ROOT, pvc_claims
+from ..api.common import SecretRef
+from ..api.finetunejob import Resources
+from ..convert import PVC_MOUNT_ROOT, pvc_claims, typed
 from ..settings import Settings
 from .observe import NON_RETRYABLE_EXIT_CODES, TRAINER_CONTAINER
 
@@ -117,10 +120,9 @@ def headless_service(ftj: Body, settings: Settings) -> Body:
 
 
 def torchrun_command(ftj: Body, attempt: int, settings: Settings) -> list[str]:
-    res = ftj["spec"].get("resources") or {}
-    nodes = int(res.get("nodes", 1))
-    gpus = int(res.get("gpusPerNode", 1))
-    nproc = gpus if gpus > 0 else 1
+    res = typed(ftj).spec.resources
+    nodes = res.nodes
+    nproc = res.gpus_per_node if res.gpus_per_node > 0 else 1
     # kubetune_trainer.launch is torchrun that exits with the trainer's own exit code
     # (plain torchrun exits 1 and would hide the non-retryable codes 2/3/4).
     cmd = ["python", "-m", "kubetune_trainer.launch", f"--nnodes={nodes}", f"--nproc-per-node={nproc}"]
@@ -144,20 +146,21 @@ def torchrun_command(ftj: Body, attempt: int, settings: Settings) -> list[str]:
 
 
 def _storage_env(ftj: Body, settings: Settings) -> list[Body]:
-    storage = ftj["spec"].get("storage") or {}
+    storage = typed(ftj).spec.storage
     env: list[Body] = []
-    endpoint = storage.get("endpoint") or settings.default_s3_endpoint
+    endpoint = storage.endpoint or settings.default_s3_endpoint
     if endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": endpoint})
-    region = storage.get("region") or settings.default_s3_region
+    region = storage.region or settings.default_s3_region
     env += [{"name": "AWS_REGION", "value": region}, {"name": "AWS_DEFAULT_REGION", "value": region}]
-    secret = storage.get("secretRef") or {}
-    secret_name = secret.get("name") or settings.default_s3_secret
+    secret_name = storage.secret_ref.name if storage.secret_ref else settings.default_s3_secret
     if secret_name:
+        # The operator's default Secret has the default key names.
+        keys = storage.secret_ref or SecretRef(name=secret_name)
         # Credentials only ever reach the pod through a secretKeyRef: never in the spec or the ConfigMap.
         for var, key in (
-            ("AWS_ACCESS_KEY_ID", secret.get("accessKeyIdKey") or "AWS_ACCESS_KEY_ID"),
-            ("AWS_SECRET_ACCESS_KEY", secret.get("secretAccessKeyKey") or "AWS_SECRET_ACCESS_KEY"),
+            ("AWS_ACCESS_KEY_ID", keys.access_key_id_key),
+            ("AWS_SECRET_ACCESS_KEY", keys.secret_access_key_key),
         ):
             env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": key}}})
     return env
@@ -165,43 +168,43 @@ def _storage_env(ftj: Body, settings: Settings) -> list[Body]:
 
 # MLflow's client reads its credentials from these variables; each comes from a key of the Secret.
 MLFLOW_CREDENTIAL_ENV = (
-    ("MLFLOW_TRACKING_USERNAME", "usernameKey"),
-    ("MLFLOW_TRACKING_PASSWORD", "passwordKey"),
-    ("MLFLOW_TRACKING_TOKEN", "tokenKey"),
+    ("MLFLOW_TRACKING_USERNAME", "username_key"),
+    ("MLFLOW_TRACKING_PASSWORD", "password_key"),
+    ("MLFLOW_TRACKING_TOKEN", "token_key"),
 )
 
 
 def _tracking_env(ftj: Body) -> list[Body]:
     """The MLflow server's credentials, from the Secret in spec.tracking.mlflow.credentialsSecretRef."""
-    mlflow = ((ftj["spec"].get("tracking") or {}).get("mlflow")) or {}
-    secret = mlflow.get("credentialsSecretRef") or {}
-    if not secret.get("name"):
+    tracking = typed(ftj).spec.tracking
+    secret = tracking.mlflow.credentials_secret_ref if tracking and tracking.mlflow else None
+    if secret is None:
         return []
     # optional: a Secret holds a user and password, or a token; the keys it lacks are left out.
     return [
         {
             "name": var,
             "valueFrom": {
-                "secretKeyRef": {"name": secret["name"], "key": secret.get(field) or var, "optional": True}
+                "secretKeyRef": {"name": secret.name, "key": getattr(secret, field), "optional": True}
             },
         }
         for var, field in MLFLOW_CREDENTIAL_ENV
     ]
 
 
-def _resources(res: Body, settings: Settings) -> Body:
+def _resources(res: Resources, settings: Settings) -> Body:
     """Requests and limits of a trainer container: the spec's, else the operator's defaults."""
-    gpus = int(res.get("gpusPerNode", 1))
+    gpus = res.gpus_per_node
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
-    cpu = res.get("cpu") or settings.default_trainer_cpu
-    memory = res.get("memory") or settings.default_trainer_memory
+    cpu = res.cpu or settings.default_trainer_cpu
+    memory = res.memory or settings.default_trainer_memory
     if cpu:
         requests["cpu"] = str(cpu)
     if memory:
         requests["memory"] = limits["memory"] = str(memory)
     if gpus:
-        name = res.get("gpuResourceName") or "nvidia.com/gpu"
+        name = res.gpu_resource_name
         requests[name] = limits[name] = str(gpus)
     out: Body = {}
     if requests:
@@ -213,16 +216,15 @@ def _resources(res: Body, settings: Settings) -> Body:
 
 def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds: int | None = None) -> Body:
     """The Indexed Job of one attempt: one pod per node, torchrun inside, rendezvous at pod 0."""
-    spec = ftj["spec"]
-    res = spec.get("resources") or {}
-    run_policy = spec.get("runPolicy") or {}
+    spec = typed(ftj).spec
+    res = spec.resources
     n = names(ftj)
-    pod_meta = spec.get("podMetadata") or {}
-    nodes = int(res.get("nodes", 1))
+    pod_meta = spec.pod_metadata
+    nodes = res.nodes
     ftj_name = ftj["metadata"]["name"]
     attempt_label = {meta.LABEL_ATTEMPT: str(attempt)}
     job_labels = dict(attempt_label)
-    queue = run_policy.get("queueName")
+    queue = spec.run_policy.queue_name
     if queue:
         job_labels["kueue.x-k8s.io/queue-name"] = queue
 
@@ -243,12 +245,12 @@ def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds:
         *podspec.runtime_env(),
         *_storage_env(ftj, settings),
         *_tracking_env(ftj),
-        *[dict(e) for e in spec.get("env") or []],
+        *[_wire(e) for e in spec.env or []],
     ]
     container: Body = {
         "name": TRAINER_CONTAINER,
-        "image": spec.get("image") or settings.trainer_image,
-        "imagePullPolicy": spec.get("imagePullPolicy") or settings.image_pull_policy,
+        "image": spec.image or settings.trainer_image,
+        "imagePullPolicy": spec.image_pull_policy or settings.image_pull_policy,
         "command": torchrun_command(ftj, attempt, settings),
         "workingDir": podspec.WORKSPACE,
         "env": env,
@@ -269,7 +271,7 @@ def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds:
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     shm: Body = {"medium": "Memory"}
-    shm_size = res.get("sharedMemorySize") or settings.default_trainer_shm
+    shm_size = res.shared_memory_size or settings.default_trainer_shm
     if shm_size:
         shm["sizeLimit"] = str(shm_size)
     pod_spec: Body = {
@@ -319,17 +321,16 @@ def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds:
         container["volumeMounts"].append(
             {"name": vol, "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True}
         )
-    for src, dst in (
-        ("nodeSelector", "nodeSelector"),
-        ("tolerations", "tolerations"),
-        ("affinity", "affinity"),
-        ("priorityClassName", "priorityClassName"),
-        ("schedulerName", "schedulerName"),
+    for key, value in (
+        ("nodeSelector", res.node_selector),
+        ("tolerations", res.tolerations),
+        ("affinity", res.affinity),
+        ("priorityClassName", res.priority_class_name),
+        ("schedulerName", res.scheduler_name),
+        ("imagePullSecrets", spec.image_pull_secrets),
     ):
-        if res.get(src):
-            pod_spec[dst] = res[src]
-    if spec.get("imagePullSecrets"):
-        pod_spec["imagePullSecrets"] = spec["imagePullSecrets"]
+        if value:
+            pod_spec[key] = _wire(value)
 
     j = _base(ftj, "batch/v1", "Job", n.job(attempt), "trainer", job_labels)
     j["spec"] = {
@@ -353,16 +354,16 @@ def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds:
             ]
         },
         # Kueue admits a queued Job by unsuspending it.
-        "suspend": bool(run_policy.get("suspend")) or bool(queue),
+        "suspend": spec.run_policy.suspend or bool(queue),
         "template": {
             "metadata": {
                 # Users' pod labels/annotations (cost centres, mesh opt-outs ...) never override ours.
                 "labels": {
-                    **(pod_meta.get("labels") or {}),
+                    **((pod_meta and pod_meta.labels) or {}),
                     **meta.child_labels(meta.LABEL_FINETUNEJOB, ftj_name, "trainer"),
                     **attempt_label,
                 },
-                "annotations": dict(pod_meta.get("annotations") or {}),
+                "annotations": dict((pod_meta and pod_meta.annotations) or {}),
             },
             "spec": pod_spec,
         },
@@ -370,3 +371,12 @@ def job(ftj: Body, attempt: int, settings: Settings, *, active_deadline_seconds:
     if active_deadline_seconds is not None:
         j["spec"]["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))
     return j
+
+
+def _wire(value: Any) -> Any:
+    """A typed spec value as the API server stores it (camelCase; only what the manifest set)."""
+    if isinstance(value, list):
+        return [_wire(v) for v in value]
+    if isinstance(value, BaseModel):
+        return value.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    return value

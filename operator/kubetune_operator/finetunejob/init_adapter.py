@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..controller import Store
+from ..convert import typed
 
 Body = dict[str, Any]
 CONDITION = "InitAdapterReady"
@@ -43,17 +44,17 @@ def init_adapter_refs(ftj: Body) -> list[str]:
 
 
 def resolve(store: Store, ftj: Body) -> InitAdapter:
-    spec = ftj.get("spec") or {}
-    init = (spec.get("baseModel") or {}).get("initAdapter") or {}
-    if not init:
+    job = typed(ftj)
+    init = job.spec.base_model.init_adapter
+    if init is None:
         return InitAdapter()
     recorded = (ftj.get("status") or {}).get("initAdapterUri")
     if recorded:
         return InitAdapter(uri=recorded)
-    if init.get("uri"):
-        return InitAdapter(uri=init["uri"])
+    if init.uri:
+        return InitAdapter(uri=init.uri)
     ns, own = ftj["metadata"]["namespace"], ftj["metadata"]["name"]
-    name = (init.get("fineTuneJobRef") or {}).get("name", "")
+    name = init.fine_tune_job_ref.name if init.fine_tune_job_ref else ""
     if name == own:
         return InitAdapter(
             failed=f"baseModel.initAdapter.fineTuneJobRef names this FineTuneJob ({own}) itself"
@@ -64,7 +65,7 @@ def resolve(store: Store, ftj: Body) -> InitAdapter:
     st = ref.get("status") or {}
     phase = st.get("phase") or "Pending"
     theirs = ((ref.get("spec") or {}).get("method") or {}).get("type", "lora")
-    mine = (spec.get("method") or {}).get("type", "lora")
+    mine = job.spec.method.type
     if _ADAPTER_FAMILY.get(theirs) != _ADAPTER_FAMILY.get(mine):
         return InitAdapter(
             failed=f"FineTuneJob {name} trains a {theirs} adapter and this job's method.type is {mine}: "

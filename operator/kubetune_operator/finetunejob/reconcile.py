@@ -19,9 +19,11 @@ from kubetune_trainer.config import FinetuningConfig
 from kubetune_trainer.exit_codes import ConfigError
 
 from .. import meta, metrics
+from ..api import InvalidManifestError
+from ..api.finetunejob import RunPolicy
 from ..conditions import get_condition, now_iso, set_condition
 from ..controller import Key, Result, Store, slim
-from ..convert import to_config_dict
+from ..convert import to_config_dict, typed
 from ..kube import Kube
 from ..settings import Settings, load
 from . import builders, init_adapter, observe
@@ -70,15 +72,23 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     ftj = store.parents[key]
     status: Body = dict(ftj.get("status") or {})
     generation = ftj["metadata"].get("generation")
-    spec = ftj["spec"]
-    run_policy = spec.get("runPolicy") or {}
-    res = spec.get("resources") or {}
-    nodes = int(res.get("nodes", 1))
+    phase = status.get("phase")
+    conditions = status.get("conditions") or []
+    try:
+        spec = typed(ftj).spec
+    except InvalidManifestError as e:  # stored before a rule it breaks existed: never start pods for it
+        new: Body = {"observedGeneration": generation}
+        if phase not in TERMINAL:
+            new.update(phase="Failed", completionTime=now_iso())
+            new["conditions"] = set_condition(conditions, "Failed", True, "InvalidSpec", str(e), generation)
+        _write(kube, ftj, status, new)
+        return Result()
+    run_policy = spec.run_policy
+    res = spec.resources
     jobs = store.children_of("Job", key)
     pods = store.children_of("Pod", key)
-    phase = status.get("phase")
-    new: Body = {"observedGeneration": generation, "workers": f"{nodes}x{int(res.get('gpusPerNode', 1))}"}
-    conditions = status.get("conditions") or []
+    nodes = res.nodes
+    new = {"observedGeneration": generation, "workers": f"{nodes}x{res.gpus_per_node}"}
     result = Result()
 
     if phase in TERMINAL:
@@ -94,7 +104,7 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     ]
     new["attempt"] = attempt
 
-    deadline = run_policy.get("activeDeadlineSeconds")
+    deadline = run_policy.active_deadline_seconds
     start = _parse_time(status.get("startTime"))
     remaining = None
     if deadline and start:
@@ -180,12 +190,12 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
         )
 
     # Converge what can change on a live Job: suspension (runPolicy.suspend).
-    want_suspend = bool(run_policy.get("suspend"))
+    want_suspend = run_policy.suspend
     job_suspended = bool((current.get("spec") or {}).get("suspend"))
     if want_suspend and not job_suspended:
         kube.merge_patch("batch/v1", "Job", key[0], job_name, {"spec": {"suspend": True}})
         job_suspended = True
-    elif not want_suspend and job_suspended and not run_policy.get("queueName"):
+    elif not want_suspend and job_suspended and not run_policy.queue_name:
         kube.merge_patch("batch/v1", "Job", key[0], job_name, {"spec": {"suspend": False}})
         job_suspended = False
 
@@ -215,11 +225,11 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
             f"adapter written to {output['adapterUri']}",
             generation,
         )
-        if run_policy.get("ttlSecondsAfterFinished") is not None:
-            result = Result(requeue_after=float(run_policy["ttlSecondsAfterFinished"]) + 1)
+        if run_policy.ttl_seconds_after_finished is not None:
+            result = Result(requeue_after=float(run_policy.ttl_seconds_after_finished) + 1)
     elif observe.job_failed(current):
         failure = observe.failure(current, attempt_pods)
-        max_restarts = int(run_policy.get("maxRestarts", 3))
+        max_restarts = run_policy.max_restarts
         if failure.retryable and attempt <= max_restarts:
             new["attempt"] = attempt + 1
             new["phase"] = "Pending"
@@ -252,14 +262,14 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
             conditions = set_condition(
                 conditions, "Failed", True, failure.reason, f"{failure.message} ({why})", generation
             )
-            if run_policy.get("ttlSecondsAfterFinished") is not None:
-                result = Result(requeue_after=float(run_policy["ttlSecondsAfterFinished"]) + 1)
+            if run_policy.ttl_seconds_after_finished is not None:
+                result = Result(requeue_after=float(run_policy.ttl_seconds_after_finished) + 1)
     elif job_suspended:
-        queued = bool(run_policy.get("queueName")) and not want_suspend
+        queued = bool(run_policy.queue_name) and not want_suspend
         new["phase"] = "Queued" if queued else "Suspended"
         reason = "WaitingForAdmission" if queued else "Suspended"
         msg = (
-            f"waiting for Kueue to admit the Job to queue {run_policy.get('queueName')}"
+            f"waiting for Kueue to admit the Job to queue {run_policy.queue_name}"
             if queued
             else "suspended by runPolicy.suspend; set it to false to resume from the latest checkpoint"
         )
@@ -366,9 +376,9 @@ def _create_attempt(kube: Kube, ftj: Body, attempt: int, remaining: int | None, 
     return kube.apply(builders.job(ftj, attempt, s, active_deadline_seconds=remaining))
 
 
-def _expire(kube: Kube, ftj: Body, status: Body, run_policy: Body) -> Result:
+def _expire(kube: Kube, ftj: Body, status: Body, run_policy: RunPolicy) -> Result:
     """ttlSecondsAfterFinished: delete the finished FineTuneJob (its children go with it)."""
-    ttl = run_policy.get("ttlSecondsAfterFinished")
+    ttl = run_policy.ttl_seconds_after_finished
     done = _parse_time(status.get("completionTime"))
     if ttl is None or done is None:
         return Result()

@@ -24,17 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune_trainer.config import (
-    AUGMENT_DEFAULT_BATCH_SIZE,
-    AUGMENT_DEFAULT_FRACTION,
-    AUGMENT_DEFAULT_MAX_NEW_TOKENS,
-    AUGMENT_PROMPT_DEFAULT,
-    AugmentationSettings,
-)
+from kubetune_trainer.config import AugmentationSettings
 from kubetune_trainer.data.filters import Dedupe, dedupe_key
 from kubetune_trainer.data.formats import Format, dedupe_texts, is_empty
 from kubetune_trainer.data.split import split_score
 from kubetune_trainer.data.synonyms import Synonyms, builtin_synonyms, load_synonyms
+from kubetune_trainer.settings import (
+    AUGMENT_DEFAULT_BATCH_SIZE,
+    AUGMENT_DEFAULT_FRACTION,
+    AUGMENT_DEFAULT_MAX_NEW_TOKENS,
+    AUGMENT_PROMPT_DEFAULT,
+)
 
 if TYPE_CHECKING:
     from kubetune_trainer.config import BackTranslationAugmentation, ParaphraseAugmentation

@@ -22,8 +22,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune_trainer.config import LOGGED_NAMES
 from kubetune_trainer.evaluation.metrics import check_semantic_similarity, compute_text_metrics, perplexity
+from kubetune_trainer.settings import LOGGED_NAMES
 
 if TYPE_CHECKING:
     from kubetune_trainer.evaluation.human import ExportResult, HumanEvalResult, SystemSpec

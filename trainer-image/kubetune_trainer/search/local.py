@@ -26,7 +26,7 @@ from typing import Any, Literal
 import optuna
 from transformers import TrainerCallback
 
-from kubetune_trainer.config import LOGGED_NAMES, FinetuningConfig
+from kubetune_trainer.config import FinetuningConfig
 from kubetune_trainer.data.errors import DataError
 from kubetune_trainer.exit_codes import ConfigError, TrainerError
 from kubetune_trainer.finetuner import ModelFinetuner
@@ -46,6 +46,7 @@ from kubetune_trainer.search.space import (
     set_path,
     study_direction,
 )
+from kubetune_trainer.settings import LOGGED_NAMES
 
 log = logging.getLogger(__name__)
 
