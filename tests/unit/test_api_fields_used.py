@@ -95,7 +95,6 @@ READ_BY_RECONCILE: dict[str, dict[str, str]] = {
 # list at merge; the test fails once a listed field is read, so a stale entry cannot stay.
 TO_WIRE: dict[str, set[str]] = {
     "FineTuneJob": {
-        "spec.baseModel.dtype",  # onedef wires it
         # Found by this test, wired by no branch yet: the trainer reads every file with the train
         # file's format (convert.py maps dataset.train.format to data_format only).
         "spec.dataset.validation.format",
@@ -193,7 +192,14 @@ _FTJ_FULL: dict[str, Any] = {
     },
     "method": {
         "type": "lora",
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.1, "targetModules": ["q_proj", "v_proj"], "bias": "all"},
+        "lora": {
+            "r": 16,
+            "alpha": 32,
+            "dropout": 0.1,
+            "targetModules": ["q_proj", "v_proj"],
+            "bias": "all",
+            "useRslora": False,
+        },
     },
     "hyperparameters": {
         "epochs": 2,
@@ -288,6 +294,8 @@ FTJ_FIXTURES = [
                 "bits": 4,
                 "quantType": "nf4",
                 "doubleQuant": True,
+                "useRslora": False,
+                "computeDtype": "auto",
             },
         },
     ),
