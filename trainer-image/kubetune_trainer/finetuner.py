@@ -34,7 +34,6 @@ Output directory layout (the same under ``<storage root>/final/``)::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -43,12 +42,12 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetune_trainer.config import FinetuningConfig
-from kubetune_trainer.distributed import DistInfo, dist_info, init_distributed
+from kubetune_trainer.distributed import DistInfo, dist_info, init_distributed, local_main_first
 from kubetune_trainer.exit_codes import ConfigError, PreemptedError
 from kubetune_trainer.methods import (
     apply_method,
@@ -56,7 +55,9 @@ from kubetune_trainer.methods import (
     model_load_kwargs,
     parameter_counts,
     resolve_precision,
+    torch_dtype,
 )
+from kubetune_trainer.models import architecture_of, load_tokenizer, resolve_model_path
 from kubetune_trainer.tracking import TrackingRun, check_report_to, run_name
 
 if TYPE_CHECKING:  # the data package imports tokenizers; loaded when first used
@@ -168,7 +169,7 @@ class ModelFinetuner:
         if not p.is_dir():
             raise ConfigError(f"{p} is not a directory: pass the output_dir of a finished training")
         precision = resolve_precision(self.config)
-        dtype = _dtype(precision)
+        dtype = torch_dtype(precision)
         if (p / "adapter_config.json").is_file():
             from peft import PeftConfig, PeftModel
 
@@ -232,7 +233,7 @@ class ModelFinetuner:
                 "set replay_fraction above 0 (the default is 0.1) or leave the replay data out"
             )
         replay_fraction = cfg.replay_fraction if replay_path else 0.0
-        with _local_main_first(self.dist):
+        with local_main_first(self.dist):
             # s3:// data files are downloaded once per node (local rank 0), then read by every rank.
             sources = [_local_source(s.path, scratch, self.dist, s.format, s.weight) for s in train]
             val = _local_source(cfg.validation_file, scratch, self.dist, cfg.data_format)
@@ -482,7 +483,7 @@ class ModelFinetuner:
         store = self._store()
         if store is not None:
             step = None
-            with _local_main_first(self.dist):
+            with local_main_first(self.dist):
                 marker = local_root / ".restored"
                 if self.dist.is_local_rank0:
                     restored = store.restore_latest(local_root)
@@ -585,7 +586,7 @@ class ModelFinetuner:
         if data is not None:
             source = DataSource(_materialise(data, scratch, "test"), cfg.data_format)
         else:
-            with _local_main_first(self.dist):  # s3:// data: one download per node
+            with local_main_first(self.dist):  # s3:// data: one download per node
                 local = _local_source(configured, scratch, self.dist, cfg.data_format)
             assert local is not None  # the caller checked that a file is configured
             source = local
@@ -765,7 +766,7 @@ class ModelFinetuner:
             )
             return
         base = AutoModelForCausalLM.from_pretrained(
-            str(self.base_model_path), dtype=_dtype(self.precision or "fp32")
+            str(self.base_model_path), dtype=torch_dtype(self.precision or "fp32")
         )
         merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
         merged.save_pretrained(str(out / MERGED_SUBDIR))
@@ -932,94 +933,6 @@ class _TestView:
         return self._prepared.eval_examples("train")
 
 
-def architecture_of(model: Any) -> dict[str, Any]:
-    """What an adapter needs of its base model to fit (recorded in provenance.json, compared by
-    init_adapter): the architecture and the shapes the adapter's layers attach to."""
-    config = getattr(model, "config", None)
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-    return {k: getattr(config, k, None) for k in keys}
-
-
-def resolve_model_path(name: str, dist: DistInfo) -> str:
-    """A local directory for ``model_name`` (downloading ``s3://``), or a hub id as given."""
-    if name.startswith("file://"):
-        name = name.removeprefix("file://")
-    elif name.startswith("hf://"):
-        return name.removeprefix("hf://")
-    elif name.startswith("pvc://"):
-        raise ConfigError(
-            f"model_name {name!r}: pvc:// models are mounted into the pod by the operator; locally, "
-            "give the directory path instead"
-        )
-    elif name.startswith("s3://"):
-        return _download_model(name, dist)
-    p = Path(name).expanduser()
-    if p.is_dir():
-        return str(p)
-    looks_local = name.startswith((".", "/", "~")) or not _looks_like_hub_id(name)
-    if looks_local:
-        raise ConfigError(
-            f"model_name {name!r}: directory not found; give a model directory (e.g. one made by "
-            "`kubetune make-tiny-model DIR`), an s3:// URI or a hub id"
-        )
-    return name  # a hub id: transformers resolves (and fails clearly without network)
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) <= 2 and all(parts) and not name.startswith((".", "/"))
-
-
-def _download_model(uri: str, dist: DistInfo, marker: str = "config.json", field: str = "model_name") -> str:
-    """Download the ``s3://`` prefix ``uri`` once per node (cached by URI); ``marker`` must be in it."""
-    from kubetune_trainer.storage import download_prefix
-
-    cache = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune")) / "models"
-    target = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    done = target / ".kubetune-complete"
-    with _local_main_first(dist):
-        if not done.exists() and dist.is_local_rank0:
-            log.info("downloading %s %s to %s", field, uri, target)
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".partial-"))
-            download_prefix(uri.rstrip("/") + "/", tmp)
-            if not (tmp / marker).is_file():
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise ConfigError(
-                    f"{field} {uri!r}: no {marker} under that prefix; point at the directory that holds it"
-                )
-            (tmp / ".kubetune-complete").write_text(uri)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
-    return str(target)
-
-
-@contextlib.contextmanager
-def _local_main_first(dist: DistInfo) -> Iterator[None]:
-    """Local rank 0 runs the body first; the other ranks of the node wait, then run it."""
-    import torch.distributed as tdist
-
-    active = dist.distributed and tdist.is_available() and tdist.is_initialized()
-    if active and not dist.is_local_rank0:
-        tdist.barrier()
-    yield
-    if active and dist.is_local_rank0:
-        tdist.barrier()
-
-
-def load_tokenizer(path: str, config: FinetuningConfig) -> Any:
-    from transformers import AutoTokenizer
-
-    kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
-    if config.model_revision:
-        kwargs["revision"] = config.model_revision
-    tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    if tok.pad_token is None:
-        # Padding positions are masked out of attention and loss, so any id works; EOS is the usual choice.
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def check_metric_requirements(config: FinetuningConfig) -> None:
     """Fail before any work when a configured metric cannot be computed here.
 
@@ -1147,7 +1060,7 @@ def _local_source(
     """A ``DataSource`` readable from disk (None for an unset file).
 
     An ``s3://`` object is downloaded into ``scratch`` by local rank 0 (call this under
-    ``_local_main_first``); its URI stays as the source's ``origin``, which errors and the
+    ``local_main_first``); its URI stays as the source's ``origin``, which errors and the
     provenance name instead of the local copy.
     """
     from kubetune_trainer.data import DataSource
@@ -1263,12 +1176,6 @@ def _in_pod() -> bool:
 
 def _device(model: Any) -> Any:
     return next(model.parameters()).device
-
-
-def _dtype(precision: str) -> Any:
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
 def _file_sha256(path: Path) -> str | None:
