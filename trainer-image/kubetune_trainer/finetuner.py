@@ -475,38 +475,15 @@ class ModelFinetuner:
         return self._callbacks["store"]
 
     def _resume_checkpoint(self) -> str | None:
-        """The checkpoint to resume from: the newest complete one in storage, else a local one."""
+        """The checkpoint this run resumes from (see storage/resume.py); None with ``resume: never``."""
+        from kubetune_trainer.storage.resume import resume_checkpoint
+
         cfg = self.config
         if cfg.resume == "never":
             return None
-        local_root = self._out() / "checkpoints"
-        store = self._store()
-        if store is not None:
-            step = None
-            with local_main_first(self.dist):
-                marker = local_root / ".restored"
-                if self.dist.is_local_rank0:
-                    restored = store.restore_latest(local_root)
-                    step = restored[0] if restored else None
-                    if restored:
-                        # load_best_model_at_end needs the best checkpoint here too, under a local path.
-                        restore_best_checkpoint(store, local_root, restored[1], cfg.deepspeed is not None)
-                    if self.dist.is_global_rank0:
-                        # Half-uploaded checkpoints of a killed attempt: this attempt will redo them.
-                        store.discard_incomplete(after_step=step)
-                    local_root.mkdir(parents=True, exist_ok=True)
-                    marker.write_text(json.dumps({"step": step}))
-                else:
-                    step = json.loads(marker.read_text())["step"]
-            if step is not None:
-                path = local_root / f"checkpoint-{step}"
-                log.info("resuming from checkpoint %s (step %d)", path, step)
-                return str(path)
-            return None
-        last = last_complete_checkpoint(local_root, deepspeed=cfg.deepspeed is not None)
-        if last:
-            log.info("resuming from local checkpoint %s (set resume: never to start over)", last)
-        return last
+        return resume_checkpoint(
+            self._store(), self._out() / "checkpoints", self.dist, deepspeed=cfg.deepspeed is not None
+        )
 
     def _eval_hook(self, trainer: Any, prefix: str) -> dict[str, Any]:
         """Generation metrics for Trainer's evaluation loop (runs on every rank)."""
@@ -955,103 +932,6 @@ def check_metric_requirements(config: FinetuningConfig) -> None:
             f"semantic_model {model!r}: directory not found; give a sentence-transformers model "
             "directory or a model name"
         )
-
-
-def local_checkpoint_problem(path: Path, deepspeed: bool) -> str | None:
-    """Why the local Trainer checkpoint ``path`` is not complete, or None when it is.
-
-    Trainer writes a checkpoint folder in place: weights, optimizer and scheduler (under
-    DeepSpeed: ``global_step<N>/`` and then the ``latest`` file), RNG states, and
-    ``trainer_state.json`` LAST. A process killed in between leaves a folder that looks like a
-    checkpoint, so "complete" means: ``trainer_state.json`` parses as JSON and, with DeepSpeed,
-    ``latest`` names a ``global_step*`` folder that exists.
-    """
-    from kubetune_trainer.storage.checkpoints import TRAINER_STATE_NAME
-
-    state = path / TRAINER_STATE_NAME
-    if not state.is_file():
-        return f"no {TRAINER_STATE_NAME} (the save was interrupted)"
-    try:
-        json.loads(state.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return f"{TRAINER_STATE_NAME} is unreadable ({exc})"
-    if deepspeed:
-        latest = path / "latest"
-        if not latest.is_file():
-            return "no DeepSpeed 'latest' file (the DeepSpeed save was interrupted)"
-        tag = latest.read_text(encoding="utf-8").strip()
-        if not tag or not (path / tag).is_dir():
-            return f"DeepSpeed 'latest' names {tag!r}, which is not a folder of the checkpoint"
-    return None
-
-
-def last_complete_checkpoint(folder: str | os.PathLike[str], deepspeed: bool = False) -> str | None:
-    """The newest ``checkpoint-<step>`` folder under ``folder`` that is complete, or None.
-
-    Unlike transformers' ``get_last_checkpoint`` (the newest folder, whatever it holds), this
-    skips folders a ``kill -9`` left half-written (see :func:`local_checkpoint_problem`).
-    """
-    from kubetune_trainer.storage import checkpoint_step
-
-    root = Path(folder)
-    if not root.is_dir():
-        return None
-    steps = []
-    for child in root.iterdir():
-        step = checkpoint_step(child.name)
-        if step is not None and child.is_dir():
-            steps.append((step, child))
-    for _, path in sorted(steps, reverse=True):
-        problem = local_checkpoint_problem(path, deepspeed)
-        if problem is None:
-            return str(path)
-        log.warning("skipping incomplete local checkpoint %s: %s", path, problem)
-    return None
-
-
-def restore_best_checkpoint(
-    store: Any, local_root: Path, resumed: Path, deepspeed: bool = False
-) -> Path | None:
-    """Make the best checkpoint recorded in ``resumed`` usable in this pod; returns its local path.
-
-    ``trainer_state.json`` names the best checkpoint (what ``load_best_model_at_end`` reloads)
-    by an absolute path on the machine that wrote it. Download that checkpoint from ``store``
-    when it is not ``resumed`` itself and not already complete under ``local_root``, then rewrite
-    ``best_model_checkpoint`` in ``resumed``'s state to the local folder (None when it cannot be
-    restored: then the run keeps the best of the evaluations still to come, with a warning).
-    """
-    from kubetune_trainer.storage import StorageError, best_step_from_state
-    from kubetune_trainer.storage.checkpoints import TRAINER_STATE_NAME
-
-    state_path = resumed / TRAINER_STATE_NAME
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # Trainer reports an unusable state itself
-    best = best_step_from_state(state)
-    if best is None:
-        return None
-    best_dir: Path | None = local_root / f"checkpoint-{best}"
-    if best_dir.resolve() != resumed.resolve() and local_checkpoint_problem(best_dir, deepspeed) is not None:
-        try:
-            best_dir = store.download(best, local_root)
-            log.info("restored the best checkpoint (step %d) to %s", best, best_dir)
-        except StorageError as exc:
-            log.warning(
-                "the best checkpoint (step %d, metric %s) could not be restored (%s): the output will be "
-                "the best of the evaluations from here on",
-                best,
-                state.get("best_metric"),
-                exc,
-            )
-            best_dir = None
-    local = str(best_dir) if best_dir is not None else None
-    if state.get("best_model_checkpoint") != local:
-        state["best_model_checkpoint"] = local
-        tmp = state_path.with_name(state_path.name + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, state_path)
-    return best_dir
 
 
 def _local_source(
