@@ -42,7 +42,6 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,8 +60,8 @@ from kubetune_trainer.models import architecture_of, load_tokenizer, resolve_mod
 from kubetune_trainer.tracking import TrackingRun, check_report_to, run_name
 
 if TYPE_CHECKING:  # the data package imports tokenizers; loaded when first used
-    from kubetune_trainer.data import DataSource
-    from kubetune_trainer.data.options import Dedupe, SourceFormat
+    from kubetune_trainer.data import DataInput, DataSource
+    from kubetune_trainer.data.options import Dedupe
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,6 @@ RUN_FIELDS = (
     "lr_scheduler_type", "weight_decay", "max_grad_norm", "optim", "precision", "seed",
     "gradient_checkpointing", "deepspeed",
 )  # fmt: skip
-DataInput = str | os.PathLike[str] | Sequence[dict[str, Any]] | None
 
 
 class ModelFinetuner:
@@ -213,19 +211,27 @@ class ModelFinetuner:
 
     def prepare_data(self, train_data: DataInput = None, replay_buffer: DataInput = None) -> Any:
         """Read, check and tokenise the data (DataError names file, line and field on bad data)."""
-        from kubetune_trainer.data import DataOptions, DataSource, prepare_datasets
+        from kubetune_trainer.data import (
+            DataOptions,
+            DataSource,
+            augmentation_synonyms_file,
+            local_augmentation,
+            local_source,
+            materialise,
+            prepare_datasets,
+        )
 
         cfg = self.config
         self._require_model()
         scratch = self._out() / ".data"
         if train_data is not None:
-            train = [DataSource(_materialise(train_data, scratch, "train"), cfg.data_format)]
+            train = [DataSource(materialise(train_data, scratch, "train"), cfg.data_format)]
         else:
             train = [DataSource(m.path, m.format, m.weight) for m in cfg.mixture]
             if cfg.train_file:
                 train.insert(0, DataSource(cfg.train_file, cfg.data_format))
         replay_path = (
-            _materialise(replay_buffer, scratch, "replay") if replay_buffer is not None else cfg.replay_file
+            materialise(replay_buffer, scratch, "replay") if replay_buffer is not None else cfg.replay_file
         )
         if replay_path and cfg.replay_fraction == 0:
             raise ConfigError(
@@ -235,11 +241,11 @@ class ModelFinetuner:
         replay_fraction = cfg.replay_fraction if replay_path else 0.0
         with local_main_first(self.dist):
             # s3:// data files are downloaded once per node (local rank 0), then read by every rank.
-            sources = [_local_source(s.path, scratch, self.dist, s.format, s.weight) for s in train]
-            val = _local_source(cfg.validation_file, scratch, self.dist, cfg.data_format)
-            test = _local_source(cfg.test_file, scratch, self.dist, cfg.data_format)
-            replay = _local_source(replay_path, scratch, self.dist)
-            synonyms_file = _augmentation_synonyms_file(cfg, scratch, self.dist)
+            sources = [local_source(s.path, scratch, self.dist, s.format, s.weight) for s in train]
+            val = local_source(cfg.validation_file, scratch, self.dist, cfg.data_format)
+            test = local_source(cfg.test_file, scratch, self.dist, cfg.data_format)
+            replay = local_source(replay_path, scratch, self.dist)
+            synonyms_file = augmentation_synonyms_file(cfg, scratch, self.dist)
         options = DataOptions(
             max_seq_length=cfg.max_seq_length,
             packing=cfg.packing,
@@ -248,7 +254,7 @@ class ModelFinetuner:
             seed=cfg.seed,
             replay_fraction=replay_fraction,
             drop_too_long=cfg.drop_too_long,
-            augmentation=_local_augmentation(cfg, synonyms_file, self.dist),
+            augmentation=local_augmentation(cfg, synonyms_file, self.dist),
         )
         self.data = prepare_datasets(
             self.tokenizer,
@@ -556,15 +562,15 @@ class ModelFinetuner:
 
     def _prepare_eval_file(self, data: DataInput, configured: str | None, dedupe: Dedupe = "none") -> Any:
         """One evaluation file (or list of records) through the training data pipeline."""
-        from kubetune_trainer.data import DataOptions, DataSource, prepare_datasets
+        from kubetune_trainer.data import DataOptions, DataSource, local_source, materialise, prepare_datasets
 
         cfg = self.config
         scratch = self._out() / ".data"
         if data is not None:
-            source = DataSource(_materialise(data, scratch, "test"), cfg.data_format)
+            source = DataSource(materialise(data, scratch, "test"), cfg.data_format)
         else:
             with local_main_first(self.dist):  # s3:// data: one download per node
-                local = _local_source(configured, scratch, self.dist, cfg.data_format)
+                local = local_source(configured, scratch, self.dist, cfg.data_format)
             assert local is not None  # the caller checked that a file is configured
             source = local
         # The file goes in as "train" of its own PreparedData; _TestView presents it to the eval hook.
@@ -932,83 +938,6 @@ def check_metric_requirements(config: FinetuningConfig) -> None:
             f"semantic_model {model!r}: directory not found; give a sentence-transformers model "
             "directory or a model name"
         )
-
-
-def _local_source(
-    path: str | None, scratch: Path, dist: DistInfo, fmt: SourceFormat = "auto", weight: float = 1.0
-) -> DataSource | None:
-    """A ``DataSource`` readable from disk (None for an unset file).
-
-    An ``s3://`` object is downloaded into ``scratch`` by local rank 0 (call this under
-    ``local_main_first``); its URI stays as the source's ``origin``, which errors and the
-    provenance name instead of the local copy.
-    """
-    from kubetune_trainer.data import DataSource
-
-    if not path:
-        return None
-    if not path.startswith("s3://"):
-        return DataSource(path, fmt, weight)
-    from kubetune_trainer.storage import S3Uri, s3_client_from_env
-    from kubetune_trainer.storage.transfer import download_files
-
-    uri = S3Uri.parse(path, field="data file")
-    local = scratch / "s3" / f"{hashlib.sha256(path.encode()).hexdigest()[:12]}-{Path(uri.key).name}"
-    if dist.is_local_rank0 and not local.is_file():
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(local.name + ".partial")
-        download_files(s3_client_from_env(), [(uri, tmp, None)], what=f"download of {path}")
-        os.replace(tmp, local)
-    return DataSource(str(local), fmt, weight, origin=path)
-
-
-def _augmentation_synonyms_file(cfg: FinetuningConfig, scratch: Path, dist: DistInfo) -> str | None:
-    """The augmentation's synonyms file on local disk (downloaded when s3://)."""
-    aug = cfg.augmentation
-    if aug is None or aug.synonyms is None or not aug.synonyms.synonyms_file:
-        return None
-    source = _local_source(aug.synonyms.synonyms_file, scratch, dist)
-    return source.path if source is not None else None
-
-
-def _local_augmentation(cfg: FinetuningConfig, synonyms_file: str | None, dist: DistInfo) -> Any:
-    """The augmentation settings with local files and model directories (s3:// models downloaded)."""
-    aug = cfg.augmentation
-    if aug is None:
-        return None
-    update: dict[str, Any] = {}
-    if aug.synonyms is not None and synonyms_file:
-        update["synonyms"] = aug.synonyms.model_copy(update={"synonyms_file": synonyms_file})
-    if aug.paraphrase is not None:
-        update["paraphrase"] = aug.paraphrase.model_copy(
-            update={"model": resolve_model_path(aug.paraphrase.model, dist)}
-        )
-    if aug.back_translation is not None:
-        bt = aug.back_translation
-        update["back_translation"] = bt.model_copy(
-            update={
-                "model": resolve_model_path(bt.model, dist),
-                "back_model": resolve_model_path(bt.back_model, dist),
-            }
-        )
-    return aug.model_copy(update=update)
-
-
-def _materialise(data: DataInput, scratch: Path, name: str) -> str:
-    """A file path for ``data`` (a path, or records written to a JSONL file)."""
-    if isinstance(data, str | os.PathLike):
-        return str(data)
-    rows = list(data or [])
-    if not rows:
-        raise ConfigError(f"{name} data is an empty list")
-    scratch.mkdir(parents=True, exist_ok=True)
-    path = scratch / f"{name}.jsonl"
-    with path.open("w", encoding="utf-8") as f:
-        for i, row in enumerate(rows):
-            if not isinstance(row, dict):
-                raise ConfigError(f"{name} data[{i}] is a {type(row).__name__}; records must be dicts")
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return str(path)
 
 
 def _check_saved_adapter(out: Path, model: Any) -> None:
