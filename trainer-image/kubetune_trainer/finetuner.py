@@ -428,44 +428,18 @@ class ModelFinetuner:
         return EWCPenalty.estimate(self.model, examples, cfg.ewc_lambda)
 
     def _runtime_callbacks(self) -> list[Any]:
-        """Progress reporting, preemption handling and S3 checkpoints (the storage package)."""
+        """Progress reporting, preemption handling and S3 checkpoints (callbacks.runtime_callbacks)."""
         cfg = self.config
         try:
-            from kubetune_trainer.callbacks import PreemptionCallback, ProgressCallback, S3CheckpointCallback
-            from kubetune_trainer.progress import ProgressReporter
+            from kubetune_trainer.callbacks import runtime_callbacks
         except ImportError:
             if cfg.storage_uri:
                 raise ConfigError(
                     "storage_uri is set but this installation has no storage support (kubetune_trainer.callbacks)"
                 ) from None
             return []
-        callbacks: list[Any] = []
-        pre = PreemptionCallback()
-        self._callbacks["preemption"] = pre
-        callbacks.append(pre)
-        if self.dist.is_global_rank0:
-            job = (cfg.job.namespace, cfg.job.name) if cfg.job is not None and _in_pod() else None
-            reporter = ProgressReporter(
-                job=job,
-                metrics_port=cfg.metrics_port,
-                min_patch_interval_s=cfg.status_patch_interval_s,
-                show_bar=cfg.progress_bar,
-            )
-            self._callbacks["reporter"] = reporter
-            callbacks.append(ProgressCallback(reporter))
-        store = self._store()
-        if store is not None:
-            s3cb = S3CheckpointCallback(
-                store=store,
-                output_dir=str(self._out() / "checkpoints"),
-                keep_last=cfg.keep_last,
-                node_rank=self.dist.node_rank,
-                is_global_rank0=self.dist.is_global_rank0,
-                num_nodes=self.dist.num_nodes,
-                reporter=self._callbacks.get("reporter"),
-            )
-            self._callbacks["s3"] = s3cb
-            callbacks.append(s3cb)
+        callbacks, named = runtime_callbacks(cfg, self.dist, self._store(), self._out() / "checkpoints")
+        self._callbacks.update(named)
         return callbacks
 
     def _store(self) -> Any:
@@ -977,10 +951,6 @@ def _flag(callback: Any) -> bool:
         if isinstance(value, bool):
             return value
     return False
-
-
-def _in_pod() -> bool:
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
 
 
 def _device(model: Any) -> Any:
