@@ -35,16 +35,21 @@ Output directory layout (the same under ``<storage root>/final/``)::
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kubetune_trainer.artifacts import (
+    MERGED_SUBDIR,
+    METRICS_FILE,
+    check_saved_adapter,
+    save_merged,
+    upload_output,
+    write_curves,
+    write_provenance,
+)
 from kubetune_trainer.config import FinetuningConfig
 from kubetune_trainer.distributed import DistInfo, dist_info, init_distributed, local_main_first
 from kubetune_trainer.exit_codes import ConfigError, PreemptedError
@@ -56,7 +61,7 @@ from kubetune_trainer.methods import (
     resolve_precision,
     torch_dtype,
 )
-from kubetune_trainer.models import architecture_of, load_tokenizer, resolve_model_path
+from kubetune_trainer.models import load_tokenizer, resolve_model_path
 from kubetune_trainer.tracking import TrackingRun, check_report_to, run_name
 
 if TYPE_CHECKING:  # the data package imports tokenizers; loaded when first used
@@ -65,9 +70,6 @@ if TYPE_CHECKING:  # the data package imports tokenizers; loaded when first used
 
 log = logging.getLogger(__name__)
 
-PROVENANCE_FILE = "provenance.json"
-METRICS_FILE = "metrics.json"
-MERGED_SUBDIR = "merged"
 # Config fields that define a run: when one of them changed between two train() calls (the
 # guide's grid search sets config.learning_rate = lr), the next run starts from the base model.
 # The others (data, replay, EWC, evaluation, reporting, output_dir) may change from one task of
@@ -686,7 +688,7 @@ class ModelFinetuner:
             # Serving must render conversations exactly like training, fallback template included.
             tok.chat_template = chat_template_for(tok)
             tok.save_pretrained(str(out))
-            _check_saved_adapter(out, self.model)
+            check_saved_adapter(out, self.model)
             self._write_provenance(out)
             self._write_curves(out)
             if self.config.merge_adapter and self.config.uses_peft:
@@ -698,72 +700,28 @@ class ModelFinetuner:
         """log_history.json and training_curves.png next to the adapter (uploaded with it)."""
         if self.trainer is None or not self.trainer.state.log_history:
             return
-        from kubetune_trainer.plots import write_run_curves
-
-        try:
-            png = write_run_curves(
-                out, self.trainer.state.log_history, title=f"{run_name(self.config)} ({self.config.method})"
-            )
-        except Exception as exc:  # a plot is not worth failing a finished training for
-            log.warning("could not draw the training curves: %s", exc)
-            return
-        log.info("training curves: %s (redraw with `kubetune plot %s`)", png, out)
-        if self._tracking is not None:
+        title = f"{run_name(self.config)} ({self.config.method})"
+        png = write_curves(out, self.trainer.state.log_history, title)
+        if png is not None and self._tracking is not None:
             self._tracking.log_artifact(png)
 
     def _save_merged(self, out: Path) -> None:
-        """Reload base + adapter at full precision on CPU and merge (works after ZeRO-3 too)."""
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        if self.config.method not in ("lora", "qlora"):
-            log.warning(
-                "merge_adapter: only LoRA adapters can be merged into the weights; skipped for %s",
-                self.config.method,
-            )
-            return
-        base = AutoModelForCausalLM.from_pretrained(
-            str(self.base_model_path), dtype=torch_dtype(self.precision or "fp32")
-        )
-        merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
-        merged.save_pretrained(str(out / MERGED_SUBDIR))
-        self.tokenizer.save_pretrained(str(out / MERGED_SUBDIR))
-        self.merged_dir = out / MERGED_SUBDIR
-        log.info("merged model saved to %s", out / MERGED_SUBDIR)
+        merged = save_merged(out, self.config, str(self.base_model_path), self.precision, self.tokenizer)
+        if merged is not None:
+            self.merged_dir = merged
 
     def _write_provenance(self, out: Path) -> None:
-        import peft
-        import torch
-        import transformers
-
-        cfg = self.config
-        trainable, total = parameter_counts(self.model)
-        doc = {
-            "kubetune_version": _version(),
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "base_model": {
-                "name": cfg.model_name,
-                "resolved_path": self.base_model_path,
-                "revision": cfg.model_revision,
-                "config_sha256": _file_sha256(Path(self.base_model_path or "") / "config.json"),
-                "architecture": architecture_of(self.model),
-            },
-            "continued_from": self.continued_from,
-            "run": {"index": self.runs, "directory": str(self._out())},
-            "method": cfg.method,
-            "parameters": {"trainable": trainable, "total": total},
-            "datasets": dict(self.data.fingerprints) if self.data is not None else {},
-            "data_stats": _stats_dict(self.data),
-            "config": cfg.model_dump(mode="json"),
-            "metrics": {"train": self.train_metrics, "eval": self.eval_metrics, "test": self.test_metrics},
-            "global_step": self.trainer.state.global_step if self.trainer is not None else None,
-            "versions": {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "peft": peft.__version__,
-            },
-        }
-        (out / PROVENANCE_FILE).write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+        write_provenance(
+            out,
+            self.config,
+            self.model,
+            base_model_path=self.base_model_path,
+            continued_from=self.continued_from,
+            run={"index": self.runs, "directory": str(self._out())},
+            data=self.data,
+            metrics={"train": self.train_metrics, "eval": self.eval_metrics, "test": self.test_metrics},
+            global_step=self.trainer.state.global_step if self.trainer is not None else None,
+        )
 
     def write_metrics(self, out: Path | None = None) -> dict[str, Any]:
         doc = {"train": self.train_metrics, "eval": self.eval_metrics, "test": self.test_metrics}
@@ -777,21 +735,11 @@ class ModelFinetuner:
         store = self._store()
         if store is None or not self.dist.is_global_rank0:
             return None
-        out = self._out()
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".final-") as staging:
-            for item in out.iterdir():
-                if item.name in ("checkpoints", ".data") or item.name.startswith("."):
-                    continue
-                target = Path(staging) / item.name
-                if item.is_dir():
-                    shutil.copytree(item, target, copy_function=_link_or_copy)
-                else:
-                    _link_or_copy(str(item), str(target))
-            store.upload_final(staging)
-        store.write_json(
-            METRICS_FILE, {"train": self.train_metrics, "eval": self.eval_metrics, "test": self.test_metrics}
+        uri = upload_output(
+            store,
+            self._out(),
+            {"train": self.train_metrics, "eval": self.eval_metrics, "test": self.test_metrics},
         )
-        uri = str(store.final_uri)
         reporter = self._callbacks.get("reporter")
         if reporter is not None and hasattr(reporter, "output"):
             reporter.output(uri)
@@ -914,25 +862,6 @@ def check_metric_requirements(config: FinetuningConfig) -> None:
         )
 
 
-def _check_saved_adapter(out: Path, model: Any) -> None:
-    """Refuse to ship an adapter file with empty tensors (the classic ZeRO-3 save trap)."""
-    path = out / "adapter_model.safetensors"
-    if not path.is_file():
-        return
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
-        empty = [
-            k for k in keys if f.get_slice(k).get_shape() in ([], [0]) or 0 in f.get_slice(k).get_shape()
-        ]
-    if not keys or empty:
-        raise RuntimeError(
-            f"{path} is incomplete ({len(keys)} tensors, empty: {empty[:5]}): the adapter weights were not "
-            "gathered before saving (DeepSpeed ZeRO-3 needs stage3_gather_16bit_weights_on_model_save)"
-        )
-
-
 def _clean(metrics: dict[str, Any], extra: dict[str, Any], prefix: str) -> dict[str, Any]:
     """Trainer metrics without the prefix noise, plus non-scalar extras (confusion matrix)."""
     out = {
@@ -955,39 +884,3 @@ def _flag(callback: Any) -> bool:
 
 def _device(model: Any) -> Any:
     return next(model.parameters()).device
-
-
-def _file_sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _stats_dict(data: Any) -> Any:
-    if data is None or not hasattr(data, "stats"):
-        return None
-    stats = data.stats
-    if hasattr(stats, "to_dict"):
-        return stats.to_dict()
-    import dataclasses
-
-    if dataclasses.is_dataclass(stats) and not isinstance(stats, type):
-        return dataclasses.asdict(stats)
-    return str(stats)
-
-
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-    return dst
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("kubetune")
-    except Exception:
-        return "unknown"
