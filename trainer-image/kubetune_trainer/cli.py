@@ -84,7 +84,7 @@ def _cmd_train(sub: argparse._SubParsersAction) -> None:
 
         try:
             from kubetune_trainer.config import FinetuningConfig
-            from kubetune_trainer.finetuner import run_training
+            from kubetune_trainer.job import run_training
 
             result = run_training(FinetuningConfig.from_yaml(args.config))
         except Exception as exc:
@@ -112,7 +112,7 @@ def _cmd_run(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> int:
         from kubetune_trainer.config import load_job_file
-        from kubetune_trainer.finetuner import run_training
+        from kubetune_trainer.job import run_training
 
         config = load_job_file(args.file)
         if args.output_dir:

@@ -4,9 +4,7 @@
     ft.load_model(); ft.train(); print(ft.evaluate()); ft.save_model()
     ft.load_finetuned_model("./finetuned_model"); print(ft.generate("Hello", max_new_tokens=20))
 
-``run_training(config)`` is the whole job as pods run it (``kubetune train --config``):
-load, train (resuming from the newest complete checkpoint), evaluate, test, save, upload. It
-returns a ``TrainingResult``, from which ``kubetune_trainer.pod`` writes the operator's report.
+The whole job as pods run it (``kubetune train --config``) is ``kubetune_trainer.job.run_training``.
 
 Repeated ``train()`` calls (the guide's loops) each write a run directory of their own:
 
@@ -34,7 +32,6 @@ Output directory layout (the same under ``<storage root>/final/``)::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -42,7 +39,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetune_trainer.artifacts import (
-    MERGED_SUBDIR,
     METRICS_FILE,
     check_saved_adapter,
     save_merged,
@@ -764,62 +760,6 @@ class ModelFinetuner:
 
             if tdist.is_initialized():
                 tdist.barrier()
-
-
-# ----------------------------------------------------------------------------- the job
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingResult:
-    """What a finished run produced (global rank 0 has the URIs; other ranks get None there)."""
-
-    output_dir: Path
-    adapter_uri: str | None  # <storage root>/final/ when uploaded
-    merged_uri: str | None  # <storage root>/final/merged/ when a merged model was uploaded
-    trainable_parameters: int
-    total_parameters: int
-    train_metrics: dict[str, Any]
-    eval_metrics: dict[str, Any]
-    test_metrics: dict[str, Any]
-    # Data augmentation counts, {method: {generated, kept, dropped}} (data/augment.py); empty when off.
-    augmentation: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
-
-
-def run_training(config: FinetuningConfig) -> TrainingResult:
-    """What a training pod does: train, evaluate, test, save, upload."""
-    if "replay_fraction" in config.model_fields_set and config.replay_fraction > 0 and not config.replay_file:
-        raise ConfigError("replay_fraction > 0 needs replay_file (data from the earlier tasks)")
-    ft = ModelFinetuner(config)
-    try:
-        ft.load_model()
-        ft.train()
-        if ft.trainer is not None and ft.trainer.eval_dataset is not None:
-            ft.evaluate()
-        if config.test_file:
-            ft.test()
-        ft.save_model()
-        ft.write_metrics()
-        uri = ft.upload_final()
-        if ft.dist.is_global_rank0:
-            where = uri or str(Path(config.output_dir).resolve())
-            print(f"done: output in {where}", flush=True)
-        trainable, total = parameter_counts(ft.model)
-        return TrainingResult(
-            output_dir=Path(config.output_dir),
-            adapter_uri=uri,
-            merged_uri=f"{uri}{MERGED_SUBDIR}/" if uri and ft.merged_dir is not None else None,
-            trainable_parameters=trainable,
-            total_parameters=total,
-            train_metrics=ft.train_metrics,
-            eval_metrics=ft.eval_metrics,
-            test_metrics=ft.test_metrics,
-            augmentation=dict(ft.data.stats.augmentation) if ft.data is not None else {},
-        )
-    except BaseException:
-        ft.close("FAILED")
-        raise
-    finally:
-        ft.close()
 
 
 # ----------------------------------------------------------------------------- helpers
