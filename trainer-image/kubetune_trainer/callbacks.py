@@ -340,15 +340,20 @@ class ProgressCallback(TrainerCallback):
 
 
 def runtime_callbacks(
-    config: FinetuningConfig, dist: DistInfo, store: CheckpointStore | None, checkpoints_dir: Path
-) -> tuple[list[TrainerCallback], dict[str, Any]]:
-    """The callbacks train() installs on every rank, and the stateful ones by name.
+    config: FinetuningConfig,
+    dist: DistInfo,
+    store: CheckpointStore | None,
+    checkpoints_dir: Path,
+    named: dict[str, Any],
+) -> list[TrainerCallback]:
+    """The callbacks train() installs on every rank; the stateful ones also go into ``named``.
 
     ``preemption`` (PreemptionCallback), ``reporter`` (the ProgressReporter behind a
     ProgressCallback, global rank 0 only) and ``s3`` (S3CheckpointCallback, with a ``store``).
+    Each is put into ``named`` as soon as it exists, so that when a later one fails, the
+    caller's close() still restores the signal handlers and stops the reporter.
     """
     callbacks: list[TrainerCallback] = []
-    named: dict[str, Any] = {}
     pre = PreemptionCallback()
     named["preemption"] = pre
     callbacks.append(pre)
@@ -374,7 +379,7 @@ def runtime_callbacks(
         )
         named["s3"] = s3cb
         callbacks.append(s3cb)
-    return callbacks, named
+    return callbacks
 
 
 def _in_pod() -> bool:

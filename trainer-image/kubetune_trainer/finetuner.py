@@ -436,9 +436,7 @@ class ModelFinetuner:
                     "storage_uri is set but this installation has no storage support (kubetune_trainer.callbacks)"
                 ) from None
             return []
-        callbacks, named = runtime_callbacks(cfg, self.dist, self._store(), self._out() / "checkpoints")
-        self._callbacks.update(named)
-        return callbacks
+        return runtime_callbacks(cfg, self.dist, self._store(), self._out() / "checkpoints", self._callbacks)
 
     def _store(self) -> Any:
         root = self.config.storage_root()
