@@ -240,7 +240,7 @@ def _fake_checkpoint(root: Path, step: int, files: dict[str, str]) -> Path:
 
 
 def test_last_complete_checkpoint_skips_half_written_folders(tmp_path: Path) -> None:
-    from kubetune_trainer.finetuner import last_complete_checkpoint
+    from kubetune_trainer.storage.resume import last_complete_checkpoint
 
     root = tmp_path / "checkpoints"
     assert last_complete_checkpoint(root) is None  # no folder yet
@@ -287,7 +287,7 @@ def test_resume_skips_an_incomplete_newest_local_checkpoint(
     second = ModelFinetuner(
         _config(tiny_model_dir, task_files, out, max_steps=8, save_steps=2, resume="auto")
     )
-    with caplog.at_level(logging.INFO, logger="kubetune_trainer.finetuner"):
+    with caplog.at_level(logging.INFO, logger="kubetune_trainer"):
         second.train()
     resumed = [r.getMessage() for r in caplog.records if "resuming from local checkpoint" in r.getMessage()]
     assert len(resumed) == 1 and resumed[0].split()[4].endswith("checkpoint-4"), resumed

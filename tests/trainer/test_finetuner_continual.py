@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from kubetune_trainer import FinetuningConfig, ModelFinetuner
 from kubetune_trainer.data.replay import replay_count
 from kubetune_trainer.exit_codes import ConfigError
-from kubetune_trainer.finetuner import run_training
+from kubetune_trainer.job import run_training
 from kubetune_trainer.quickstart import make_task_records
 
 STEPS = 4

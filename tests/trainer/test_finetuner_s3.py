@@ -152,7 +152,7 @@ def _same_weights(model, checkpoint: Path) -> bool:
 def test_best_checkpoint_survives_pruning_and_a_new_pod(
     s3, s3_bucket: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kubetune_trainer.finetuner import local_checkpoint_problem, restore_best_checkpoint
+    from kubetune_trainer.storage.resume import local_checkpoint_problem, restore_best_checkpoint
 
     for key, value in s3.env().items():
         monkeypatch.setenv(key, value)

@@ -141,7 +141,7 @@ def test_a_run_reports_to_mlflow_and_tensorboard_and_ships_its_curves_to_s3(
     from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from kubetune_trainer.finetuner import run_training
+    from kubetune_trainer.job import run_training
 
     for key, value in s3.env().items():
         monkeypatch.setenv(key, value)

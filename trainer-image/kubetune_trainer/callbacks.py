@@ -16,12 +16,16 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
 from .progress import ProgressReporter
 from .storage import CheckpointStore, StorageError
+
+if TYPE_CHECKING:
+    from .config import FinetuningConfig
+    from .distributed import DistInfo
 
 log = logging.getLogger(__name__)
 
@@ -333,3 +337,50 @@ class ProgressCallback(TrainerCallback):
                 tokens_per_second=self._tokens_per_second,
                 force=True,
             )
+
+
+def runtime_callbacks(
+    config: FinetuningConfig,
+    dist: DistInfo,
+    store: CheckpointStore | None,
+    checkpoints_dir: Path,
+    named: dict[str, Any],
+) -> list[TrainerCallback]:
+    """The callbacks train() installs on every rank; the stateful ones also go into ``named``.
+
+    ``preemption`` (PreemptionCallback), ``reporter`` (the ProgressReporter behind a
+    ProgressCallback, global rank 0 only) and ``s3`` (S3CheckpointCallback, with a ``store``).
+    Each is put into ``named`` as soon as it exists, so that when a later one fails, the
+    caller's close() still restores the signal handlers and stops the reporter.
+    """
+    callbacks: list[TrainerCallback] = []
+    pre = PreemptionCallback()
+    named["preemption"] = pre
+    callbacks.append(pre)
+    if dist.is_global_rank0:
+        job = (config.job.namespace, config.job.name) if config.job is not None and _in_pod() else None
+        reporter = ProgressReporter(
+            job=job,
+            metrics_port=config.metrics_port,
+            min_patch_interval_s=config.status_patch_interval_s,
+            show_bar=config.progress_bar,
+        )
+        named["reporter"] = reporter
+        callbacks.append(ProgressCallback(reporter))
+    if store is not None:
+        s3cb = S3CheckpointCallback(
+            store=store,
+            output_dir=str(checkpoints_dir),
+            keep_last=config.keep_last,
+            node_rank=dist.node_rank,
+            is_global_rank0=dist.is_global_rank0,
+            num_nodes=dist.num_nodes,
+            reporter=named.get("reporter"),
+        )
+        named["s3"] = s3cb
+        callbacks.append(s3cb)
+    return callbacks
+
+
+def _in_pod() -> bool:
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))

@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from kubetune_trainer.exit_codes import ExitCode, TrainerError
+from kubetune_trainer.exit_codes import ExitCode, TrainerError, exit_code_for
 
 log = logging.getLogger("kubetune")
 
@@ -84,7 +84,7 @@ def _cmd_train(sub: argparse._SubParsersAction) -> None:
 
         try:
             from kubetune_trainer.config import FinetuningConfig
-            from kubetune_trainer.finetuner import run_training
+            from kubetune_trainer.job import run_training
 
             result = run_training(FinetuningConfig.from_yaml(args.config))
         except Exception as exc:
@@ -111,7 +111,7 @@ def _cmd_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", type=Path, help="override output_dir")
 
     def run(args: argparse.Namespace) -> int:
-        from kubetune_trainer.finetuner import run_training
+        from kubetune_trainer.job import run_training
         from kubetune_trainer.jobfile import load_job_file
 
         config = load_job_file(args.file)
@@ -256,23 +256,6 @@ def build_parser() -> argparse.ArgumentParser:
     for add in COMMANDS:
         add(sub)
     return parser
-
-
-def exit_code_for(exc: BaseException) -> ExitCode:
-    """Map an exception to the process exit code the operator understands."""
-    if isinstance(exc, TrainerError):
-        return exc.exit_code
-    data_mod = sys.modules.get("kubetune_trainer.data")  # only when already imported (no torch here)
-    data_error = getattr(data_mod, "DataError", None)
-    if data_error is not None and isinstance(exc, data_error):
-        return ExitCode.BAD_DATA
-    try:
-        from pydantic import ValidationError
-    except ImportError:  # pragma: no cover - pydantic is a core dependency
-        return ExitCode.UNEXPECTED
-    if isinstance(exc, ValidationError):
-        return ExitCode.BAD_CONFIG
-    return ExitCode.UNEXPECTED
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,9 +12,11 @@ so the two can never disagree; the user's ``overrides`` are deep-merged last.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,3 +151,16 @@ def init_distributed(use_deepspeed: bool) -> DistInfo:
         tdist.init_process_group(backend=backend)
     log.info("rank %d/%d joined the %s process group", info.rank, info.world_size, backend)
     return info
+
+
+@contextlib.contextmanager
+def local_main_first(dist: DistInfo) -> Iterator[None]:
+    """Local rank 0 runs the body first; the other ranks of the node wait, then run it."""
+    import torch.distributed as tdist
+
+    active = dist.distributed and tdist.is_available() and tdist.is_initialized()
+    if active and not dist.is_local_rank0:
+        tdist.barrier()
+    yield
+    if active and dist.is_local_rank0:
+        tdist.barrier()

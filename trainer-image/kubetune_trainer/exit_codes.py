@@ -7,6 +7,7 @@ retried (up to ``runPolicy.maxRestarts``) and resume from the newest checkpoint.
 
 from __future__ import annotations
 
+import sys
 from enum import IntEnum
 
 
@@ -50,3 +51,20 @@ class PreemptedError(TrainerError):
     """Training stopped on SIGTERM after saving (and uploading) a checkpoint."""
 
     exit_code = ExitCode.PREEMPTED
+
+
+def exit_code_for(exc: BaseException) -> ExitCode:
+    """Map an exception to the process exit code the operator understands."""
+    if isinstance(exc, TrainerError):
+        return exc.exit_code
+    data_mod = sys.modules.get("kubetune_trainer.data")  # only when already imported (no torch here)
+    data_error = getattr(data_mod, "DataError", None)
+    if data_error is not None and isinstance(exc, data_error):
+        return ExitCode.BAD_DATA
+    try:
+        from pydantic import ValidationError
+    except ImportError:  # pragma: no cover - pydantic is a core dependency
+        return ExitCode.UNEXPECTED
+    if isinstance(exc, ValidationError):
+        return ExitCode.BAD_CONFIG
+    return ExitCode.UNEXPECTED

@@ -4,9 +4,7 @@
     ft.load_model(); ft.train(); print(ft.evaluate()); ft.save_model()
     ft.load_finetuned_model("./finetuned_model"); print(ft.generate("Hello", max_new_tokens=20))
 
-``run_training(config)`` is the whole job as pods run it (``kubetune train --config``):
-load, train (resuming from the newest complete checkpoint), evaluate, test, save, upload. It
-returns a ``TrainingResult``, from which ``kubetune_trainer.pod`` writes the operator's report.
+The whole job as pods run it (``kubetune train --config``) is ``kubetune_trainer.job.run_training``.
 
 Repeated ``train()`` calls (the guide's loops) each write a run directory of their own:
 
@@ -34,21 +32,22 @@ Output directory layout (the same under ``<storage root>/final/``)::
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import datetime as dt
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kubetune_trainer.artifacts import (
+    METRICS_FILE,
+    check_saved_adapter,
+    save_merged,
+    upload_output,
+    write_curves,
+    write_provenance,
+)
 from kubetune_trainer.config import FinetuningConfig
-from kubetune_trainer.distributed import DistInfo, dist_info, init_distributed
+from kubetune_trainer.distributed import DistInfo, dist_info, init_distributed, local_main_first
 from kubetune_trainer.exit_codes import ConfigError, PreemptedError
 from kubetune_trainer.methods import (
     apply_method,
@@ -56,19 +55,17 @@ from kubetune_trainer.methods import (
     model_load_kwargs,
     parameter_counts,
     resolve_precision,
+    torch_dtype,
 )
-from kubetune_trainer.pod import saved_output
+from kubetune_trainer.models import load_tokenizer, resolve_model_path
 from kubetune_trainer.tracking import TrackingRun, check_report_to, run_name
 
 if TYPE_CHECKING:  # the data package imports tokenizers; loaded when first used
-    from kubetune_trainer.data import DataSource
-    from kubetune_trainer.data.options import Dedupe, SourceFormat
+    from kubetune_trainer.data import DataInput, DataSource
+    from kubetune_trainer.data.options import Dedupe
 
 log = logging.getLogger(__name__)
 
-PROVENANCE_FILE = "provenance.json"
-METRICS_FILE = "metrics.json"
-MERGED_SUBDIR = "merged"
 # Config fields that define a run: when one of them changed between two train() calls (the
 # guide's grid search sets config.learning_rate = lr), the next run starts from the base model.
 # The others (data, replay, EWC, evaluation, reporting, output_dir) may change from one task of
@@ -81,7 +78,6 @@ RUN_FIELDS = (
     "lr_scheduler_type", "weight_decay", "max_grad_norm", "optim", "precision", "seed",
     "gradient_checkpointing", "deepspeed",
 )  # fmt: skip
-DataInput = str | os.PathLike[str] | Sequence[dict[str, Any]] | None
 
 
 class ModelFinetuner:
@@ -169,7 +165,7 @@ class ModelFinetuner:
         if not p.is_dir():
             raise ConfigError(f"{p} is not a directory: pass the output_dir of a finished training")
         precision = resolve_precision(self.config)
-        dtype = _dtype(precision)
+        dtype = torch_dtype(precision)
         if (p / "adapter_config.json").is_file():
             from peft import PeftConfig, PeftModel
 
@@ -213,19 +209,27 @@ class ModelFinetuner:
 
     def prepare_data(self, train_data: DataInput = None, replay_buffer: DataInput = None) -> Any:
         """Read, check and tokenise the data (DataError names file, line and field on bad data)."""
-        from kubetune_trainer.data import DataOptions, DataSource, prepare_datasets
+        from kubetune_trainer.data import (
+            DataOptions,
+            DataSource,
+            augmentation_synonyms_file,
+            local_augmentation,
+            local_source,
+            materialise,
+            prepare_datasets,
+        )
 
         cfg = self.config
         self._require_model()
         scratch = self._out() / ".data"
         if train_data is not None:
-            train = [DataSource(_materialise(train_data, scratch, "train"), cfg.data_format)]
+            train = [DataSource(materialise(train_data, scratch, "train"), cfg.data_format)]
         else:
             train = [DataSource(m.path, m.format, m.weight) for m in cfg.mixture]
             if cfg.train_file:
                 train.insert(0, DataSource(cfg.train_file, cfg.data_format))
         replay_path = (
-            _materialise(replay_buffer, scratch, "replay") if replay_buffer is not None else cfg.replay_file
+            materialise(replay_buffer, scratch, "replay") if replay_buffer is not None else cfg.replay_file
         )
         if replay_path and cfg.replay_fraction == 0:
             raise ConfigError(
@@ -233,13 +237,13 @@ class ModelFinetuner:
                 "set replay_fraction above 0 (the default is 0.1) or leave the replay data out"
             )
         replay_fraction = cfg.replay_fraction if replay_path else 0.0
-        with _local_main_first(self.dist):
+        with local_main_first(self.dist):
             # s3:// data files are downloaded once per node (local rank 0), then read by every rank.
-            sources = [_local_source(s.path, scratch, self.dist, s.format, s.weight) for s in train]
-            val = _local_source(cfg.validation_file, scratch, self.dist, cfg.data_format)
-            test = _local_source(cfg.test_file, scratch, self.dist, cfg.data_format)
-            replay = _local_source(replay_path, scratch, self.dist)
-            synonyms_file = _augmentation_synonyms_file(cfg, scratch, self.dist)
+            sources = [local_source(s.path, scratch, self.dist, s.format, s.weight) for s in train]
+            val = local_source(cfg.validation_file, scratch, self.dist, cfg.data_format)
+            test = local_source(cfg.test_file, scratch, self.dist, cfg.data_format)
+            replay = local_source(replay_path, scratch, self.dist)
+            synonyms_file = augmentation_synonyms_file(cfg, scratch, self.dist)
         options = DataOptions(
             max_seq_length=cfg.max_seq_length,
             packing=cfg.packing,
@@ -248,7 +252,7 @@ class ModelFinetuner:
             seed=cfg.seed,
             replay_fraction=replay_fraction,
             drop_too_long=cfg.drop_too_long,
-            augmentation=_local_augmentation(cfg, synonyms_file, self.dist),
+            augmentation=local_augmentation(cfg, synonyms_file, self.dist),
         )
         self.data = prepare_datasets(
             self.tokenizer,
@@ -422,45 +426,17 @@ class ModelFinetuner:
         return EWCPenalty.estimate(self.model, examples, cfg.ewc_lambda)
 
     def _runtime_callbacks(self) -> list[Any]:
-        """Progress reporting, preemption handling and S3 checkpoints (the storage package)."""
+        """Progress reporting, preemption handling and S3 checkpoints (callbacks.runtime_callbacks)."""
         cfg = self.config
         try:
-            from kubetune_trainer.callbacks import PreemptionCallback, ProgressCallback, S3CheckpointCallback
-            from kubetune_trainer.progress import ProgressReporter
+            from kubetune_trainer.callbacks import runtime_callbacks
         except ImportError:
             if cfg.storage_uri:
                 raise ConfigError(
                     "storage_uri is set but this installation has no storage support (kubetune_trainer.callbacks)"
                 ) from None
             return []
-        callbacks: list[Any] = []
-        pre = PreemptionCallback()
-        self._callbacks["preemption"] = pre
-        callbacks.append(pre)
-        if self.dist.is_global_rank0:
-            job = (cfg.job.namespace, cfg.job.name) if cfg.job is not None and _in_pod() else None
-            reporter = ProgressReporter(
-                job=job,
-                metrics_port=cfg.metrics_port,
-                min_patch_interval_s=cfg.status_patch_interval_s,
-                show_bar=cfg.progress_bar,
-            )
-            self._callbacks["reporter"] = reporter
-            callbacks.append(ProgressCallback(reporter))
-        store = self._store()
-        if store is not None:
-            s3cb = S3CheckpointCallback(
-                store=store,
-                output_dir=str(self._out() / "checkpoints"),
-                keep_last=cfg.keep_last,
-                node_rank=self.dist.node_rank,
-                is_global_rank0=self.dist.is_global_rank0,
-                num_nodes=self.dist.num_nodes,
-                reporter=self._callbacks.get("reporter"),
-            )
-            self._callbacks["s3"] = s3cb
-            callbacks.append(s3cb)
-        return callbacks
+        return runtime_callbacks(cfg, self.dist, self._store(), self._out() / "checkpoints", self._callbacks)
 
     def _store(self) -> Any:
         root = self.config.storage_root()
@@ -475,38 +451,15 @@ class ModelFinetuner:
         return self._callbacks["store"]
 
     def _resume_checkpoint(self) -> str | None:
-        """The checkpoint to resume from: the newest complete one in storage, else a local one."""
+        """The checkpoint this run resumes from (see storage/resume.py); None with ``resume: never``."""
+        from kubetune_trainer.storage.resume import resume_checkpoint
+
         cfg = self.config
         if cfg.resume == "never":
             return None
-        local_root = self._out() / "checkpoints"
-        store = self._store()
-        if store is not None:
-            step = None
-            with _local_main_first(self.dist):
-                marker = local_root / ".restored"
-                if self.dist.is_local_rank0:
-                    restored = store.restore_latest(local_root)
-                    step = restored[0] if restored else None
-                    if restored:
-                        # load_best_model_at_end needs the best checkpoint here too, under a local path.
-                        restore_best_checkpoint(store, local_root, restored[1], cfg.deepspeed is not None)
-                    if self.dist.is_global_rank0:
-                        # Half-uploaded checkpoints of a killed attempt: this attempt will redo them.
-                        store.discard_incomplete(after_step=step)
-                    local_root.mkdir(parents=True, exist_ok=True)
-                    marker.write_text(json.dumps({"step": step}))
-                else:
-                    step = json.loads(marker.read_text())["step"]
-            if step is not None:
-                path = local_root / f"checkpoint-{step}"
-                log.info("resuming from checkpoint %s (step %d)", path, step)
-                return str(path)
-            return None
-        last = last_complete_checkpoint(local_root, deepspeed=cfg.deepspeed is not None)
-        if last:
-            log.info("resuming from local checkpoint %s (set resume: never to start over)", last)
-        return last
+        return resume_checkpoint(
+            self._store(), self._out() / "checkpoints", self.dist, deepspeed=cfg.deepspeed is not None
+        )
 
     def _eval_hook(self, trainer: Any, prefix: str) -> dict[str, Any]:
         """Generation metrics for Trainer's evaluation loop (runs on every rank)."""
@@ -579,15 +532,15 @@ class ModelFinetuner:
 
     def _prepare_eval_file(self, data: DataInput, configured: str | None, dedupe: Dedupe = "none") -> Any:
         """One evaluation file (or list of records) through the training data pipeline."""
-        from kubetune_trainer.data import DataOptions, DataSource, prepare_datasets
+        from kubetune_trainer.data import DataOptions, DataSource, local_source, materialise, prepare_datasets
 
         cfg = self.config
         scratch = self._out() / ".data"
         if data is not None:
-            source = DataSource(_materialise(data, scratch, "test"), cfg.data_format)
+            source = DataSource(materialise(data, scratch, "test"), cfg.data_format)
         else:
-            with _local_main_first(self.dist):  # s3:// data: one download per node
-                local = _local_source(configured, scratch, self.dist, cfg.data_format)
+            with local_main_first(self.dist):  # s3:// data: one download per node
+                local = local_source(configured, scratch, self.dist, cfg.data_format)
             assert local is not None  # the caller checked that a file is configured
             source = local
         # The file goes in as "train" of its own PreparedData; _TestView presents it to the eval hook.
@@ -729,7 +682,7 @@ class ModelFinetuner:
             # Serving must render conversations exactly like training, fallback template included.
             tok.chat_template = chat_template_for(tok)
             tok.save_pretrained(str(out))
-            _check_saved_adapter(out, self.model)
+            check_saved_adapter(out, self.model)
             self._write_provenance(out)
             self._write_curves(out)
             if self.config.merge_adapter and self.config.uses_peft:
@@ -741,72 +694,28 @@ class ModelFinetuner:
         """log_history.json and training_curves.png next to the adapter (uploaded with it)."""
         if self.trainer is None or not self.trainer.state.log_history:
             return
-        from kubetune_trainer.plots import write_run_curves
-
-        try:
-            png = write_run_curves(
-                out, self.trainer.state.log_history, title=f"{run_name(self.config)} ({self.config.method})"
-            )
-        except Exception as exc:  # a plot is not worth failing a finished training for
-            log.warning("could not draw the training curves: %s", exc)
-            return
-        log.info("training curves: %s (redraw with `kubetune plot %s`)", png, out)
-        if self._tracking is not None:
+        title = f"{run_name(self.config)} ({self.config.method})"
+        png = write_curves(out, self.trainer.state.log_history, title)
+        if png is not None and self._tracking is not None:
             self._tracking.log_artifact(png)
 
     def _save_merged(self, out: Path) -> None:
-        """Reload base + adapter at full precision on CPU and merge (works after ZeRO-3 too)."""
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        if self.config.method not in ("lora", "qlora"):
-            log.warning(
-                "merge_adapter: only LoRA adapters can be merged into the weights; skipped for %s",
-                self.config.method,
-            )
-            return
-        base = AutoModelForCausalLM.from_pretrained(
-            str(self.base_model_path), dtype=_dtype(self.precision or "fp32")
-        )
-        merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
-        merged.save_pretrained(str(out / MERGED_SUBDIR))
-        self.tokenizer.save_pretrained(str(out / MERGED_SUBDIR))
-        self.merged_dir = out / MERGED_SUBDIR
-        log.info("merged model saved to %s", out / MERGED_SUBDIR)
+        merged = save_merged(out, self.config, str(self.base_model_path), self.precision, self.tokenizer)
+        if merged is not None:
+            self.merged_dir = merged
 
     def _write_provenance(self, out: Path) -> None:
-        import peft
-        import torch
-        import transformers
-
-        cfg = self.config
-        trainable, total = parameter_counts(self.model)
-        doc = {
-            "kubetune_version": _version(),
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "base_model": {
-                "name": cfg.model_name,
-                "resolved_path": self.base_model_path,
-                "revision": cfg.model_revision,
-                "config_sha256": _file_sha256(Path(self.base_model_path or "") / "config.json"),
-                "architecture": architecture_of(self.model),
-            },
-            "continued_from": self.continued_from,
-            "run": {"index": self.runs, "directory": str(self._out())},
-            "method": cfg.method,
-            "parameters": {"trainable": trainable, "total": total},
-            "datasets": dict(self.data.fingerprints) if self.data is not None else {},
-            "data_stats": _stats_dict(self.data),
-            "config": cfg.model_dump(mode="json"),
-            "metrics": {"train": self.train_metrics, "eval": self.eval_metrics, "test": self.test_metrics},
-            "global_step": self.trainer.state.global_step if self.trainer is not None else None,
-            "versions": {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "peft": peft.__version__,
-            },
-        }
-        (out / PROVENANCE_FILE).write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+        write_provenance(
+            out,
+            self.config,
+            self.model,
+            base_model_path=self.base_model_path,
+            continued_from=self.continued_from,
+            run={"index": self.runs, "directory": str(self._out())},
+            data=self.data,
+            metrics={"train": self.train_metrics, "eval": self.eval_metrics, "test": self.test_metrics},
+            global_step=self.trainer.state.global_step if self.trainer is not None else None,
+        )
 
     def write_metrics(self, out: Path | None = None) -> dict[str, Any]:
         doc = {"train": self.train_metrics, "eval": self.eval_metrics, "test": self.test_metrics}
@@ -820,21 +729,11 @@ class ModelFinetuner:
         store = self._store()
         if store is None or not self.dist.is_global_rank0:
             return None
-        out = self._out()
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".final-") as staging:
-            for item in out.iterdir():
-                if item.name in ("checkpoints", ".data") or item.name.startswith("."):
-                    continue
-                target = Path(staging) / item.name
-                if item.is_dir():
-                    shutil.copytree(item, target, copy_function=_link_or_copy)
-                else:
-                    _link_or_copy(str(item), str(target))
-            store.upload_final(staging)
-        store.write_json(
-            METRICS_FILE, {"train": self.train_metrics, "eval": self.eval_metrics, "test": self.test_metrics}
+        uri = upload_output(
+            store,
+            self._out(),
+            {"train": self.train_metrics, "eval": self.eval_metrics, "test": self.test_metrics},
         )
-        uri = str(store.final_uri)
         reporter = self._callbacks.get("reporter")
         if reporter is not None and hasattr(reporter, "output"):
             reporter.output(uri)
@@ -861,65 +760,6 @@ class ModelFinetuner:
                 tdist.barrier()
 
 
-# ----------------------------------------------------------------------------- the job
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingResult:
-    """What a finished run produced (global rank 0 has the URIs; other ranks get None there)."""
-
-    output_dir: Path
-    adapter_uri: str | None  # <storage root>/final/ when uploaded
-    merged_uri: str | None  # <storage root>/final/merged/ when a merged model was uploaded
-    trainable_parameters: int
-    total_parameters: int
-    train_metrics: dict[str, Any]
-    eval_metrics: dict[str, Any]
-    test_metrics: dict[str, Any]
-    # Data augmentation counts, {method: {generated, kept, dropped}} (data/augment.py); empty when off.
-    augmentation: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
-    # What was saved, read back from the output (pod.saved_output): method, LoRA rank as trained.
-    saved: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def run_training(config: FinetuningConfig) -> TrainingResult:
-    """What a training pod does: train, evaluate, test, save, upload."""
-    if "replay_fraction" in config.model_fields_set and config.replay_fraction > 0 and not config.replay_file:
-        raise ConfigError("replay_fraction > 0 needs replay_file (data from the earlier tasks)")
-    ft = ModelFinetuner(config)
-    try:
-        ft.load_model()
-        ft.train()
-        if ft.trainer is not None and ft.trainer.eval_dataset is not None:
-            ft.evaluate()
-        if config.test_file:
-            ft.test()
-        out = ft.save_model()
-        ft.write_metrics()
-        uri = ft.upload_final()
-        if ft.dist.is_global_rank0:
-            where = uri or str(Path(config.output_dir).resolve())
-            print(f"done: output in {where}", flush=True)
-        trainable, total = parameter_counts(ft.model)
-        return TrainingResult(
-            output_dir=Path(config.output_dir),
-            adapter_uri=uri,
-            merged_uri=f"{uri}{MERGED_SUBDIR}/" if uri and ft.merged_dir is not None else None,
-            trainable_parameters=trainable,
-            total_parameters=total,
-            train_metrics=ft.train_metrics,
-            eval_metrics=ft.eval_metrics,
-            test_metrics=ft.test_metrics,
-            augmentation=dict(ft.data.stats.augmentation) if ft.data is not None else {},
-            saved=saved_output(out, config.method) if ft.dist.is_global_rank0 else {},
-        )
-    except BaseException:
-        ft.close("FAILED")
-        raise
-    finally:
-        ft.close()
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -934,94 +774,6 @@ class _TestView:
 
     def eval_examples(self, split: str = "test") -> list[dict[str, Any]]:
         return self._prepared.eval_examples("train")
-
-
-def architecture_of(model: Any) -> dict[str, Any]:
-    """What an adapter needs of its base model to fit (recorded in provenance.json, compared by
-    init_adapter): the architecture and the shapes the adapter's layers attach to."""
-    config = getattr(model, "config", None)
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-    return {k: getattr(config, k, None) for k in keys}
-
-
-def resolve_model_path(name: str, dist: DistInfo) -> str:
-    """A local directory for ``model_name`` (downloading ``s3://``), or a hub id as given."""
-    if name.startswith("file://"):
-        name = name.removeprefix("file://")
-    elif name.startswith("hf://"):
-        return name.removeprefix("hf://")
-    elif name.startswith("pvc://"):
-        raise ConfigError(
-            f"model_name {name!r}: pvc:// models are mounted into the pod by the operator; locally, "
-            "give the directory path instead"
-        )
-    elif name.startswith("s3://"):
-        return _download_model(name, dist)
-    p = Path(name).expanduser()
-    if p.is_dir():
-        return str(p)
-    looks_local = name.startswith((".", "/", "~")) or not _looks_like_hub_id(name)
-    if looks_local:
-        raise ConfigError(
-            f"model_name {name!r}: directory not found; give a model directory (e.g. one made by "
-            "`kubetune make-tiny-model DIR`), an s3:// URI or a hub id"
-        )
-    return name  # a hub id: transformers resolves (and fails clearly without network)
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) <= 2 and all(parts) and not name.startswith((".", "/"))
-
-
-def _download_model(uri: str, dist: DistInfo, marker: str = "config.json", field: str = "model_name") -> str:
-    """Download the ``s3://`` prefix ``uri`` once per node (cached by URI); ``marker`` must be in it."""
-    from kubetune_trainer.storage import download_prefix
-
-    cache = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune")) / "models"
-    target = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    done = target / ".kubetune-complete"
-    with _local_main_first(dist):
-        if not done.exists() and dist.is_local_rank0:
-            log.info("downloading %s %s to %s", field, uri, target)
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".partial-"))
-            download_prefix(uri.rstrip("/") + "/", tmp)
-            if not (tmp / marker).is_file():
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise ConfigError(
-                    f"{field} {uri!r}: no {marker} under that prefix; point at the directory that holds it"
-                )
-            (tmp / ".kubetune-complete").write_text(uri)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
-    return str(target)
-
-
-@contextlib.contextmanager
-def _local_main_first(dist: DistInfo) -> Iterator[None]:
-    """Local rank 0 runs the body first; the other ranks of the node wait, then run it."""
-    import torch.distributed as tdist
-
-    active = dist.distributed and tdist.is_available() and tdist.is_initialized()
-    if active and not dist.is_local_rank0:
-        tdist.barrier()
-    yield
-    if active and dist.is_local_rank0:
-        tdist.barrier()
-
-
-def load_tokenizer(path: str, config: FinetuningConfig) -> Any:
-    from transformers import AutoTokenizer
-
-    kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
-    if config.model_revision:
-        kwargs["revision"] = config.model_revision
-    tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    if tok.pad_token is None:
-        # Padding positions are masked out of attention and loss, so any id works; EOS is the usual choice.
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def check_metric_requirements(config: FinetuningConfig) -> None:
@@ -1048,199 +800,6 @@ def check_metric_requirements(config: FinetuningConfig) -> None:
         )
 
 
-def local_checkpoint_problem(path: Path, deepspeed: bool) -> str | None:
-    """Why the local Trainer checkpoint ``path`` is not complete, or None when it is.
-
-    Trainer writes a checkpoint folder in place: weights, optimizer and scheduler (under
-    DeepSpeed: ``global_step<N>/`` and then the ``latest`` file), RNG states, and
-    ``trainer_state.json`` LAST. A process killed in between leaves a folder that looks like a
-    checkpoint, so "complete" means: ``trainer_state.json`` parses as JSON and, with DeepSpeed,
-    ``latest`` names a ``global_step*`` folder that exists.
-    """
-    from kubetune_trainer.storage.checkpoints import TRAINER_STATE_NAME
-
-    state = path / TRAINER_STATE_NAME
-    if not state.is_file():
-        return f"no {TRAINER_STATE_NAME} (the save was interrupted)"
-    try:
-        json.loads(state.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return f"{TRAINER_STATE_NAME} is unreadable ({exc})"
-    if deepspeed:
-        latest = path / "latest"
-        if not latest.is_file():
-            return "no DeepSpeed 'latest' file (the DeepSpeed save was interrupted)"
-        tag = latest.read_text(encoding="utf-8").strip()
-        if not tag or not (path / tag).is_dir():
-            return f"DeepSpeed 'latest' names {tag!r}, which is not a folder of the checkpoint"
-    return None
-
-
-def last_complete_checkpoint(folder: str | os.PathLike[str], deepspeed: bool = False) -> str | None:
-    """The newest ``checkpoint-<step>`` folder under ``folder`` that is complete, or None.
-
-    Unlike transformers' ``get_last_checkpoint`` (the newest folder, whatever it holds), this
-    skips folders a ``kill -9`` left half-written (see :func:`local_checkpoint_problem`).
-    """
-    from kubetune_trainer.storage import checkpoint_step
-
-    root = Path(folder)
-    if not root.is_dir():
-        return None
-    steps = []
-    for child in root.iterdir():
-        step = checkpoint_step(child.name)
-        if step is not None and child.is_dir():
-            steps.append((step, child))
-    for _, path in sorted(steps, reverse=True):
-        problem = local_checkpoint_problem(path, deepspeed)
-        if problem is None:
-            return str(path)
-        log.warning("skipping incomplete local checkpoint %s: %s", path, problem)
-    return None
-
-
-def restore_best_checkpoint(
-    store: Any, local_root: Path, resumed: Path, deepspeed: bool = False
-) -> Path | None:
-    """Make the best checkpoint recorded in ``resumed`` usable in this pod; returns its local path.
-
-    ``trainer_state.json`` names the best checkpoint (what ``load_best_model_at_end`` reloads)
-    by an absolute path on the machine that wrote it. Download that checkpoint from ``store``
-    when it is not ``resumed`` itself and not already complete under ``local_root``, then rewrite
-    ``best_model_checkpoint`` in ``resumed``'s state to the local folder (None when it cannot be
-    restored: then the run keeps the best of the evaluations still to come, with a warning).
-    """
-    from kubetune_trainer.storage import StorageError, best_step_from_state
-    from kubetune_trainer.storage.checkpoints import TRAINER_STATE_NAME
-
-    state_path = resumed / TRAINER_STATE_NAME
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # Trainer reports an unusable state itself
-    best = best_step_from_state(state)
-    if best is None:
-        return None
-    best_dir: Path | None = local_root / f"checkpoint-{best}"
-    if best_dir.resolve() != resumed.resolve() and local_checkpoint_problem(best_dir, deepspeed) is not None:
-        try:
-            best_dir = store.download(best, local_root)
-            log.info("restored the best checkpoint (step %d) to %s", best, best_dir)
-        except StorageError as exc:
-            log.warning(
-                "the best checkpoint (step %d, metric %s) could not be restored (%s): the output will be "
-                "the best of the evaluations from here on",
-                best,
-                state.get("best_metric"),
-                exc,
-            )
-            best_dir = None
-    local = str(best_dir) if best_dir is not None else None
-    if state.get("best_model_checkpoint") != local:
-        state["best_model_checkpoint"] = local
-        tmp = state_path.with_name(state_path.name + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, state_path)
-    return best_dir
-
-
-def _local_source(
-    path: str | None, scratch: Path, dist: DistInfo, fmt: SourceFormat = "auto", weight: float = 1.0
-) -> DataSource | None:
-    """A ``DataSource`` readable from disk (None for an unset file).
-
-    An ``s3://`` object is downloaded into ``scratch`` by local rank 0 (call this under
-    ``_local_main_first``); its URI stays as the source's ``origin``, which errors and the
-    provenance name instead of the local copy.
-    """
-    from kubetune_trainer.data import DataSource
-
-    if not path:
-        return None
-    if not path.startswith("s3://"):
-        return DataSource(path, fmt, weight)
-    from kubetune_trainer.storage import S3Uri, s3_client_from_env
-    from kubetune_trainer.storage.transfer import download_files
-
-    uri = S3Uri.parse(path, field="data file")
-    local = scratch / "s3" / f"{hashlib.sha256(path.encode()).hexdigest()[:12]}-{Path(uri.key).name}"
-    if dist.is_local_rank0 and not local.is_file():
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(local.name + ".partial")
-        download_files(s3_client_from_env(), [(uri, tmp, None)], what=f"download of {path}")
-        os.replace(tmp, local)
-    return DataSource(str(local), fmt, weight, origin=path)
-
-
-def _augmentation_synonyms_file(cfg: FinetuningConfig, scratch: Path, dist: DistInfo) -> str | None:
-    """The augmentation's synonyms file on local disk (downloaded when s3://)."""
-    aug = cfg.augmentation
-    if aug is None or aug.synonyms is None or not aug.synonyms.synonyms_file:
-        return None
-    source = _local_source(aug.synonyms.synonyms_file, scratch, dist)
-    return source.path if source is not None else None
-
-
-def _local_augmentation(cfg: FinetuningConfig, synonyms_file: str | None, dist: DistInfo) -> Any:
-    """The augmentation settings with local files and model directories (s3:// models downloaded)."""
-    aug = cfg.augmentation
-    if aug is None:
-        return None
-    update: dict[str, Any] = {}
-    if aug.synonyms is not None and synonyms_file:
-        update["synonyms"] = aug.synonyms.model_copy(update={"synonyms_file": synonyms_file})
-    if aug.paraphrase is not None:
-        update["paraphrase"] = aug.paraphrase.model_copy(
-            update={"model": resolve_model_path(aug.paraphrase.model, dist)}
-        )
-    if aug.back_translation is not None:
-        bt = aug.back_translation
-        update["back_translation"] = bt.model_copy(
-            update={
-                "model": resolve_model_path(bt.model, dist),
-                "back_model": resolve_model_path(bt.back_model, dist),
-            }
-        )
-    return aug.model_copy(update=update)
-
-
-def _materialise(data: DataInput, scratch: Path, name: str) -> str:
-    """A file path for ``data`` (a path, or records written to a JSONL file)."""
-    if isinstance(data, str | os.PathLike):
-        return str(data)
-    rows = list(data or [])
-    if not rows:
-        raise ConfigError(f"{name} data is an empty list")
-    scratch.mkdir(parents=True, exist_ok=True)
-    path = scratch / f"{name}.jsonl"
-    with path.open("w", encoding="utf-8") as f:
-        for i, row in enumerate(rows):
-            if not isinstance(row, dict):
-                raise ConfigError(f"{name} data[{i}] is a {type(row).__name__}; records must be dicts")
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return str(path)
-
-
-def _check_saved_adapter(out: Path, model: Any) -> None:
-    """Refuse to ship an adapter file with empty tensors (the classic ZeRO-3 save trap)."""
-    path = out / "adapter_model.safetensors"
-    if not path.is_file():
-        return
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
-        empty = [
-            k for k in keys if f.get_slice(k).get_shape() in ([], [0]) or 0 in f.get_slice(k).get_shape()
-        ]
-    if not keys or empty:
-        raise RuntimeError(
-            f"{path} is incomplete ({len(keys)} tensors, empty: {empty[:5]}): the adapter weights were not "
-            "gathered before saving (DeepSpeed ZeRO-3 needs stage3_gather_16bit_weights_on_model_save)"
-        )
-
-
 def _clean(metrics: dict[str, Any], extra: dict[str, Any], prefix: str) -> dict[str, Any]:
     """Trainer metrics without the prefix noise, plus non-scalar extras (confusion matrix)."""
     out = {
@@ -1261,51 +820,5 @@ def _flag(callback: Any) -> bool:
     return False
 
 
-def _in_pod() -> bool:
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-
-
 def _device(model: Any) -> Any:
     return next(model.parameters()).device
-
-
-def _dtype(precision: str) -> Any:
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
-def _file_sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _stats_dict(data: Any) -> Any:
-    if data is None or not hasattr(data, "stats"):
-        return None
-    stats = data.stats
-    if hasattr(stats, "to_dict"):
-        return stats.to_dict()
-    import dataclasses
-
-    if dataclasses.is_dataclass(stats) and not isinstance(stats, type):
-        return dataclasses.asdict(stats)
-    return str(stats)
-
-
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-    return dst
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("kubetune")
-    except Exception:
-        return "unknown"

@@ -35,14 +35,14 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 def resolve_adapter_path(uri: str, dist: DistInfo) -> str:
     """A local directory for ``init_adapter`` (downloading ``s3://``), or a hub id as given."""
-    from kubetune_trainer.finetuner import _download_model, _looks_like_hub_id
+    from kubetune_trainer.models import download_model, looks_like_hub_id
 
     if uri.startswith("file://"):
         uri = uri.removeprefix("file://")
     elif uri.startswith("hf://"):
         return uri.removeprefix("hf://")
     elif uri.startswith("s3://"):
-        return _download_model(uri, dist, marker=ADAPTER_CONFIG, field="init_adapter")
+        return download_model(uri, dist, marker=ADAPTER_CONFIG, field="init_adapter")
     p = Path(uri).expanduser()
     if p.is_dir():
         if not (p / ADAPTER_CONFIG).is_file():
@@ -51,7 +51,7 @@ def resolve_adapter_path(uri: str, dist: DistInfo) -> str:
                 "saved (its output_dir, or the final/ folder of a FineTuneJob)"
             )
         return str(p)
-    if uri.startswith((".", "/", "~")) or not _looks_like_hub_id(uri):
+    if uri.startswith((".", "/", "~")) or not looks_like_hub_id(uri):
         raise ConfigError(
             f"init_adapter {uri!r}: directory not found; give an adapter directory, an s3:// URI or a hub id"
         )
@@ -85,7 +85,7 @@ def check_adapter(config: FinetuningConfig, path: str, model: Any) -> None:
             config.init_adapter,
         )
         return
-    from kubetune_trainer.finetuner import architecture_of
+    from kubetune_trainer.models import architecture_of
 
     actual = architecture_of(model)
     differ = {k: (v, actual.get(k)) for k, v in recorded.items() if v is not None and actual.get(k) != v}

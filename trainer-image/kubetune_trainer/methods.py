@@ -70,7 +70,7 @@ def resolve_precision(config: FinetuningConfig) -> ResolvedPrecision:
     return auto_precision("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _torch_dtype(precision: str) -> torch.dtype:
+def torch_dtype(precision: str) -> torch.dtype:
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
@@ -94,9 +94,9 @@ def model_load_kwargs(config: FinetuningConfig, precision: ResolvedPrecision) ->
     if config.model_dtype != "auto":  # baseModel.dtype: the user's choice wins
         kwargs["dtype"] = getattr(torch, config.model_dtype)
     elif config.method == "full":
-        kwargs["dtype"] = _torch_dtype("fp32")
+        kwargs["dtype"] = torch_dtype("fp32")
     else:
-        kwargs["dtype"] = _torch_dtype(precision)
+        kwargs["dtype"] = torch_dtype(precision)
     if config.method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -107,7 +107,7 @@ def model_load_kwargs(config: FinetuningConfig, precision: ResolvedPrecision) ->
                 load_in_4bit=True,
                 bnb_4bit_quant_type=q.quant_type,
                 bnb_4bit_use_double_quant=q.double_quant,
-                bnb_4bit_compute_dtype=_torch_dtype(compute),
+                bnb_4bit_compute_dtype=torch_dtype(compute),
             )
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)

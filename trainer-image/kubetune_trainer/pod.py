@@ -11,7 +11,7 @@ where the operator reads it (``observe.trainer_report`` / ``observe.failure``) w
 
 The path is ``$KUBETUNE_TERMINATION_MESSAGE_PATH``, else /dev/termination-log when it exists and is
 writable (the operator's pods); elsewhere nothing is written. s3:// data and models are fetched by
-the finetuner itself (``finetuner._local_source`` / ``_download_model``), so a pod and
+the finetuner itself (``data.materialise.local_source`` / ``models.download_model``), so a pod and
 ``kubetune run --local`` read the same inputs the same way.
 """
 
@@ -25,8 +25,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # finetuner imports torch; this module must stay cheap for the CLI's error path
-    from kubetune_trainer.finetuner import TrainingResult
+if TYPE_CHECKING:  # job imports the finetuner; this module must stay cheap for the CLI's error path
+    from kubetune_trainer.job import TrainingResult
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,13 @@ from kubetune_trainer.data.augment import back_translate, paraphrase, replace_sy
 from kubetune_trainer.data.collate import PadToLongestCollator, make_collator
 from kubetune_trainer.data.errors import DataError
 from kubetune_trainer.data.formats import FALLBACK_CHAT_TEMPLATE, chat_template_for, format_prompt
+from kubetune_trainer.data.materialise import (
+    DataInput,
+    augmentation_synonyms_file,
+    local_augmentation,
+    local_source,
+    materialise,
+)
 from kubetune_trainer.data.options import DataOptions, DataSource
 from kubetune_trainer.data.pipeline import Example, PreparedData, TokenizedDataset, prepare_datasets
 from kubetune_trainer.data.stats import DataStats, SourceStats
@@ -16,6 +23,7 @@ __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
     "IGNORE_INDEX",
     "DataError",
+    "DataInput",
     "DataOptions",
     "DataSource",
     "DataStats",
@@ -24,11 +32,15 @@ __all__ = [
     "PreparedData",
     "SourceStats",
     "TokenizedDataset",
+    "augmentation_synonyms_file",
     "back_translate",
     "chat_template_for",
     "encode_prompt",
     "format_prompt",
+    "local_augmentation",
+    "local_source",
     "make_collator",
+    "materialise",
     "paraphrase",
     "prepare_datasets",
     "replace_synonyms",

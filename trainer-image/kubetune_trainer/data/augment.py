@@ -235,7 +235,7 @@ def _as_list(texts: str | Sequence[str]) -> tuple[list[str], bool]:
 
 def _resolve(model: str) -> str:
     from kubetune_trainer.distributed import dist_info
-    from kubetune_trainer.finetuner import resolve_model_path
+    from kubetune_trainer.models import resolve_model_path
 
     return resolve_model_path(model, dist_info())
 

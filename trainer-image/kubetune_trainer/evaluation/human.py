@@ -184,7 +184,7 @@ def load_system(name: str, spec: str, *, base_model: str | None, download_dir: P
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kubetune_trainer.distributed import dist_info
-    from kubetune_trainer.finetuner import resolve_model_path
+    from kubetune_trainer.models import resolve_model_path
     from kubetune_trainer.serve.sources import SourceError, materialize
 
     what = f"system {name!r}"

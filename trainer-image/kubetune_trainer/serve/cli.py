@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.exit_codes import ConfigError, ExitCode, TrainerError
+from kubetune_trainer.exit_codes import ConfigError, ExitCode, TrainerError, exit_code_for
 
 from .config import ServerConfig, load_adapter_set, parse_adapter_pair
 
@@ -274,8 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kubetune_trainer.cli import exit_code_for
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
