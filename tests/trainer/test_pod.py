@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from kubetune_trainer import pod
+from kubetune_trainer import artifacts, pod
 from kubetune_trainer.exit_codes import ExitCode
 from kubetune_trainer.quickstart import make_task_records
 
@@ -96,19 +96,19 @@ def test_the_saved_output_reports_the_rank_peft_wrote_not_the_config(
 
     lora = _peft_save(tiny_model_dir, tmp_path / "lora", LoraConfig(r=12, task_type="CAUSAL_LM"))
     # The method comes from the run (qlora and lora write the same PEFT type); the rank from the file.
-    assert pod.saved_output(lora, "lora") == {"method": "lora", "rank": 12}
-    assert pod.saved_output(lora, "qlora") == {"method": "qlora", "rank": 12}
+    assert artifacts.saved_output(lora, "lora") == {"method": "lora", "rank": 12}
+    assert artifacts.saved_output(lora, "qlora") == {"method": "qlora", "rank": 12}
     prefix = _peft_save(
         tiny_model_dir, tmp_path / "prefix", PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
     )
-    assert pod.saved_output(prefix, "prefix") == {"method": "prefix"}
+    assert artifacts.saved_output(prefix, "prefix") == {"method": "prefix"}
     prompt = _peft_save(
         tiny_model_dir, tmp_path / "prompt", PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
     )
-    assert pod.saved_output(prompt, "prompt") == {"method": "prompt"}
+    assert artifacts.saved_output(prompt, "prompt") == {"method": "prompt"}
     # A full fine-tune saves a whole model; an empty directory reports nothing rather than a guess.
-    assert pod.saved_output(tiny_model_dir, "full") == {"method": "full"}
-    assert pod.saved_output(tmp_path, "lora") == {}
+    assert artifacts.saved_output(tiny_model_dir, "full") == {"method": "full"}
+    assert artifacts.saved_output(tmp_path, "lora") == {}
 
 
 # ----------------------------------------------------------------------------- a pod's run

@@ -11,12 +11,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.artifacts import MERGED_SUBDIR
+from kubetune_trainer.artifacts import MERGED_SUBDIR, saved_output
 from kubetune_trainer.config import FinetuningConfig
 from kubetune_trainer.exit_codes import ConfigError
 from kubetune_trainer.finetuner import ModelFinetuner
 from kubetune_trainer.methods import parameter_counts
-from kubetune_trainer.pod import saved_output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +32,7 @@ class TrainingResult:
     test_metrics: dict[str, Any]
     # Data augmentation counts, {method: {generated, kept, dropped}} (data/augment.py); empty when off.
     augmentation: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
-    # What was saved, read back from the output (pod.saved_output): method, LoRA rank as trained.
+    # What was saved, read back from the output (artifacts.saved_output): method, LoRA rank as trained.
     saved: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 

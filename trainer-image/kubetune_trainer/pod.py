@@ -58,37 +58,6 @@ def scalar_metrics(*groups: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-# PEFT's peft_type in adapter_config.json -> the FineTuneJob method that writes it (LORA: lora or qlora,
-# which the file cannot tell apart: the quantization was the base model's, not the adapter's).
-_PEFT_METHODS = {"PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "P_TUNING": "ptuning"}
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-def saved_output(out: Path, method: str) -> dict[str, Any]:
-    """What the saved output in ``out`` is, read back from the files (not from the config):
-    ``method`` and, for LoRA/QLoRA, ``rank`` (r in adapter_config.json). The operator copies both
-    into ``status.output``; an AdapterDeployment sizes vLLM's LoRA slots with the rank and refuses
-    outputs its runtime cannot serve by the method.
-    """
-    cfg_file = Path(out) / ADAPTER_CONFIG
-    if not cfg_file.is_file():
-        # No PEFT adapter: a full fine-tune saves the whole model (config.json + weights).
-        return {"method": "full"} if (Path(out) / "config.json").is_file() else {}
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # the adapter is saved; only the report loses the details
-        log.warning("could not read %s for the termination report: %s", cfg_file, e)
-        return {}
-    peft_type = str(cfg.get("peft_type", "")).upper()
-    if peft_type == "LORA":
-        rank = cfg.get("r")
-        doc: dict[str, Any] = {"method": "qlora" if method == "qlora" else "lora"}
-        if isinstance(rank, int) and not isinstance(rank, bool):
-            doc["rank"] = rank
-        return doc
-    return {"method": _PEFT_METHODS[peft_type]} if peft_type in _PEFT_METHODS else {}
-
-
 def report(result: TrainingResult) -> dict[str, Any]:
     """The success report: ``adapterUri``, ``mergedUri``, ``method``, ``rank``, parameter counts, final
     metrics, augmentation counts.
@@ -103,7 +72,7 @@ def report(result: TrainingResult) -> dict[str, Any]:
         "totalParameters": result.total_parameters,
         "metrics": scalar_metrics(result.eval_metrics, result.test_metrics),
         "augmentation": result.augmentation or None,  # {method: {generated, kept, dropped}}
-        **result.saved,  # method, rank: what the saved output is (saved_output)
+        **result.saved,  # method, rank: what the saved output is (artifacts.saved_output)
     }
     return {k: v for k, v in doc.items() if v is not None}
 
