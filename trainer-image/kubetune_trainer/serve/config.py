@@ -63,13 +63,15 @@ class ServerConfig(BaseModel):
         10.0,
         ge=0,
         le=10_000,
-        description="static schedulings only: a batch closes when no new request arrived for this long",
+        description="requests that start together are collected until none arrived for this long: "
+        "a static batch, or (continuous batching) a burst reaching an idle server, prefilled as one group; "
+        "requests arriving while others run join at the next step without waiting",
     )
     batch_max_wait_ms: float = Field(
         100.0,
         ge=0,
         le=60_000,
-        description="static schedulings only: the longest the first request of a batch waits for others",
+        description="the longest the first of the requests that start together waits for the others",
     )
     max_model_len: int | None = Field(
         None,

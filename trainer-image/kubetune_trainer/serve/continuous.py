@@ -24,14 +24,30 @@ same masking of padding, the same cache layout per row.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from .decoding import RowChooser, RowText
 from .rows import Row
+
+
+class UnsupportedModelError(ValueError):
+    """The model's cache cannot be split and joined per row (the message says what to use)."""
+
+
+def _plain(layer: object) -> bool:
+    return isinstance(layer, DynamicLayer) and not isinstance(layer, DynamicSlidingWindowLayer)
+
+
+def _layers(cache: DynamicCache) -> list[Any]:
+    """The cache's layers (all plain DynamicLayers: RunningBatch checks that when it starts)."""
+    return cache.layers
 
 
 class _Live:
@@ -55,6 +71,17 @@ class RunningBatch:
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=lm.device)
         self.positions = torch.zeros((0, 1), dtype=torch.long, device=lm.device)  # next position per row
         self.next_ids = torch.zeros((0, 1), dtype=torch.long, device=lm.device)  # token each row feeds next
+        # transformers 5 names the cache argument ``cache``; remote-code models may still say past_key_values.
+        params = inspect.signature(lm.base.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        probe = DynamicCache(config=lm.model.config)
+        if not all(_plain(layer) for layer in probe.layers):
+            raise UnsupportedModelError(
+                "continuous batching needs a model whose attention caches every position (this one has "
+                "sliding-window or linear-attention layers): set scheduling: static (--scheduling static)"
+            )
+        self._hooks = contextlib.ExitStack()
+        self._hook_names: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.live)
@@ -68,11 +95,25 @@ class RunningBatch:
     def _forward(self, rows: Sequence[_Live], **inputs: Any) -> torch.Tensor:
         """Last-position logits (rows x vocab) of one forward pass; ``inputs`` go to the model."""
         lm = self.lm
+        inputs[self.cache_arg] = inputs.pop("cache")
+        model = lm.model
         if lm.is_peft:
-            inputs["adapter_names"] = [x.row.model for x in rows]
+            # PEFT's mixed-batch hooks (what adapter_names= does per call), kept in place while
+            # the batch's rows stay the same: registering them walks every module of the model.
+            names = [x.row.model for x in rows]
+            if names != self._hook_names:
+                self.release()
+                self._hooks.enter_context(lm.model._enable_peft_forward_hooks(adapter_names=names))
+                self._hook_names = names
+            model = lm.model.get_base_model()
         with torch.inference_mode():
-            out = lm.model(use_cache=True, logits_to_keep=1, **inputs)
+            out = model(use_cache=True, logits_to_keep=1, **inputs)
         return out.logits[:, -1, :]
+
+    def release(self) -> None:
+        """Take the adapter hooks off the model (before anything else uses or changes it)."""
+        self._hooks.close()
+        self._hook_names = None
 
     def _choose(self, rows: Sequence[_Live], logits: torch.Tensor) -> list[int]:
         """One token per row: the argmax, or the row's chooser when it has one."""
@@ -98,7 +139,7 @@ class RunningBatch:
         # generate()'s positions for left padding: count real tokens, padding at 0 (masked anyway).
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         cache = DynamicCache(config=lm.model.config)
-        logits = self._forward(new, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+        logits = self._forward(new, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache)
         tokens = self._choose(new, logits)
         keep = self._advance(new, tokens)
         if not keep:
@@ -133,7 +174,7 @@ class RunningBatch:
             )
             return
         width = max(self.mask.shape[1], mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+        for mine, theirs in zip(_layers(self.cache), _layers(cache), strict=True):
             mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
             mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
         self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
@@ -153,7 +194,7 @@ class RunningBatch:
             input_ids=self.next_ids,
             attention_mask=self.mask,
             position_ids=self.positions,
-            past_key_values=self.cache,
+            cache=self.cache,
         )
         tokens = self._choose(self.live, logits)
         self.positions = self.positions + 1
@@ -183,7 +224,11 @@ class RunningBatch:
             return
         index = torch.tensor(indices, device=self.mask.device)
         self.live = [self.live[i] for i in indices]
-        self.mask, self.positions, self.next_ids = self.mask[index], self.positions[index], self.next_ids[index]
+        self.mask, self.positions, self.next_ids = (
+            self.mask[index],
+            self.positions[index],
+            self.next_ids[index],
+        )
         assert self.cache is not None
         _select(self.cache, index)
         # Columns that are padding in every remaining row: drop them (the longest row left sets the width).
@@ -191,7 +236,7 @@ class RunningBatch:
         first = int(used.to(torch.int8).argmax())
         if first > 0:
             self.mask = self.mask[:, first:]
-            for layer in self.cache.layers:
+            for layer in _layers(self.cache):
                 layer.keys = layer.keys[:, :, first:]
                 layer.values = layer.values[:, :, first:]
 
@@ -215,6 +260,6 @@ def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _select(cache: DynamicCache, index: torch.Tensor) -> None:
-    for layer in cache.layers:
+    for layer in _layers(cache):
         layer.keys = layer.keys.index_select(0, index)
         layer.values = layer.values.index_select(0, index)

@@ -8,8 +8,10 @@ Scheduling ``mixed`` (the default) is continuous batching (:mod:`.continuous`): 
 decoding steps the worker admits queued rows while the running batch has fewer than
 ``max_batch_size`` sequences (they are prefilled together and join it), runs queued commands,
 then generates one token for every running row in one forward pass, whatever adapters they use.
-A row leaves as soon as it ends, and its slot goes to the next queued row. Nothing waits for a
-window: an idle engine starts on the first row that arrives.
+A row leaves as soon as it ends, and its slot goes to the next queued row. Rows that arrive
+while others run never wait for a window; only a burst that reaches an idle engine is collected
+(``batch_window_ms`` / ``batch_max_wait_ms``, as a static batch is) so that it is prefilled as one
+group instead of one forward pass per request.
 
 The other schedulings are the static baselines the benchmark compares against: the worker
 collects a batch (until ``max_batch_size``, until no new row arrived for ``batch_window_ms``, or
@@ -131,26 +133,35 @@ class Engine:
     # ------------------------------------------------------------------ continuous batching
 
     def _loop_continuous(self) -> None:
-        from .continuous import RunningBatch  # torch: imported by the worker, not at import time
+        # torch: imported by the worker, not at import time
+        from .continuous import RunningBatch, UnsupportedModelError
 
         waiting: collections.deque[Any] = collections.deque()
         batch: RunningBatch | None = None
+        refusal: Exception | None = None
         while True:
-            idle = not waiting and (batch is None or not len(batch))
-            try:  # block only when there is nothing to do
-                item = self._queue.get() if idle else self._queue.get_nowait()
+            if not waiting and (batch is None or not len(batch)):
+                # Idle: block for the next item; a burst that starts now is prefilled as one group.
+                waiting.append(self._queue.get())
+                if isinstance(waiting[0], Row):
+                    waiting.extend(self._gather(waiting[0], self.max_batch_size - 1))
+            try:  # whatever else arrived joins the queue of waiting items
                 while True:
-                    waiting.append(item)
-                    item = self._queue.get_nowait()
+                    waiting.append(self._queue.get_nowait())
             except queue.Empty:
                 pass
             with self._model_lock:
                 if batch is None or batch.lm is not self.lm:
-                    if batch is not None and len(batch):  # the model was replaced under the batch
+                    if batch is not None:  # the base model was replaced under the batch
                         self._fail_running(batch, RuntimeError("the model was reloaded"))
-                    batch = RunningBatch(self.lm) if self.lm is not None else None
+                        batch.release()
+                    batch, refusal = None, None
+                    try:
+                        batch = RunningBatch(self.lm) if self.lm is not None else None
+                    except UnsupportedModelError as exc:
+                        refusal = exc  # every row fails with the reason and the fix
                 try:
-                    if self._admit(waiting, batch):
+                    if self._admit(waiting, batch, refusal):
                         return
                     if batch is not None and len(batch):
                         self._step(batch)
@@ -159,7 +170,9 @@ class Engine:
                     if batch is not None:
                         self._fail_running(batch, RuntimeError("internal error while generating"))
 
-    def _admit(self, waiting: collections.deque[Any], batch: RunningBatch | None) -> bool:
+    def _admit(
+        self, waiting: collections.deque[Any], batch: RunningBatch | None, refusal: Exception | None
+    ) -> bool:
         """Start queued rows while slots are free and run queued commands, in arrival order.
 
         Returns True when the engine was told to stop."""
@@ -173,8 +186,13 @@ class Engine:
                 self.metrics.queue_depth.dec()
                 if item.cancelled:
                     continue
+                if refusal is not None:
+                    self._fail(item, refusal)
+                    continue
                 if batch is None or not batch.lm.has(item.model):
-                    self._fail(item, ModelNotLoadedError(f"model '{self.label(item.model)}' is not loaded any more"))
+                    self._fail(
+                        item, ModelNotLoadedError(f"model '{self.label(item.model)}' is not loaded any more")
+                    )
                     continue
                 self.metrics.queue_wait.observe(time.monotonic() - item.enqueued_at)
                 joining.append(item)
@@ -185,8 +203,11 @@ class Engine:
             if item is _STOP:
                 if batch is not None:
                     self._fail_running(batch, RuntimeError("the server is shutting down"))
+                    batch.release()
                 return True
             self.metrics.queue_depth.dec()
+            if batch is not None:
+                batch.release()  # commands may change the adapters the step's hooks refer to
             self._run_command(item, locked=True)
             if (batch.lm if batch is not None else None) is not self.lm:
                 return False  # the base model was (re)loaded: the loop makes a new batch first
@@ -227,6 +248,24 @@ class Engine:
 
     # ------------------------------------------------------------------ static batches (baselines)
 
+    def _gather(self, first: Row, limit: int) -> list[Any]:
+        """Items that arrive within the batch window after ``first``: at most ``limit`` rows,
+        ending early at a command or stop (which is returned last)."""
+        got: list[Any] = []
+        cap = first.enqueued_at + self.max_wait_s
+        last_arrival = first.enqueued_at
+        while len(got) < limit:
+            wait = min(cap, last_arrival + self.window_s) - time.monotonic()
+            try:
+                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            got.append(item)
+            if not isinstance(item, Row):
+                break
+            last_arrival = max(last_arrival, item.enqueued_at)
+        return got
+
     def _loop_static(self) -> None:
         while True:
             item = self._take()
@@ -237,20 +276,13 @@ class Engine:
                 continue
             batch: list[Row] = [item]
             after: Any = None
-            cap = item.enqueued_at + self.max_wait_s
-            last_arrival = item.enqueued_at
-            while len(batch) < self.max_batch_size:
-                wait = min(cap, last_arrival + self.window_s) - time.monotonic()
-                try:
-                    nxt = self._take(timeout=wait) if wait > 0 else self._take(block=False)
-                except queue.Empty:
-                    break
+            for nxt in self._gather(item, self.max_batch_size - 1):
+                if nxt is not _STOP:
+                    self.metrics.queue_depth.dec()
                 if isinstance(nxt, Row):
                     batch.append(nxt)
-                    last_arrival = max(last_arrival, nxt.enqueued_at)
                 else:  # a command or stop: run the batch first, then it
                     after = nxt
-                    break
             try:
                 with self._model_lock:
                     self._run_batch(batch)
