@@ -1,19 +1,24 @@
-"""Generating one batch of rows with ``model.generate()``: per-row sampling, stops and streaming.
+"""Per-row decoding: choosing tokens, detokenizing, stops and delivery; static batches too.
 
-transformers' ``generate()`` runs the decoding loop; three small plug-ins make one call serve
-requests with different parameters:
+Two pieces serve every scheduling:
 
-* :class:`RowSampler` (a ``LogitsProcessor``): rows with temperature > 0 are sampled here, each
-  with its own temperature, top-p and ``torch.Generator`` (seeded from the request's ``seed``),
-  and the chosen token is left as the only finite score. ``generate()`` itself runs greedy, so
-  greedy rows keep their raw argmax. A row's tokens therefore depend only on its own logits and
-  its own generator, never on which other requests share the batch.
-* :class:`BatchTracker` as a ``StoppingCriteria``: after each step it detokenizes each row's new
-  token incrementally, applies EOS, stop strings and the row's own ``max_tokens``, and tells
-  ``generate()`` which rows are done (a finished row gets pad tokens from then on).
-* :class:`BatchTracker` as a ``BaseStreamer``: ``put()`` hands the text produced so far to each
-  row's sink, so streaming clients see tokens as they are generated, and a row that stops early
-  gets its final event at once instead of when the whole batch ends.
+* :class:`RowText`: one row's incremental detokenization; it applies EOS, stop strings and the
+  row's own ``max_tokens``, and ``deliver()`` hands the row's sink the text it may send (text
+  that may still become a stop string is held back) and, once the row ends, its end.
+* :class:`RowChooser`: the token choice of a row that samples (its own temperature, top-p and
+  ``torch.Generator``, seeded from the request's ``seed``), reports log-probs or follows a
+  grammar. A row's tokens depend only on its own logits and generator, never on which other
+  requests share the batch. Plain greedy rows need none: they take the argmax.
+
+Continuous batching (:mod:`.continuous`) calls them directly after each step. The static
+baselines run one ``generate()`` call per batch (:func:`generate_rows`) with three plug-ins:
+
+* :class:`RowSampler` (a ``LogitsProcessor``) asks each row's chooser and leaves the chosen
+  token as the only finite score; ``generate()`` itself runs greedy and takes it.
+* :class:`BatchTracker` as a ``StoppingCriteria``: after each step it feeds each row's new
+  token to its :class:`RowText` and tells ``generate()`` which rows are done.
+* :class:`BatchTracker` as a ``BaseStreamer``: ``put()`` delivers each row's text, so a row that
+  stops early gets its final event at once instead of when the whole batch ends.
 
 The text decided in the stopping check is only delivered in ``put()``/``end()``, so the result
 does not depend on the order in which ``generate()`` calls the two.
