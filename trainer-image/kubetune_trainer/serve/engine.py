@@ -176,6 +176,17 @@ class Engine:
         """Start queued rows while slots are free and run queued commands, in arrival order.
 
         Returns True when the engine was told to stop."""
+        if any(item is _STOP for item in waiting):  # shutting down: nothing new starts, nothing waits
+            shutdown = RuntimeError("the server is shutting down")
+            for item in waiting:
+                if isinstance(item, Row):
+                    self._fail(item, shutdown)
+                elif isinstance(item, _Command) and item.future.set_running_or_notify_cancel():
+                    item.future.set_exception(shutdown)
+            if batch is not None:
+                self._fail_running(batch, shutdown)
+                batch.release()
+            return True
         joining: list[Row] = []
         while waiting:
             item = waiting[0]
@@ -200,11 +211,6 @@ class Engine:
             if joining:  # rows that came before the command start first
                 break
             waiting.popleft()
-            if item is _STOP:
-                if batch is not None:
-                    self._fail_running(batch, RuntimeError("the server is shutting down"))
-                    batch.release()
-                return True
             self.metrics.queue_depth.dec()
             if batch is not None:
                 batch.release()  # commands may change the adapters the step's hooks refer to
