@@ -86,10 +86,6 @@ class RunningBatch:
     def __len__(self) -> int:
         return len(self.live)
 
-    @property
-    def rows(self) -> list[Row]:
-        return [x.row for x in self.live]
-
     # ------------------------------------------------------------------ the model
 
     def _forward(self, rows: Sequence[_Live], **inputs: Any) -> torch.Tensor:
