@@ -16,7 +16,7 @@ import pytest
 from kubetune_trainer.serve import ModelServer
 from kubetune_trainer.serve.config import BASE_ROW
 from kubetune_trainer.serve.continuous import RunningBatch
-from kubetune_trainer.serve.rows import Failed, Finished, ModelNotLoadedError, TextDelta
+from kubetune_trainer.serve.rows import Failed, Finished, ModelNotLoadedError, Row, TextDelta
 from tests.trainer.serve_fixtures import PHRASES, ServeModels, serve_models
 from tests.trainer.test_serve_batching import Collector, make_server, reference, row
 
@@ -190,3 +190,38 @@ def test_unloading_an_adapter_ends_only_its_running_rows(server: ModelServer) ->
     end = s_keep.wait()
     assert isinstance(end, Finished) and end.completion_tokens == 300
     assert s_keep.text.startswith(PHRASES["red"])
+
+
+def test_a_model_whose_cache_cannot_be_split_per_row_is_refused_with_the_fix(
+    serve_models: ServeModels,
+) -> None:
+    """Sliding-window layers drop old positions themselves: their requests fail and say what to set."""
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from kubetune_trainer.serve.engine import Engine
+    from kubetune_trainer.serve.model import LoadedModel
+
+    config = MistralConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+    )
+    tok = AutoTokenizer.from_pretrained(serve_models.base)
+    engine = Engine()
+    engine.lm = LoadedModel(
+        MistralForCausalLM(config).eval(), tok, device=torch.device("cpu"), max_model_len=64
+    )
+    sink = Collector()
+    engine.submit(Row(prompt_ids=tok("the cat ->").input_ids, model=BASE_ROW, max_tokens=4, sink=sink))
+    engine.start()
+    try:
+        failed = sink.wait()
+    finally:
+        engine.stop()
+    assert isinstance(failed, Failed)
+    assert "scheduling: static" in str(failed.error) and "sliding-window" in str(failed.error)
