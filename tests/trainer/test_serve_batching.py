@@ -151,7 +151,7 @@ def test_mixed_batch_is_token_identical_to_one_by_one(server: ModelServer, refer
         assert sink.text == reference.tokenizer.decode(event.token_ids, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("scheduling", ["per_adapter", "sequential"])
+@pytest.mark.parametrize("scheduling", ["static", "per_adapter", "sequential"])
 def test_baseline_schedulings_give_the_same_answers(
     serve_models: ServeModels, reference, scheduling: str
 ) -> None:

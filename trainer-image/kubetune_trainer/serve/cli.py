@@ -12,11 +12,17 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from kubetune_trainer.exit_codes import ConfigError, ExitCode, TrainerError, exit_code_for
 
-from .config import ServerConfig, load_adapter_set, parse_adapter_pair
+from .config import Scheduling, ServerConfig, load_adapter_set, parse_adapter_pair
+
+
+def _field_help(name: str) -> str:
+    """A flag's help: the ServerConfig field's description and default (declared there once)."""
+    field = ServerConfig.model_fields[name]
+    return f"{field.description} (default {field.default})"
 
 
 def register_serve(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +32,8 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
         description="Serve a base model and any number of LoRA adapters behind an OpenAI-compatible "
         "HTTP API (/v1/completions, /v1/chat/completions, /v1/models), with vLLM's "
         "/v1/load_lora_adapter and /v1/unload_lora_adapter, /health, /ready and /metrics. "
-        "Requests for different adapters share batches. Flags override --config.",
+        "Requests for different adapters share the running batch (continuous batching). Flags "
+        "override --config.",
     )
     p.add_argument("--config", type=Path, help="YAML file of ServerConfig fields")
     p.add_argument("--base-model", help="base model: directory, file://, s3:// or hub id")
@@ -47,23 +54,13 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", help="listen address (default 0.0.0.0)")
     p.add_argument("--port", type=int, help="listen port (default 8000)")
-    p.add_argument("--max-batch-size", type=int, help="most sequences per batch (default 16)")
-    p.add_argument(
-        "--batch-window-ms",
-        type=float,
-        help="a batch closes after this long without a new request (default 10)",
-    )
-    p.add_argument(
-        "--batch-max-wait-ms", type=float, help="the longest a request waits for batch mates (default 100)"
-    )
+    p.add_argument("--max-batch-size", type=int, help=_field_help("max_batch_size"))
+    p.add_argument("--batch-window-ms", type=float, help=_field_help("batch_window_ms"))
+    p.add_argument("--batch-max-wait-ms", type=float, help=_field_help("batch_max_wait_ms"))
     p.add_argument("--max-model-len", type=int, help="prompt + completion token limit (default: the model's)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument(
-        "--scheduling",
-        choices=["mixed", "per_adapter", "sequential"],
-        help="mixed (default): adapters share batches; the others are benchmark baselines",
-    )
+    p.add_argument("--scheduling", choices=get_args(Scheduling), help=_field_help("scheduling"))
     p.add_argument("--download-dir", help="where s3:// sources are downloaded (default: a temp directory)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) of a hub base model")
     p.add_argument("--trust-remote-code", action="store_true", default=None)

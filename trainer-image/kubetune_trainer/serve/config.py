@@ -21,7 +21,7 @@ from kubetune_trainer.exit_codes import ConfigError
 # download directory. vLLM model names are freer, but these cover DNS-1123 names (the CRD's rule).
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch; reserved
-Scheduling = Literal["mixed", "per_adapter", "sequential"]
+Scheduling = Literal["mixed", "static", "per_adapter", "sequential"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -56,18 +56,22 @@ class ServerConfig(BaseModel):
     )
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
-    max_batch_size: int = Field(16, ge=1, le=4096, description="most sequences generated together")
+    max_batch_size: int = Field(
+        16, ge=1, le=4096, description="most sequences generated together (the running batch's slots)"
+    )
     batch_window_ms: float = Field(
         10.0,
         ge=0,
         le=10_000,
-        description="a batch closes when no new request arrived for this long (a lone request waits this much)",
+        description="requests that start together are collected until none arrived for this long: "
+        "a static batch, or (continuous batching) a burst reaching an idle server, prefilled as one group; "
+        "requests arriving while others run join at the next step without waiting",
     )
     batch_max_wait_ms: float = Field(
         100.0,
         ge=0,
         le=60_000,
-        description="the longest the first request of a batch waits for others to join it",
+        description="the longest the first of the requests that start together waits for the others",
     )
     max_model_len: int | None = Field(
         None,
@@ -83,8 +87,10 @@ class ServerConfig(BaseModel):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     scheduling: Scheduling = Field(
         "mixed",
-        description="mixed: one batch serves many adapters (PEFT mixed-adapter batches); per_adapter: "
-        "one batch per adapter; sequential: one request at a time, switching adapters (baselines)",
+        description="mixed: continuous batching, sequences join and leave the running batch at every "
+        "step, whatever adapters they use; the baselines run static batches to their longest row: "
+        "static (one generate() per batch), per_adapter (one per adapter), sequential (one request at "
+        "a time, switching adapters)",
     )
     download_dir: str | None = Field(
         None, description="where s3:// models and adapters are downloaded (default: a temporary directory)"

@@ -1,19 +1,24 @@
-"""Generating one batch of rows with ``model.generate()``: per-row sampling, stops and streaming.
+"""Per-row decoding: choosing tokens, detokenizing, stops and delivery; static batches too.
 
-transformers' ``generate()`` runs the decoding loop; three small plug-ins make one call serve
-requests with different parameters:
+Two pieces serve every scheduling:
 
-* :class:`RowSampler` (a ``LogitsProcessor``): rows with temperature > 0 are sampled here, each
-  with its own temperature, top-p and ``torch.Generator`` (seeded from the request's ``seed``),
-  and the chosen token is left as the only finite score. ``generate()`` itself runs greedy, so
-  greedy rows keep their raw argmax. A row's tokens therefore depend only on its own logits and
-  its own generator, never on which other requests share the batch.
-* :class:`BatchTracker` as a ``StoppingCriteria``: after each step it detokenizes each row's new
-  token incrementally, applies EOS, stop strings and the row's own ``max_tokens``, and tells
-  ``generate()`` which rows are done (a finished row gets pad tokens from then on).
-* :class:`BatchTracker` as a ``BaseStreamer``: ``put()`` hands the text produced so far to each
-  row's sink, so streaming clients see tokens as they are generated, and a row that stops early
-  gets its final event at once instead of when the whole batch ends.
+* :class:`RowText`: one row's incremental detokenization; it applies EOS, stop strings and the
+  row's own ``max_tokens``, and ``deliver()`` hands the row's sink the text it may send (text
+  that may still become a stop string is held back) and, once the row ends, its end.
+* :class:`RowChooser`: the token choice of a row that samples (its own temperature, top-p and
+  ``torch.Generator``, seeded from the request's ``seed``), reports log-probs or follows a
+  grammar. A row's tokens depend only on its own logits and generator, never on which other
+  requests share the batch. Plain greedy rows need none: they take the argmax.
+
+Continuous batching (:mod:`.continuous`) calls them directly after each step. The static
+baselines run one ``generate()`` call per batch (:func:`generate_rows`) with three plug-ins:
+
+* :class:`RowSampler` (a ``LogitsProcessor``) asks each row's chooser and leaves the chosen
+  token as the only finite score; ``generate()`` itself runs greedy and takes it.
+* :class:`BatchTracker` as a ``StoppingCriteria``: after each step it feeds each row's new
+  token to its :class:`RowText` and tells ``generate()`` which rows are done.
+* :class:`BatchTracker` as a ``BaseStreamer``: ``put()`` delivers each row's text, so a row that
+  stops early gets its final event at once instead of when the whole batch ends.
 
 The text decided in the stopping check is only delivered in ``put()``/``end()``, so the result
 does not depend on the order in which ``generate()`` calls the two.
@@ -103,6 +108,27 @@ class RowText:
             self._read_new_text(final=True)
             self.finish_reason = "length"
 
+    def deliver(self) -> None:
+        """Send the row the text (and logprobs) it may have now, and its end once finished."""
+        if self.final_sent:
+            return
+        chunk = self.deliverable()
+        logprobs = tuple(self.logprobs[self.logprobs_sent :]) if chunk or self.finished else ()
+        if chunk or logprobs:
+            self.row.send(TextDelta(chunk, logprobs))
+            self.logprobs_sent += len(logprobs)
+        if self.finished:
+            self.final_sent = True
+            if self.finish_reason != "cancelled":
+                self.row.send(
+                    Finished(
+                        self.finish_reason or "stop",
+                        len(self.row.prompt_ids),
+                        self.generated,
+                        tuple(self.ids[self.context :]),
+                    )
+                )
+
     def deliverable(self) -> str:
         """Text that can be sent now: held back while it might still become a stop string."""
         end = len(self.text)
@@ -148,15 +174,7 @@ class BatchTracker(StoppingCriteria, BaseStreamer):
 
     def flush(self) -> None:
         for t in self.texts:
-            if t.final_sent:
-                continue
-            chunk = t.deliverable()
-            logprobs = tuple(t.logprobs[t.logprobs_sent :]) if chunk or t.finished else ()
-            if chunk or logprobs:
-                t.row.send(TextDelta(chunk, logprobs))
-                t.logprobs_sent += len(logprobs)
-            if t.finished:
-                self._finish(t)
+            t.deliver()
 
     def finish_all(self) -> None:
         """After ``generate()`` returns: rows it stopped (its own max length) end with "length"."""
@@ -166,91 +184,86 @@ class BatchTracker(StoppingCriteria, BaseStreamer):
                 t.finish_reason = "length"
         self.flush()
 
-    def _finish(self, t: RowText) -> None:
-        t.final_sent = True
-        if t.finish_reason != "cancelled":
-            t.row.send(
-                Finished(
-                    t.finish_reason or "stop",
-                    len(t.row.prompt_ids),
-                    t.generated,
-                    tuple(t.ids[t.context :]),
-                )
-            )
+
+class RowChooser:
+    """Chooses one row's tokens when the plain argmax will not do (torch).
+
+    Rows that sample (temperature > 0), report log-probabilities or follow a grammar get one
+    each; plain greedy rows take the batch's vectorised argmax and never come here. Log-probs are
+    log-softmax of the model's raw logits (before grammar, temperature and top-p, as vLLM reports
+    them by default), read before choosing, for the token chosen after it. A sampled row draws
+    from its own ``torch.Generator`` (seeded from the request's ``seed``), so its tokens depend
+    only on its own logits, never on which other requests share the batch.
+    """
+
+    def __init__(self, text: RowText):
+        self.text = text
+        row = text.row
+        self.row = row
+        self.warpers: list[Any] = []
+        if not row.greedy:
+            self.warpers.append(TemperatureLogitsWarper(row.temperature))
+            if row.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(row.top_p))
+        self.generator: torch.Generator | None = None
+        self.grammar: Any = None
+
+    @staticmethod
+    def needed(row: Row) -> bool:
+        return not row.greedy or row.logprobs is not None or row.grammar is not None
+
+    def choose(self, scores: torch.Tensor) -> int:
+        """The next token from this row's scores (1 x V); a grammar masks ``scores`` in place."""
+        row = self.row
+        raw = torch.log_softmax(scores[0].float(), dim=-1) if row.logprobs is not None else None
+        if row.grammar is not None:
+            if self.grammar is None:
+                from .structured import RowGrammar
+
+                self.grammar = RowGrammar(row.grammar, scores.shape[-1])
+            self.grammar.mask(scores)  # before choosing: greedy and sampled rows alike
+        if row.greedy:
+            token = int(scores[0].argmax())
+        else:
+            logits = scores
+            for warper in self.warpers:
+                logits = warper(None, logits)
+            probs = torch.softmax(logits.float(), dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=self._generator(scores.device)))
+        if self.grammar is not None:
+            self.grammar.accept(token)
+        if raw is not None:
+            alternatives: tuple[tuple[int, float], ...] = ()
+            if row.logprobs:
+                values, ids = raw.topk(row.logprobs)
+                alternatives = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+            self.text.step_logprobs.append((token, float(raw[token]), alternatives))
+        return token
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self.generator is None:
+            self.generator = torch.Generator(device=device)
+            seed = self.row.seed if self.row.seed is not None else secrets.randbits(63)
+            self.generator.manual_seed(seed)
+        return self.generator
 
 
 class RowSampler(LogitsProcessor):
-    """Samples the rows that ask for it (temperature > 0), each with its own generator.
+    """``generate()``'s hook into :class:`RowChooser` (static batches): the chosen token is left
+    as the row's only finite score, so ``generate()``'s own greedy pick takes it."""
 
-    It also records the log-probabilities of the rows that asked for them: log-softmax of the
-    model's raw logits (before temperature and top-p, as vLLM reports them by default), read
-    before sampling, for the token chosen after it. Reading them changes no row's tokens.
-    """
-
-    def __init__(self, rows: Sequence[Row], tracker: BatchTracker):
+    def __init__(self, tracker: BatchTracker):
         self.tracker = tracker
-        self.rows = [(i, r) for i, r in enumerate(rows) if not r.greedy]
-        self.logged = [(i, r.logprobs) for i, r in enumerate(rows) if r.logprobs is not None]
-        self.constrained = [(i, r.grammar) for i, r in enumerate(rows) if r.grammar is not None]
-        self.grammars: dict[int, Any] = {}
-        self.warpers = {
-            i: [TemperatureLogitsWarper(r.temperature)]
-            + ([TopPLogitsWarper(r.top_p)] if r.top_p < 1.0 else [])
-            for i, r in self.rows
-        }
-        self.generators: dict[int, torch.Generator] = {}
-
-    def _generator(self, i: int, row: Row, device: torch.device) -> torch.Generator:
-        gen = self.generators.get(i)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(row.seed if row.seed is not None else secrets.randbits(63))
-            self.generators[i] = gen
-        return gen
+        self.choosers = [(i, RowChooser(t)) for i, t in enumerate(tracker.texts) if RowChooser.needed(t.row)]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        raw = {
-            i: torch.log_softmax(scores[i].float(), dim=-1)
-            for i, _ in self.logged
-            if not self.tracker.finished(i)
-        }
-        live = [(i, self._grammar(i, g, scores)) for i, g in self.constrained if not self.tracker.finished(i)]
-        for i, grammar in live:
-            grammar.mask(scores[i : i + 1])  # before sampling: greedy and sampled rows alike
-        self._sample(input_ids, scores)
-        for i, grammar in live:
-            grammar.accept(int(scores[i].argmax()))
-        for i, top in self.logged:
-            if i not in raw:
-                continue
-            logprobs = raw[i]
-            # Greedy rows: generate() takes this argmax; sampled rows: the only finite score left.
-            chosen = int(scores[i].argmax())
-            alternatives: tuple[tuple[int, float], ...] = ()
-            if top:
-                values, ids = logprobs.topk(top)
-                alternatives = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-            self.tracker.texts[i].step_logprobs.append((chosen, float(logprobs[chosen]), alternatives))
-        return scores
-
-    def _grammar(self, i: int, compiled: Any, scores: torch.Tensor) -> Any:
-        if i not in self.grammars:
-            from .structured import RowGrammar
-
-            self.grammars[i] = RowGrammar(compiled, scores.shape[-1])
-        return self.grammars[i]
-
-    def _sample(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> None:
-        for i, row in self.rows:
+        for i, chooser in self.choosers:
             if self.tracker.finished(i):
                 continue
-            logits = scores[i : i + 1]
-            for warper in self.warpers[i]:
-                logits = warper(input_ids[i : i + 1], logits)
-            probs = torch.softmax(logits.float(), dim=-1)
-            token = torch.multinomial(probs, 1, generator=self._generator(i, row, scores.device))
+            token = chooser.choose(scores[i : i + 1])
             scores[i] = float("-inf")
             scores[i, token] = 0.0
+        return scores
 
 
 def generate_rows(
@@ -286,7 +299,7 @@ def generate_rows(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             generation_config=config,
-            logits_processor=LogitsProcessorList([RowSampler(rows, tracker)]),
+            logits_processor=LogitsProcessorList([RowSampler(tracker)]),
             stopping_criteria=StoppingCriteriaList([tracker]),
             streamer=tracker,
             **kwargs,

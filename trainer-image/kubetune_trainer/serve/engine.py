@@ -1,24 +1,32 @@
-"""The engine: one worker thread that owns the model, collects rows into batches and runs them.
+"""The engine: one worker thread that owns the model, schedules rows and runs them.
 
 Nothing else touches the model once serving starts: HTTP handlers put rows (and commands such
 as "load this adapter") on a queue and wait on asyncio queues/futures, so the event loop never
-blocks on torch, and loading an adapter never races a batch.
+blocks on torch, and loading an adapter never races a step.
 
-Batching: the worker takes the first queued row, then keeps taking rows until ``max_batch_size``,
-until no new row has arrived for ``batch_window_ms``, or until the first row has waited
-``batch_max_wait_ms``. Rows that piled up while the previous batch ran start at once; a burst of
-requests (clients that all got their answers from the last batch) is collected even when its
-arrivals are spread over more than one window, and a lone request waits one window. With
-``scheduling="mixed"`` the whole batch is one ``generate()`` call whatever adapters its rows use
-(PEFT's ``adapter_names``); the other modes are the baselines the benchmark compares against.
+Scheduling ``mixed`` (the default) is continuous batching (:mod:`.continuous`): between two
+decoding steps the worker admits queued rows while the running batch has fewer than
+``max_batch_size`` sequences (they are prefilled together and join it), runs queued commands,
+then generates one token for every running row in one forward pass, whatever adapters they use.
+A row leaves as soon as it ends, and its slot goes to the next queued row. Rows that arrive
+while others run never wait for a window; only a burst that reaches an idle engine is collected
+(``batch_window_ms`` / ``batch_max_wait_ms``, as a static batch is) so that it is prefilled as one
+group instead of one forward pass per request.
 
-Isolation: a row whose adapter was unloaded meanwhile fails alone before the batch starts. If
-``generate()`` raises for a batch, each row that has not produced output yet is retried alone,
-so only the row that causes the error fails.
+The other schedulings are the static baselines the benchmark compares against: the worker
+collects a batch (until ``max_batch_size``, until no new row arrived for ``batch_window_ms``, or
+until the first row waited ``batch_max_wait_ms``) and runs it to the end of its longest row,
+as one ``generate()`` call (``static``), one per adapter (``per_adapter``) or one per request
+(``sequential``).
+
+Isolation: a row whose adapter was unloaded meanwhile fails alone (before it starts, or between
+two steps). If the forward pass raises for rows that are joining, each is retried alone, so only
+the row that causes the error fails; a failing step fails the rows running in it.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import queue
@@ -33,6 +41,7 @@ from .metrics import ServerMetrics
 from .rows import Failed, ModelNotLoadedError, Row
 
 if TYPE_CHECKING:
+    from .continuous import RunningBatch
     from .model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -116,6 +125,154 @@ class Engine:
         return item
 
     def _loop(self) -> None:
+        if self.scheduling == "mixed":
+            self._loop_continuous()
+        else:
+            self._loop_static()
+
+    # ------------------------------------------------------------------ continuous batching
+
+    def _loop_continuous(self) -> None:
+        # torch: imported by the worker, not at import time
+        from .continuous import RunningBatch, UnsupportedModelError
+
+        waiting: collections.deque[Any] = collections.deque()
+        batch: RunningBatch | None = None
+        refusal: Exception | None = None
+        while True:
+            if not waiting and (batch is None or not len(batch)):
+                # Idle: block for the next item; a burst that starts now is prefilled as one group.
+                waiting.append(self._queue.get())
+                if isinstance(waiting[0], Row):
+                    waiting.extend(self._gather(waiting[0], self.max_batch_size - 1))
+            try:  # whatever else arrived joins the queue of waiting items
+                while True:
+                    waiting.append(self._queue.get_nowait())
+            except queue.Empty:
+                pass
+            with self._model_lock:
+                if batch is None or batch.lm is not self.lm:
+                    if batch is not None:  # the base model was replaced under the batch
+                        self._fail_running(batch, RuntimeError("the model was reloaded"))
+                        batch.release()
+                    batch, refusal = None, None
+                    try:
+                        batch = RunningBatch(self.lm) if self.lm is not None else None
+                    except UnsupportedModelError as exc:
+                        refusal = exc  # every row fails with the reason and the fix
+                try:
+                    if self._admit(waiting, batch, refusal):
+                        return
+                    if batch is not None and len(batch):
+                        self._step(batch)
+                except BaseException:  # never let one step kill the worker
+                    log.exception("a generation step failed unexpectedly")
+                    if batch is not None:
+                        self._fail_running(batch, RuntimeError("internal error while generating"))
+
+    def _admit(
+        self, waiting: collections.deque[Any], batch: RunningBatch | None, refusal: Exception | None
+    ) -> bool:
+        """Start queued rows while slots are free and run queued commands, in arrival order.
+
+        Returns True when the engine was told to stop."""
+        if any(item is _STOP for item in waiting):  # shutting down: nothing new starts, nothing waits
+            shutdown = RuntimeError("the server is shutting down")
+            for item in waiting:
+                if isinstance(item, Row):
+                    self._fail(item, shutdown)
+                elif isinstance(item, _Command) and item.future.set_running_or_notify_cancel():
+                    item.future.set_exception(shutdown)
+            if batch is not None:
+                self._fail_running(batch, shutdown)
+                batch.release()
+            return True
+        joining: list[Row] = []
+        while waiting:
+            item = waiting[0]
+            if isinstance(item, Row):
+                if batch is not None and len(batch) + len(joining) >= self.max_batch_size:
+                    break
+                waiting.popleft()
+                self.metrics.queue_depth.dec()
+                if item.cancelled:
+                    continue
+                if refusal is not None:
+                    self._fail(item, refusal)
+                    continue
+                if batch is None or not batch.lm.has(item.model):
+                    self._fail(
+                        item, ModelNotLoadedError(f"model '{self.label(item.model)}' is not loaded any more")
+                    )
+                    continue
+                self.metrics.queue_wait.observe(time.monotonic() - item.enqueued_at)
+                joining.append(item)
+                continue
+            if joining:  # rows that came before the command start first
+                break
+            waiting.popleft()
+            self.metrics.queue_depth.dec()
+            if batch is not None:
+                batch.release()  # commands may change the adapters the step's hooks refer to
+            self._run_command(item, locked=True)
+            if (batch.lm if batch is not None else None) is not self.lm:
+                return False  # the base model was (re)loaded: the loop makes a new batch first
+            if batch is not None:
+                # An adapter may be gone now: its running rows end here, the others go on.
+                for row in batch.drop(lambda r: not batch.lm.has(r.model)):
+                    self._fail(row, ModelNotLoadedError(f"model '{self.label(row.model)}' was unloaded"))
+        if joining and batch is not None:
+            self._join(batch, joining)
+        return False
+
+    def _join(self, batch: RunningBatch, rows: list[Row]) -> None:
+        self.batches_run += 1
+        self.metrics.observe_batch(self.label(r.model) for r in rows)
+        try:
+            batch.prefill(rows)
+        except Exception as exc:
+            if len(rows) == 1:
+                self._fail(rows[0], exc)
+                return
+            log.warning("prefilling %d rows failed (%s): retrying them one by one", len(rows), exc)
+            for row in rows:
+                try:
+                    batch.prefill([row])
+                except Exception as row_exc:
+                    self._fail(row, row_exc)
+
+    def _step(self, batch: RunningBatch) -> None:
+        self.metrics.step_batch_size.observe(len(batch))
+        try:
+            batch.step()
+        except Exception as exc:
+            self._fail_running(batch, exc)
+
+    def _fail_running(self, batch: RunningBatch, exc: BaseException) -> None:
+        for row in batch.drop(lambda r: True):
+            self._fail(row, exc)
+
+    # ------------------------------------------------------------------ static batches (baselines)
+
+    def _gather(self, first: Row, limit: int) -> list[Any]:
+        """Items that arrive within the batch window after ``first``: at most ``limit`` rows,
+        ending early at a command or stop (which is returned last)."""
+        got: list[Any] = []
+        cap = first.enqueued_at + self.max_wait_s
+        last_arrival = first.enqueued_at
+        while len(got) < limit:
+            wait = min(cap, last_arrival + self.window_s) - time.monotonic()
+            try:
+                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            got.append(item)
+            if not isinstance(item, Row):
+                break
+            last_arrival = max(last_arrival, item.enqueued_at)
+        return got
+
+    def _loop_static(self) -> None:
         while True:
             item = self._take()
             if item is _STOP:
@@ -125,20 +282,13 @@ class Engine:
                 continue
             batch: list[Row] = [item]
             after: Any = None
-            cap = item.enqueued_at + self.max_wait_s
-            last_arrival = item.enqueued_at
-            while len(batch) < self.max_batch_size:
-                wait = min(cap, last_arrival + self.window_s) - time.monotonic()
-                try:
-                    nxt = self._take(timeout=wait) if wait > 0 else self._take(block=False)
-                except queue.Empty:
-                    break
+            for nxt in self._gather(item, self.max_batch_size - 1):
+                if nxt is not _STOP:
+                    self.metrics.queue_depth.dec()
                 if isinstance(nxt, Row):
                     batch.append(nxt)
-                    last_arrival = max(last_arrival, nxt.enqueued_at)
                 else:  # a command or stop: run the batch first, then it
                     after = nxt
-                    break
             try:
                 with self._model_lock:
                     self._run_batch(batch)
@@ -151,12 +301,15 @@ class Engine:
             if after is not None:
                 self._run_command(after)
 
-    def _run_command(self, cmd: _Command) -> None:
+    def _run_command(self, cmd: _Command, *, locked: bool = False) -> None:
         if not cmd.future.set_running_or_notify_cancel():
             return
         try:
-            with self._model_lock:
+            if locked:
                 result = cmd.fn()
+            else:
+                with self._model_lock:
+                    result = cmd.fn()
         except BaseException as exc:
             cmd.future.set_exception(exc)
         else:
@@ -208,7 +361,7 @@ class Engine:
         lm = self.lm
         assert lm is not None
         common: dict[str, Any] = {"device": lm.device, "eos_ids": lm.eos_ids, "pad_id": lm.pad_id}
-        if self.scheduling == "mixed":
+        if self.scheduling == "static":
             names = [r.model for r in rows] if lm.is_peft else None
             self.metrics.observe_batch(self.label(r.model) for r in rows)
             generate_rows(lm.model, lm.tokenizer, rows, adapter_names=names, **common)

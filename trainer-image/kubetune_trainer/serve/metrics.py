@@ -50,26 +50,32 @@ class ServerMetrics:
         )
         self.batch_size = Histogram(
             "kubetune_serve_batch_size",
-            "Sequences generated together in one model.generate() call",
+            "Sequences that started together (one prefill, or one static batch)",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.step_batch_size = Histogram(
+            "kubetune_serve_step_batch_size",
+            "Sequences in one decoding step of the running batch (continuous batching)",
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
         self.batch_models = Histogram(
             "kubetune_serve_batch_models",
-            "Distinct models (adapters and the base) in one batch",
+            "Distinct models (adapters and the base) among sequences that started together",
             buckets=(1, 2, 3, 4, 6, 8, 16, 32),
             registry=r,
         )
         self.batch_rows = Histogram(
             "kubetune_serve_batch_rows",
-            "Sequences of one model in a batch (the per-adapter share of the batch size)",
+            "Sequences of one model among those that started together (its share of the batch size)",
             ["model"],
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
         self.queue_wait = Histogram(
             "kubetune_serve_queue_wait_seconds",
-            "Time a sequence waited in the queue before its batch started",
+            "Time a sequence waited in the queue before it started",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
