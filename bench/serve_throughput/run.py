@@ -243,14 +243,17 @@ class KubetuneServer(Server):
         super().__init__(argv, {}, log)
 
     def batch_stats(self) -> tuple[float, float]:
+        """(sum, count) of the running batch per decoding step (continuous batching); the static
+        baselines report sequences per generate() call instead."""
         values = {}
         for line in httpx.get(f"{self.url}/metrics").text.splitlines():
-            if line.startswith(("kubetune_serve_batch_size_sum", "kubetune_serve_batch_size_count")):
+            if line.startswith(("kubetune_serve_step_batch_size_", "kubetune_serve_batch_size_")):
                 name, value = line.split()
                 values[name] = float(value)
-        return values.get("kubetune_serve_batch_size_sum", 0.0), values.get(
-            "kubetune_serve_batch_size_count", 0.0
-        )
+        for metric in ("kubetune_serve_step_batch_size", "kubetune_serve_batch_size"):
+            if values.get(f"{metric}_count"):
+                return values[f"{metric}_sum"], values[f"{metric}_count"]
+        return 0.0, 0.0
 
 
 class VllmServer(Server):
