@@ -245,14 +245,9 @@ def _augmentation(aug: Augmentation | None, loc: Any) -> Body | None:
     if aug is None:
         return None
     out: Body = {}
-    if aug.synonyms is not None:
-        syn = aug.synonyms
-        out["synonyms"] = {
-            "fraction": syn.fraction,
-            "variants": syn.variants,
-            "synonyms_file": loc(syn.file),
-            "include_response": syn.include_response,
-        }
+    if aug.synonyms is not None:  # the trainer's name for the file: synonyms_file
+        fields = aug.synonyms.model_dump(by_alias=False, exclude={"file"})
+        out["synonyms"] = fields | {"synonyms_file": loc(aug.synonyms.file)}
     for name, block in (("paraphrase", aug.paraphrase), ("back_translation", aug.back_translation)):
         if block is not None:
             fields = block.model_dump(by_alias=False, exclude_none=True)

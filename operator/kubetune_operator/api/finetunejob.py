@@ -17,22 +17,19 @@ from kubetune_trainer.apimodel import (
     KindModel,
     ListType,
     Rule,
-    cel_matches,
     immutable,
-    matches,
     rules,
 )
 from kubetune_trainer.settings import (
-    AUGMENT_DEFAULT_BATCH_SIZE,
-    AUGMENT_DEFAULT_FRACTION,
-    AUGMENT_DEFAULT_MAX_NEW_TOKENS,
-    AUGMENT_MAX_VARIANTS,
-    AUGMENT_PROMPT_DEFAULT,
     DATASET_RULES,
+    MLFLOW_NEEDS_REPORT_TO,
+    MLFLOW_URI_WITHOUT_CREDENTIALS,
     MODEL_DTYPE,
     REPLAY_FRACTION_DEFAULT,
     REPORT_TO,
     TRAINING_RULES,
+    AugmentationMethods,
+    BackTranslationOptions,
     Checkpointing,
     DataFormat,
     DatasetOptions,
@@ -43,10 +40,12 @@ from kubetune_trainer.settings import (
     LoraParams,
     MethodType,
     ModelDtype,
+    ParaphraseOptions,
     PrefixParams,
     PromptParams,
     PTuningParams,
     QLoraParams,
+    SynonymOptions,
     setting,
 )
 
@@ -159,83 +158,26 @@ class Replay(ApiModel):
     )
 
 
-def _prompt_rule(field: str) -> Rule:
-    return Rule(
-        "self.contains('{text}')",
-        f"{field} must contain {{text}}, where the text to rewrite goes (e.g. 'paraphrase: {{text}}')",
-        check=lambda v: "{text}" in v,
-    )
-
-
-PROMPT_MAX = 4096
-
-
-class SynonymAugmentation(ApiModel):
+class SynonymAugmentation(SynonymOptions):
     """Synonym replacement from the built-in Moby thesaurus (offline) or your own synonyms file."""
 
-    fraction: float = Field(
-        AUGMENT_DEFAULT_FRACTION,
-        gt=0,
-        le=1,
-        description="Share of the words that have a synonym replaced in each variant (at least one word).",
-    )
-    variants: int = Field(
-        1, ge=1, le=AUGMENT_MAX_VARIANTS, description="Variants made from each training example."
-    )
     file: Annotated[str, data_uri_rule("dataset.augmentation.synonyms.file")] | None = Field(
         None,
         max_length=URI_MAX,
         description="Your synonyms: JSON {word: [synonyms]} or one 'word,synonym,...' line per word. "
         "Default: the built-in Moby thesaurus.",
     )
-    include_response: bool = Field(
-        False, description="Also rewrite the trained response (output, completion, assistant turns)."
-    )
 
 
-@rules(
-    Rule(
-        "!has(self.maxVariants) || self.maxVariants >= self.variants",
-        "maxVariants is below variants: raise maxVariants or lower variants",
-        check=lambda m: m.max_variants is None or m.max_variants >= m.variants,
-        field_path=".maxVariants",
-    )
-)
-class _ModelAugmentation(ApiModel):
-    variants: int = Field(
-        1, ge=1, le=AUGMENT_MAX_VARIANTS, description="Variants made from each training example."
-    )
-    max_variants: int | None = Field(
-        None,
-        ge=1,
-        le=100_000_000,
-        description="Cap on the variants this method makes for the whole training set.",
-    )
-    batch_size: int = Field(
-        AUGMENT_DEFAULT_BATCH_SIZE, ge=1, le=1024, description="Texts the model rewrites at once."
-    )
-    max_new_tokens: int = Field(
-        AUGMENT_DEFAULT_MAX_NEW_TOKENS, ge=1, le=4096, description="Longest rewrite, in tokens."
-    )
-    include_response: bool = Field(
-        False, description="Also rewrite the trained response (output, completion, assistant turns)."
-    )
-
-
-class ParaphraseAugmentation(_ModelAugmentation):
+class ParaphraseAugmentation(ParaphraseOptions):
     """Paraphrases by a model you name (seq2seq or causal, loaded with transformers)."""
 
     model: Annotated[str, model_uri_rule("dataset.augmentation.paraphrase.model")] = Field(
         max_length=URI_MAX, description="The paraphrase model: hf://org/name, s3://, pvc:// or file://."
     )
-    prompt: Annotated[str, _prompt_rule("dataset.augmentation.paraphrase.prompt")] = Field(
-        AUGMENT_PROMPT_DEFAULT,
-        max_length=PROMPT_MAX,
-        description="The model's input; {text} is replaced by the text to paraphrase.",
-    )
 
 
-class BackTranslationAugmentation(_ModelAugmentation):
+class BackTranslationAugmentation(BackTranslationOptions):
     """Back-translation: model translates into a pivot language, backModel translates back."""
 
     model: Annotated[str, model_uri_rule("dataset.augmentation.backTranslation.model")] = Field(
@@ -245,33 +187,12 @@ class BackTranslationAugmentation(_ModelAugmentation):
         max_length=URI_MAX,
         description="From the pivot language back: hf://org/name, s3://, pvc:// or file://.",
     )
-    prompt: Annotated[str, _prompt_rule("dataset.augmentation.backTranslation.prompt")] = Field(
-        AUGMENT_PROMPT_DEFAULT, max_length=PROMPT_MAX, description="Input of model; {text} is the text."
-    )
-    back_prompt: Annotated[str, _prompt_rule("dataset.augmentation.backTranslation.backPrompt")] = Field(
-        AUGMENT_PROMPT_DEFAULT,
-        max_length=PROMPT_MAX,
-        description="Input of backModel; {text} is the translation.",
-    )
 
 
-@rules(
-    Rule(
-        "has(self.synonyms) || has(self.paraphrase) || has(self.backTranslation)",
-        "dataset.augmentation needs at least one method: set synonyms, paraphrase or backTranslation "
-        "(or remove augmentation)",
-        check=lambda a: a.synonyms is not None or a.paraphrase is not None or a.back_translation is not None,
-        reason="FieldValueRequired",
-    )
-)
-class Augmentation(ApiModel):
+class Augmentation(
+    AugmentationMethods[SynonymAugmentation, ParaphraseAugmentation, BackTranslationAugmentation]
+):
     """More training examples made from the training split (never from validation or test data)."""
-
-    synonyms: SynonymAugmentation | None = Field(None, description="Synonym replacement.")
-    paraphrase: ParaphraseAugmentation | None = Field(None, description="Paraphrasing by a model.")
-    back_translation: BackTranslationAugmentation | None = Field(
-        None, description="Back-translation through a pivot language by two models."
-    )
 
 
 @rules(*DATASET_RULES)
@@ -442,8 +363,6 @@ class Output(ApiModel):
 
 # The trainer's list of transformers' reporting integrations (kubetune_trainer.config.REPORT_TO).
 ReportTo = Literal[REPORT_TO]  # type: ignore[valid-type]
-# scheme://user:password@host: credentials belong in the Secret, not in the URI (it is in the spec).
-URI_WITH_USERINFO = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*@"
 
 
 class MlflowCredentials(ApiModel):
@@ -483,12 +402,7 @@ class Mlflow(ApiModel):
             HTTP_URL,
             "tracking.mlflow.trackingUri must be an http:// or https:// URL, e.g. http://mlflow.mlflow.svc:5000",
         ),
-        Rule(
-            f"!{cel_matches('self', URI_WITH_USERINFO)}",
-            "tracking.mlflow.trackingUri must not contain credentials (user:password@): put them in a Secret "
-            "and name it in tracking.mlflow.credentialsSecretRef",
-            check=lambda v: not matches(v, URI_WITH_USERINFO),
-        ),
+        MLFLOW_URI_WITHOUT_CREDENTIALS,
     ] = Field(
         max_length=URI_MAX, description="MLflow tracking server URL, e.g. http://mlflow.mlflow.svc:5000."
     )
@@ -504,12 +418,7 @@ class Mlflow(ApiModel):
 
 
 @rules(
-    Rule(
-        "!has(self.mlflow) || (has(self.reportTo) && 'mlflow' in self.reportTo)",
-        "tracking.mlflow is set but tracking.reportTo does not name mlflow: add mlflow to tracking.reportTo",
-        check=lambda t: t.mlflow is None or "mlflow" in (t.report_to or []),
-        field_path=".reportTo",
-    ),
+    MLFLOW_NEEDS_REPORT_TO,
     Rule(
         "!has(self.reportTo) || !('mlflow' in self.reportTo) || has(self.mlflow)",
         "tracking.reportTo mlflow needs a server: set tracking.mlflow.trackingUri (a pod's local MLflow files "
