@@ -19,11 +19,18 @@ import yaml
 from pydantic import BaseModel
 
 from kubetune_operator.api import FineTuneJob, InvalidManifestError, load_finetunejob
-from kubetune_operator.api.finetunejob import Replay
+from kubetune_operator.api.finetunejob import (
+    Augmentation,
+    BackTranslationAugmentation,
+    ParaphraseAugmentation,
+    Replay,
+    SynonymAugmentation,
+)
 from kubetune_operator.api.manifest import load_model
 from kubetune_operator.convert import POD_OUTPUT_DIR, to_config, to_config_dict
 from kubetune_operator.finetunejob import builders
-from kubetune_trainer import settings
+from kubetune_trainer import config, settings
+from kubetune_trainer.apimodel import class_rules
 from kubetune_trainer.config import FinetuningConfig
 from kubetune_trainer.exit_codes import ConfigError
 from kubetune_trainer.jobfile import load_job_file
@@ -131,6 +138,66 @@ def test_use_rslora_compute_dtype_and_dtype_reach_the_trainer() -> None:
     assert cfg.model_dtype == "bfloat16"
 
 
+# The augmentation blocks: the API and the trainer each add only where the inputs are.
+AUGMENTATION_BLOCKS = [
+    (settings.SynonymOptions, SynonymAugmentation, config.SynonymAugmentation, {"file"}, {"synonyms_file"}),
+    (settings.ParaphraseOptions, ParaphraseAugmentation, config.ParaphraseAugmentation, {"model"}, {"model"}),
+    (
+        settings.BackTranslationOptions,
+        BackTranslationAugmentation,
+        config.BackTranslationAugmentation,
+        {"model", "back_model"},
+        {"model", "back_model"},
+    ),
+]
+
+
+@pytest.mark.parametrize(("shared", "api", "trainer", "api_only", "trainer_only"), AUGMENTATION_BLOCKS)
+def test_augmentation_blocks_share_one_declaration(
+    shared: type[BaseModel],
+    api: type[BaseModel],
+    trainer: type[BaseModel],
+    api_only: set[str],
+    trainer_only: set[str],
+) -> None:
+    assert issubclass(api, shared) and issubclass(trainer, shared)
+    assert set(api.model_fields) - set(shared.model_fields) == api_only
+    assert set(trainer.model_fields) - set(shared.model_fields) == trainer_only
+    for name, declared in shared.model_fields.items():
+        # Not redeclared on either side: the inherited declaration, with its default, bounds and rules.
+        # (FieldInfo compares by identity: its repr shows default, alias, description and constraints.)
+        assert repr(api.model_fields[name]) == repr(declared) == repr(trainer.model_fields[name]), name
+    assert class_rules(api) == class_rules(trainer) == class_rules(shared)
+
+
+def test_augmentation_and_mlflow_defaults_agree() -> None:
+    """An augmentation block that names only its inputs converts to the trainer's defaults."""
+    job = _job(
+        dataset={
+            "train": {"uri": "s3://data/t.jsonl"},
+            "augmentation": {
+                "synonyms": {"file": "s3://data/syn.txt"},
+                "paraphrase": {"model": "s3://models/para"},
+                "backTranslation": {"model": "hf://org/to-de", "backModel": "hf://org/to-en"},
+            },
+        },
+        tracking={"reportTo": ["mlflow"], "mlflow": {"trackingUri": "http://mlflow:5000"}},
+    )
+    converted = to_config_dict(job)
+    assert converted["augmentation"] == {
+        "synonyms": {"synonyms_file": "s3://data/syn.txt"},
+        "paraphrase": {"model": "s3://models/para"},
+        "back_translation": {"model": "org/to-de", "back_model": "org/to-en"},
+    }
+    assert converted["mlflow"] == {"tracking_uri": "http://mlflow:5000"}
+    assert class_rules(Augmentation) == class_rules(config.AugmentationSettings)
+    for name in ("synonyms", "paraphrase", "back_translation"):
+        assert (
+            Augmentation.model_fields[name].description
+            == config.AugmentationSettings.model_fields[name].description
+        )
+
+
 # ---- the rules -------------------------------------------------------------------------------------------
 
 # Invalid FineTuneJobs whose mistake is in a training setting: the trainer rejects each, with the message
@@ -160,12 +227,37 @@ TRAINING_RULE_CASES = [
     "merged-model-with-prefix",
     "lora-target-modules-empty",
     "qlora-all-linear-with-others",
+    "augmentation-without-method",
+    "augmentation-prompt-without-text",
+    "augmentation-cap-below-variants",
+    "mlflow-server-without-report-to",
+    "mlflow-credentials-in-uri",
 ]
+# Tracking cases the trainer accepts on purpose: it also runs on a laptop, where report_to mlflow without
+# a server writes MLflow's local ./mlruns and any MLflow URI (file:, sqlite:) is fine; only a pod would lose
+# them. The Secret's name is a cluster matter.
+CLUSTER_ONLY_TRACKING_CASES = ["mlflow-without-server", "mlflow-uri-not-http", "mlflow-secret-name-invalid"]
 CASES = {c.id: c for c in INVALID}
 
 
 def test_the_list_names_real_cases() -> None:
-    assert set(TRAINING_RULE_CASES) <= set(CASES)
+    assert set(TRAINING_RULE_CASES) | set(CLUSTER_ONLY_TRACKING_CASES) <= set(CASES)
+    # Every augmentation and tracking case is either shared above, a bound (the same declaration on both
+    # sides), a URI (the API's location, which the converter resolves), or cluster-only.
+    for case_id in CASES:
+        if case_id.startswith(("augmentation-", "mlflow-")):
+            declared_once = (
+                "fraction-zero",
+                "too-many-variants",
+                "file-with-space",
+                "without-scheme",
+                "without-back",
+            )
+            assert (
+                case_id in TRAINING_RULE_CASES
+                or case_id in CLUSTER_ONLY_TRACKING_CASES
+                or any(part in case_id for part in declared_once)
+            ), case_id
 
 
 @pytest.mark.parametrize("case_id", TRAINING_RULE_CASES)
@@ -232,13 +324,13 @@ def _write_and_load(manifest: dict[str, Any], where: Path) -> FinetuningConfig:
 
 def test_every_shared_rule_points_at_a_trainer_field() -> None:
     """A trainer error names the FinetuningConfig field of the rule (then the FineTuneJob's message)."""
-    from kubetune_trainer.apimodel import class_rules
     from kubetune_trainer.config import _TRAINER_FIELD
 
     paths = [
         *(".dataset" + (r.field_path or "") for r in settings.DATASET_RULES),
         *(".evaluation" + (r.field_path or "") for r in class_rules(settings.Evaluation)),
         *((r.field_path or "") for r in settings.TRAINING_RULES),
+        ".tracking" + (settings.MLFLOW_NEEDS_REPORT_TO.field_path or ""),
     ]
     for path in paths:
         assert _TRAINER_FIELD[path].split(".")[0] in FinetuningConfig.model_fields, path
