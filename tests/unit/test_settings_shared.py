@@ -22,15 +22,17 @@ from kubetune_operator.api import FineTuneJob, InvalidManifestError, load_finetu
 from kubetune_operator.api.finetunejob import (
     Augmentation,
     BackTranslationAugmentation,
+    Mlflow,
     ParaphraseAugmentation,
     Replay,
     SynonymAugmentation,
+    Tracking,
 )
 from kubetune_operator.api.manifest import load_model
 from kubetune_operator.convert import POD_OUTPUT_DIR, to_config, to_config_dict
 from kubetune_operator.finetunejob import builders
 from kubetune_trainer import config, settings
-from kubetune_trainer.apimodel import class_rules
+from kubetune_trainer.apimodel import class_rules, field_rules
 from kubetune_trainer.config import FinetuningConfig
 from kubetune_trainer.exit_codes import ConfigError
 from kubetune_trainer.jobfile import load_job_file
@@ -191,6 +193,11 @@ def test_augmentation_and_mlflow_defaults_agree() -> None:
     }
     assert converted["mlflow"] == {"tracking_uri": "http://mlflow:5000"}
     assert class_rules(Augmentation) == class_rules(config.AugmentationSettings)
+    # MLflow: the experiment's declaration and the URI rule are the same objects on both sides.
+    assert repr(Mlflow.model_fields["experiment"]) == repr(config.MlflowSettings.model_fields["experiment"])
+    uri_rules = [field_rules(m, "tracking_uri") for m in (Mlflow, config.MlflowSettings)]
+    assert all(settings.MLFLOW_URI_WITHOUT_CREDENTIALS in r for r in uri_rules)
+    assert settings.MLFLOW_NEEDS_REPORT_TO in class_rules(Tracking)
     for name in ("synonyms", "paraphrase", "back_translation"):
         assert (
             Augmentation.model_fields[name].description

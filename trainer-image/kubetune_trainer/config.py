@@ -39,6 +39,7 @@ from kubetune_trainer.settings import (
     DATASET_RULES,
     KNOWN_METRICS,
     LOSS_METRICS,
+    MLFLOW_EXPERIMENT,
     MLFLOW_NEEDS_REPORT_TO,
     MLFLOW_URI_WITHOUT_CREDENTIALS,
     MODEL_DTYPE,
@@ -167,9 +168,7 @@ class MlflowSettings(ApiModel):
         description="MLflow tracking server, e.g. http://mlflow.mlflow.svc:5000; null: MLFLOW_TRACKING_URI "
         "from the environment, else MLflow's local ./mlruns",
     )
-    experiment: str | None = Field(
-        None, min_length=1, description="experiment name (created when missing); null: MLflow's Default"
-    )
+    experiment: str | None = MLFLOW_EXPERIMENT
 
 
 class JobIdentity(_Strict):

@@ -741,6 +741,13 @@ MLFLOW_URI_WITHOUT_CREDENTIALS = Rule(
     check=lambda v: not matches(v, URI_WITH_USERINFO),
 )
 
+MLFLOW_EXPERIMENT = Field(
+    None,
+    min_length=1,
+    max_length=256,
+    description="Experiment the run goes into (created when missing). Empty: MLflow's Default experiment.",
+)
+
 MLFLOW_NEEDS_REPORT_TO = Rule(
     "!has(self.mlflow) || (has(self.reportTo) && 'mlflow' in self.reportTo)",
     "tracking.mlflow is set but tracking.reportTo does not name mlflow: add mlflow to tracking.reportTo",

@@ -22,6 +22,7 @@ from kubetune_trainer.apimodel import (
 )
 from kubetune_trainer.settings import (
     DATASET_RULES,
+    MLFLOW_EXPERIMENT,
     MLFLOW_NEEDS_REPORT_TO,
     MLFLOW_URI_WITHOUT_CREDENTIALS,
     MODEL_DTYPE,
@@ -406,12 +407,7 @@ class Mlflow(ApiModel):
     ] = Field(
         max_length=URI_MAX, description="MLflow tracking server URL, e.g. http://mlflow.mlflow.svc:5000."
     )
-    experiment: str | None = Field(
-        None,
-        min_length=1,
-        max_length=256,
-        description="Experiment the run goes into (created when missing). Empty: MLflow's Default experiment.",
-    )
+    experiment: str | None = MLFLOW_EXPERIMENT
     credentials_secret_ref: MlflowCredentials | None = Field(
         None, description="Secret with the server's credentials. Empty: no authentication."
     )
