@@ -94,12 +94,7 @@ READ_BY_RECONCILE: dict[str, dict[str, str]] = {
 # TO WIRE: accepted but not yet read; another branch (onedef) wires these. The lead empties this
 # list at merge; the test fails once a listed field is read, so a stale entry cannot stay.
 TO_WIRE: dict[str, set[str]] = {
-    "FineTuneJob": {
-        # Found by this test, wired by no branch yet: the trainer reads every file with the train
-        # file's format (convert.py maps dataset.train.format to data_format only).
-        "spec.dataset.validation.format",
-        "spec.dataset.test.format",
-    },
+    "FineTuneJob": set(),
     "AdapterDeployment": set(),
     "FineTuneSweep": set(),
 }
