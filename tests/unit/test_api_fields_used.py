@@ -482,8 +482,8 @@ def render_adapterdeployment(obj: dict[str, Any]) -> dict[str, Any]:
 def render_finetunesweep(obj: dict[str, Any], trials: int = 3) -> dict[str, Any]:
     """What the operator makes of a FineTuneSweep: its first trials (as the reconcile asks the
     rebuilt study for each, the earlier ones running), the trial count and the study's pruner."""
-    sweep = load_finetunesweep(obj).to_manifest()
-    spec = sweep["spec"]
+    typed = load_finetunesweep(obj)
+    sweep, spec = typed.to_manifest(), typed.spec
     params = study.parameters(spec)
     total = study.total_trials(spec, params)
     records: list[study.Record] = []

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from kubetune_trainer.search import space
+from kubetune_trainer.settings import Evaluation
 
 from .. import meta
 from ..api.finetunesweep import MAX_EVALUATIONS
@@ -102,21 +103,20 @@ def objective_value(metrics: dict[str, Any] | None, metric: str) -> float | None
     return None
 
 
-def eval_step(step: int, template: Body) -> int:
+def eval_step(step: int, evaluation: Evaluation) -> int:
     """The step of the evaluation a progress report carries.
 
     Progress is reported at most every few seconds, so the step it names may be past the
     evaluation that produced its evalLoss; with evaluations every N steps that evaluation was at
     the last multiple of N, which is the same step in every trial (what the pruners compare).
     """
-    ev = template.get("evaluation") or {}
-    every = ev.get("everySteps")
-    if every and ev.get("strategy", "auto") in ("auto", "steps"):
-        return (step // int(every)) * int(every)
+    every = evaluation.every_steps
+    if every and evaluation.strategy in ("auto", "steps"):
+        return (step // every) * every
     return step
 
 
-def observe_evaluations(old: list[Body] | None, job: Body, template: Body) -> list[Body]:
+def observe_evaluations(old: list[Body] | None, job: Body, evaluation: Evaluation) -> list[Body]:
     """The trial's evaluations so far: those in its status row, plus the one its progress shows
     now if that is new."""
     out = [dict(e) for e in old or []]
@@ -124,7 +124,7 @@ def observe_evaluations(old: list[Body] | None, job: Body, template: Body) -> li
     value, step = progress.get("evalLoss"), progress.get("step")
     if not isinstance(value, int | float) or not isinstance(step, int) or not math.isfinite(value):
         return out
-    at = eval_step(step, template)
+    at = eval_step(step, evaluation)
     if out and (out[-1]["step"] >= at or out[-1]["value"] == value):
         return out
     out.append({"step": at, "value": float(value)})
