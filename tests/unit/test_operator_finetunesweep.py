@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from kubetune_operator.api import load_finetunejob, load_finetunesweep
+from kubetune_operator.api.finetunejob import FineTuneJobStatus
 from kubetune_operator.api.finetunesweep import FineTuneSweepSpec
 from kubetune_operator.finetunesweep import builders, study
 from kubetune_trainer.search import space
@@ -173,12 +174,13 @@ def test_a_late_progress_report_is_dated_to_its_evaluation(evaluation: dict, ste
 def test_evaluations_record_each_new_eval_loss_once() -> None:
     evaluation = Evaluation(every_steps=10)
 
-    def job(step: int, loss: float) -> dict:
-        return {"metadata": {}, "status": {"progress": {"step": step, "evalLoss": loss}}}
+    def status(step: int, loss: float) -> FineTuneJobStatus:
+        job = {"metadata": {}, "status": {"progress": {"step": step, "evalLoss": loss}}}
+        return builders.trial_status(job)
 
-    evs = builders.observe_evaluations(None, job(10, 2.0), evaluation)
-    evs = builders.observe_evaluations(evs, job(14, 2.0), evaluation)  # a training-step report: same eval
-    evs = builders.observe_evaluations(evs, job(21, 1.5), evaluation)
+    evs = builders.observe_evaluations(None, status(10, 2.0), evaluation)
+    evs = builders.observe_evaluations(evs, status(14, 2.0), evaluation)  # a training-step report: same eval
+    evs = builders.observe_evaluations(evs, status(21, 1.5), evaluation)
     assert evs == [{"step": 10, "value": 2.0}, {"step": 20, "value": 1.5}]
 
 
@@ -186,8 +188,8 @@ def test_trial_phase_and_objective() -> None:
     ok = {"metadata": {}, "status": {"phase": "Succeeded", "metrics": {"eval_loss": 0.7}}}
     assert builders.objective_value(ok["status"]["metrics"], "eval_loss") == 0.7
     assert builders.objective_value({"eval_perplexity": 2.0}, "perplexity") == 2.0
-    assert builders.trial_phase(ok, 0.7)[0] == "Succeeded"
-    assert builders.trial_phase(ok, None) == (
+    assert builders.trial_phase(ok, builders.trial_status(ok), 0.7)[0] == "Succeeded"
+    assert builders.trial_phase(ok, builders.trial_status(ok), None) == (
         "Failed",
         "finished without the objective metric in status.metrics",
     )
@@ -195,7 +197,7 @@ def test_trial_phase_and_objective() -> None:
         "metadata": {"annotations": {builders.ANNOTATION_PRUNED: '{"step": 20, "value": 3.0}'}},
         "status": {},
     }
-    phase, msg = builders.trial_phase(pruned, None)
+    phase, msg = builders.trial_phase(pruned, builders.trial_status(pruned), None)
     assert phase == "Pruned" and "step 20" in msg
     assert builders.prune_patch(20, 3.0)["spec"] == {"runPolicy": {"suspend": True}}
 

@@ -228,11 +228,11 @@ def _observe(
     job: Body, old_row: Body | None, evaluation: Evaluation, metric: str
 ) -> tuple[Body, study.Record]:
     number = builders.trial_number(job) or 0
-    st = job.get("status") or {}
+    st = builders.trial_status(job)
     params = builders.trial_params(job)
-    evaluations = builders.observe_evaluations((old_row or {}).get("evaluations"), job, evaluation)
-    final = builders.objective_value(st.get("metrics"), metric)
-    phase, message = builders.trial_phase(job, final)
+    evaluations = builders.observe_evaluations((old_row or {}).get("evaluations"), st, evaluation)
+    final = builders.objective_value(st.metrics, metric)
+    phase, message = builders.trial_phase(job, st, final)
     objective = final if phase == "Succeeded" else (evaluations[-1]["value"] if evaluations else None)
     row: Body = {
         "name": job["metadata"]["name"],
@@ -241,19 +241,19 @@ def _observe(
         "phase": phase,
         "message": message,
     }
-    if st.get("phase"):
-        row["jobPhase"] = st["phase"]
+    if st.phase:
+        row["jobPhase"] = st.phase
     if objective is not None:
         row["objective"] = objective
-    step = (st.get("progress") or {}).get("step")
-    if isinstance(step, int):
+    step = st.progress.step if st.progress is not None else None
+    if step is not None:
         row["step"] = step
     if evaluations:
         row["evaluations"] = evaluations
     rungs = (old_row or {}).get("rungs")
     if rungs:
         row["rungs"] = rungs
-    uri = (st.get("output") or {}).get("adapterUri")
+    uri = st.output.adapter_uri if st.output is not None else None
     if phase == "Succeeded" and uri:
         row["adapterUri"] = uri
     record = study.Record(
