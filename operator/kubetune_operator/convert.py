@@ -174,6 +174,9 @@ def to_config(
         "data_format": ds.train.format if ds.train else "auto",
         "validation_file": loc(ds.validation.uri) if ds.validation else None,
         "test_file": loc(ds.test.uri) if ds.test else None,
+        # Each file has its own format in the API ("auto": detected from that file's records).
+        "validation_format": ds.validation.format if ds.validation else None,
+        "test_format": ds.test.format if ds.test else None,
         "mixture": [{"path": loc(m.uri), "weight": m.weight, "format": m.format} for m in ds.mixture or []],
         "augmentation": _augmentation(ds.augmentation, loc),
         "early_stopping": _fields(spec.evaluation.early_stopping),

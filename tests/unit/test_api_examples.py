@@ -351,7 +351,7 @@ def _job_spec(obj: dict[str, Any]) -> dict[str, Any]:
     spec["metadata"] = {**spec["metadata"], "namespace": "default", "uid": "0000"}
     first = {
         p.path: p.grid_values()[0] if p.values is not None or p.step else p.min
-        for p in study.parameters(spec["spec"])
+        for p in study.parameters(load_finetunesweep(obj).spec)
     }
     return builders.trial_job(spec, 0, first)["spec"]
 

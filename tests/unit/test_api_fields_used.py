@@ -94,12 +94,7 @@ READ_BY_RECONCILE: dict[str, dict[str, str]] = {
 # TO WIRE: accepted but not yet read; another branch (onedef) wires these. The lead empties this
 # list at merge; the test fails once a listed field is read, so a stale entry cannot stay.
 TO_WIRE: dict[str, set[str]] = {
-    "FineTuneJob": {
-        # Found by this test, wired by no branch yet: the trainer reads every file with the train
-        # file's format (convert.py maps dataset.train.format to data_format only).
-        "spec.dataset.validation.format",
-        "spec.dataset.test.format",
-    },
+    "FineTuneJob": set(),
     "AdapterDeployment": set(),
     "FineTuneSweep": set(),
 }
@@ -487,8 +482,8 @@ def render_adapterdeployment(obj: dict[str, Any]) -> dict[str, Any]:
 def render_finetunesweep(obj: dict[str, Any], trials: int = 3) -> dict[str, Any]:
     """What the operator makes of a FineTuneSweep: its first trials (as the reconcile asks the
     rebuilt study for each, the earlier ones running), the trial count and the study's pruner."""
-    sweep = load_finetunesweep(obj).to_manifest()
-    spec = sweep["spec"]
+    typed = load_finetunesweep(obj)
+    sweep, spec = typed.to_manifest(), typed.spec
     params = study.parameters(spec)
     total = study.total_trials(spec, params)
     records: list[study.Record] = []

@@ -8,8 +8,11 @@ from typing import Any
 import pytest
 
 from kubetune_operator.api import load_finetunejob, load_finetunesweep
+from kubetune_operator.api.finetunejob import FineTuneJobStatus
+from kubetune_operator.api.finetunesweep import FineTuneSweepSpec
 from kubetune_operator.finetunesweep import builders, study
 from kubetune_trainer.search import space
+from kubetune_trainer.settings import Evaluation
 from tests.unit.test_api_cases import finetunesweep
 
 LR, RANK = "hyperparameters.learningRate", "method.lora.r"
@@ -22,6 +25,11 @@ def stored(patch: dict[str, Any] | None = None) -> dict[str, Any]:
     out = load_finetunesweep(obj).to_manifest()
     out["metadata"].update(namespace="team-a", uid="uid-1", generation=1)
     return out
+
+
+def spec_of(sweep: dict[str, Any]) -> FineTuneSweepSpec:
+    """The typed spec, as the reconcile reads it."""
+    return load_finetunesweep(sweep).spec
 
 
 def grid_spec() -> dict[str, Any]:
@@ -49,16 +57,18 @@ def test_trial_job_is_the_template_with_the_parameters_owned_and_labelled() -> N
 
 
 def test_api_parameters_become_integer_distributions_for_integer_fields() -> None:
-    spec = stored(
-        {
-            "algorithm": "random",
-            "maxTrials": 5,
-            "parameters": [
-                {"path": RANK, "min": 4, "max": 64},
-                {"path": LR, "min": 1e-5, "max": 1e-3, "scale": "log"},
-            ],
-        }
-    )["spec"]
+    spec = spec_of(
+        stored(
+            {
+                "algorithm": "random",
+                "maxTrials": 5,
+                "parameters": [
+                    {"path": RANK, "min": 4, "max": 64},
+                    {"path": LR, "min": 1e-5, "max": 1e-3, "scale": "log"},
+                ],
+            }
+        )
+    )
     params = study.parameters(spec)
     dists = space.distributions(params)
     assert type(dists[RANK]).__name__ == "IntDistribution"
@@ -67,14 +77,14 @@ def test_api_parameters_become_integer_distributions_for_integer_fields() -> Non
 
 
 def test_grid_total_is_the_grid_size_capped_by_max_trials() -> None:
-    spec = grid_spec()["spec"]
+    spec = spec_of(grid_spec())
     assert study.total_trials(spec, study.parameters(spec)) == 4
-    spec["maxTrials"] = 3
+    spec.max_trials = 3
     assert study.total_trials(spec, study.parameters(spec)) == 3
 
 
 def test_grid_asks_every_point_once_counting_running_trials() -> None:
-    spec = grid_spec()["spec"]
+    spec = spec_of(grid_spec())
     params = study.parameters(spec)
     records: list[study.Record] = []
     for n in range(4):
@@ -86,14 +96,16 @@ def test_grid_asks_every_point_once_counting_running_trials() -> None:
 
 
 def test_random_is_reproducible_per_trial_and_never_repeats_a_draw() -> None:
-    spec = stored(
-        {
-            "algorithm": "random",
-            "maxTrials": 4,
-            "seed": 7,
-            "parameters": [{"path": LR, "min": 1e-5, "max": 1e-3}],
-        }
-    )["spec"]
+    spec = spec_of(
+        stored(
+            {
+                "algorithm": "random",
+                "maxTrials": 4,
+                "seed": 7,
+                "parameters": [{"path": LR, "min": 1e-5, "max": 1e-3}],
+            }
+        )
+    )
     params = study.parameters(spec)
     first = study.ask(study.rebuild(spec, params, [], 0))
     again = study.ask(study.rebuild(spec, params, [], 0))
@@ -103,7 +115,7 @@ def test_random_is_reproducible_per_trial_and_never_repeats_a_draw() -> None:
 
 
 def test_a_missing_trial_number_keeps_the_numbering() -> None:
-    spec = grid_spec()["spec"]
+    spec = spec_of(grid_spec())
     params = study.parameters(spec)
     only = study.Record(2, {LR: 1e-4, RANK: 8}, "Succeeded", objective=0.5)
     search = study.rebuild(spec, params, [only], 3)
@@ -114,9 +126,14 @@ def test_a_missing_trial_number_keeps_the_numbering() -> None:
 
 
 def test_median_rule_prunes_a_trial_worse_than_the_finished_ones_at_the_same_step() -> None:
-    spec = stored(
-        {"parameters": [{"path": LR, "values": [1e-4, 2e-4, 3e-4]}], "earlyStopping": {"startupTrials": 1}}
-    )["spec"]
+    spec = spec_of(
+        stored(
+            {
+                "parameters": [{"path": LR, "values": [1e-4, 2e-4, 3e-4]}],
+                "earlyStopping": {"startupTrials": 1},
+            }
+        )
+    )
     params = study.parameters(spec)
     done = study.Record(0, {LR: 1e-4}, "Succeeded", objective=1.4, evaluations=[(10, 2.0), (20, 1.5)])
     good = study.Record(1, {LR: 2e-4}, "Running", evaluations=[(10, 1.8)])
@@ -127,12 +144,14 @@ def test_median_rule_prunes_a_trial_worse_than_the_finished_ones_at_the_same_ste
 
 
 def test_successive_halving_keeps_its_rungs_between_rebuilds() -> None:
-    spec = stored(
-        {
-            "parameters": [{"path": LR, "values": [1e-4, 2e-4, 3e-4]}],
-            "earlyStopping": {"rule": "successiveHalving", "minResource": 10, "reductionFactor": 2},
-        }
-    )["spec"]
+    spec = spec_of(
+        stored(
+            {
+                "parameters": [{"path": LR, "values": [1e-4, 2e-4, 3e-4]}],
+                "earlyStopping": {"rule": "successiveHalving", "minResource": 10, "reductionFactor": 2},
+            }
+        )
+    )
     params = study.parameters(spec)
     first = study.Record(0, {LR: 1e-4}, "Running", evaluations=[(10, 1.0)])
     search = study.rebuild(spec, params, [first], 1)
@@ -149,18 +168,19 @@ def test_successive_halving_keeps_its_rungs_between_rebuilds() -> None:
     [({"everySteps": 10}, 23, 20), ({"everySteps": 10, "strategy": "epoch"}, 23, 23), ({}, 23, 23)],
 )
 def test_a_late_progress_report_is_dated_to_its_evaluation(evaluation: dict, step: int, want: int) -> None:
-    assert builders.eval_step(step, {"evaluation": evaluation}) == want
+    assert builders.eval_step(step, Evaluation.model_validate(evaluation, by_alias=True)) == want
 
 
 def test_evaluations_record_each_new_eval_loss_once() -> None:
-    template = {"evaluation": {"everySteps": 10}}
+    evaluation = Evaluation(every_steps=10)
 
-    def job(step: int, loss: float) -> dict:
-        return {"metadata": {}, "status": {"progress": {"step": step, "evalLoss": loss}}}
+    def status(step: int, loss: float) -> FineTuneJobStatus:
+        job = {"metadata": {}, "status": {"progress": {"step": step, "evalLoss": loss}}}
+        return builders.trial_status(job)
 
-    evs = builders.observe_evaluations(None, job(10, 2.0), template)
-    evs = builders.observe_evaluations(evs, job(14, 2.0), template)  # a training-step report: same eval
-    evs = builders.observe_evaluations(evs, job(21, 1.5), template)
+    evs = builders.observe_evaluations(None, status(10, 2.0), evaluation)
+    evs = builders.observe_evaluations(evs, status(14, 2.0), evaluation)  # a training-step report: same eval
+    evs = builders.observe_evaluations(evs, status(21, 1.5), evaluation)
     assert evs == [{"step": 10, "value": 2.0}, {"step": 20, "value": 1.5}]
 
 
@@ -168,8 +188,8 @@ def test_trial_phase_and_objective() -> None:
     ok = {"metadata": {}, "status": {"phase": "Succeeded", "metrics": {"eval_loss": 0.7}}}
     assert builders.objective_value(ok["status"]["metrics"], "eval_loss") == 0.7
     assert builders.objective_value({"eval_perplexity": 2.0}, "perplexity") == 2.0
-    assert builders.trial_phase(ok, 0.7)[0] == "Succeeded"
-    assert builders.trial_phase(ok, None) == (
+    assert builders.trial_phase(ok, builders.trial_status(ok), 0.7)[0] == "Succeeded"
+    assert builders.trial_phase(ok, builders.trial_status(ok), None) == (
         "Failed",
         "finished without the objective metric in status.metrics",
     )
@@ -177,12 +197,12 @@ def test_trial_phase_and_objective() -> None:
         "metadata": {"annotations": {builders.ANNOTATION_PRUNED: '{"step": 20, "value": 3.0}'}},
         "status": {},
     }
-    phase, msg = builders.trial_phase(pruned, None)
+    phase, msg = builders.trial_phase(pruned, builders.trial_status(pruned), None)
     assert phase == "Pruned" and "step 20" in msg
     assert builders.prune_patch(20, 3.0)["spec"] == {"runPolicy": {"suspend": True}}
 
 
 def test_a_huge_grid_is_refused_before_optuna_lists_it() -> None:
-    spec = stored({"parameters": [{"path": LR, "min": 1e-6, "max": 1e-3, "step": 1e-9}]})["spec"]
+    spec = spec_of(stored({"parameters": [{"path": LR, "min": 1e-6, "max": 1e-3, "step": 1e-9}]}))
     with pytest.raises(space.SearchSpaceError, match="the grid has 999001 points, more than 100000"):
         study.parameters(spec)

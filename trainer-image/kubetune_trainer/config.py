@@ -218,7 +218,16 @@ class FinetuningConfig(_Strict):
     train_file: str | None = Field(None, description="training data (JSON array or JSONL)")
     validation_file: str | None = None
     test_file: str | None = None
-    data_format: DataFormat = Field("auto", description="format of train/validation/test files")
+    data_format: DataFormat = Field(
+        "auto", description="format of train_file (and of validation/test files without their own)"
+    )
+    validation_format: DataFormat | None = Field(
+        None,
+        description="format of validation_file (unset: data_format; a FineTuneJob's dataset.validation.format)",
+    )
+    test_format: DataFormat | None = Field(
+        None, description="format of test_file (unset: data_format; a FineTuneJob's dataset.test.format)"
+    )
     mixture: list[DataSourceConfig] = Field(
         default_factory=list,
         description="several training sources with weights (instead of, or besides, train_file)",

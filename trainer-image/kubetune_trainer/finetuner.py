@@ -63,6 +63,7 @@ from kubetune_trainer.tracking import TrackingRun, check_report_to, run_name
 if TYPE_CHECKING:  # the data package imports tokenizers; loaded when first used
     from kubetune_trainer.data import DataInput, DataSource
     from kubetune_trainer.data.options import Dedupe
+    from kubetune_trainer.settings import DataFormat
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +241,10 @@ class ModelFinetuner:
         with local_main_first(self.dist):
             # s3:// data files are downloaded once per node (local rank 0), then read by every rank.
             sources = [local_source(s.path, scratch, self.dist, s.format, s.weight) for s in train]
-            val = local_source(cfg.validation_file, scratch, self.dist, cfg.data_format)
-            test = local_source(cfg.test_file, scratch, self.dist, cfg.data_format)
+            val = local_source(
+                cfg.validation_file, scratch, self.dist, cfg.validation_format or cfg.data_format
+            )
+            test = local_source(cfg.test_file, scratch, self.dist, cfg.test_format or cfg.data_format)
             replay = local_source(replay_path, scratch, self.dist)
             synonyms_file = augmentation_synonyms_file(cfg, scratch, self.dist)
         options = DataOptions(
@@ -506,7 +509,11 @@ class ModelFinetuner:
         cfg = self.config
         if self.trainer is None and cfg.validation_file:
             # Read, checked, tokenised and deduplicated as train() reads its validation_file.
-            view: Any = _TestView(self._prepare_eval_file(None, cfg.validation_file, cfg.dedupe))
+            view: Any = _TestView(
+                self._prepare_eval_file(
+                    None, cfg.validation_file, cfg.validation_format or cfg.data_format, cfg.dedupe
+                )
+            )
             dataset = view.dataset
         elif self.trainer is None and cfg.validation_split is not None:
             # Held out from the training files exactly as train() holds it out (same seed, same hash).
@@ -526,21 +533,23 @@ class ModelFinetuner:
         cfg = self.config
         if data is None and not cfg.test_file:
             raise ConfigError("no test data: pass test(data) or set test_file")
-        view = _TestView(self._prepare_eval_file(data, cfg.test_file))
+        view = _TestView(self._prepare_eval_file(data, cfg.test_file, cfg.test_format or cfg.data_format))
         self.test_metrics = self._evaluate_on(view, view.dataset, "test")
         return self.test_metrics
 
-    def _prepare_eval_file(self, data: DataInput, configured: str | None, dedupe: Dedupe = "none") -> Any:
+    def _prepare_eval_file(
+        self, data: DataInput, configured: str | None, data_format: DataFormat, dedupe: Dedupe = "none"
+    ) -> Any:
         """One evaluation file (or list of records) through the training data pipeline."""
         from kubetune_trainer.data import DataOptions, DataSource, local_source, materialise, prepare_datasets
 
         cfg = self.config
         scratch = self._out() / ".data"
         if data is not None:
-            source = DataSource(materialise(data, scratch, "test"), cfg.data_format)
+            source = DataSource(materialise(data, scratch, "test"), data_format)
         else:
             with local_main_first(self.dist):  # s3:// data: one download per node
-                local = local_source(configured, scratch, self.dist, cfg.data_format)
+                local = local_source(configured, scratch, self.dist, data_format)
             assert local is not None  # the caller checked that a file is configured
             source = local
         # The file goes in as "train" of its own PreparedData; _TestView presents it to the eval hook.

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..api import InvalidManifestError, load_finetunejob
+from ..api.finetunejob import FineTuneJobStatus
 from ..controller import Store
 from ..convert import typed
 
@@ -48,7 +50,7 @@ def resolve(store: Store, ftj: Body) -> InitAdapter:
     init = job.spec.base_model.init_adapter
     if init is None:
         return InitAdapter()
-    recorded = (ftj.get("status") or {}).get("initAdapterUri")
+    recorded = job.status.init_adapter_uri if job.status is not None else None
     if recorded:
         return InitAdapter(uri=recorded)
     if init.uri:
@@ -59,12 +61,16 @@ def resolve(store: Store, ftj: Body) -> InitAdapter:
         return InitAdapter(
             failed=f"baseModel.initAdapter.fineTuneJobRef names this FineTuneJob ({own}) itself"
         )
-    ref = store.parents.get((ns, name))
-    if ref is None:
+    body = store.parents.get((ns, name))
+    if body is None:
         return InitAdapter(waiting=f"waiting for FineTuneJob {name}, which does not exist in namespace {ns}")
-    st = ref.get("status") or {}
-    phase = st.get("phase") or "Pending"
-    theirs = ((ref.get("spec") or {}).get("method") or {}).get("type", "lora")
+    try:
+        ref = load_finetunejob(body)
+    except InvalidManifestError as e:
+        return InitAdapter(failed=f"FineTuneJob {name} cannot be read: {e}")
+    st = ref.status or FineTuneJobStatus()
+    phase = st.phase or "Pending"
+    theirs = ref.spec.method.type
     mine = job.spec.method.type
     if _ADAPTER_FAMILY.get(theirs) != _ADAPTER_FAMILY.get(mine):
         return InitAdapter(
@@ -72,15 +78,15 @@ def resolve(store: Store, ftj: Body) -> InitAdapter:
             f"set method.type to {theirs} to continue its adapter"
         )
     if phase == "Failed":
-        why = next((c.get("message") for c in st.get("conditions") or [] if c.get("type") == "Failed"), "")
+        why = next((c.message for c in st.conditions or [] if c.type == "Failed"), "")
         return InitAdapter(
             failed=f"FineTuneJob {name} failed, so it has no adapter to continue: {why or phase}"
         )
     if phase != "Succeeded":
-        pct = (st.get("progress") or {}).get("percent")
-        done = f", {pct:.0f}% done" if isinstance(pct, int | float) else ""
+        pct = st.progress.percent if st.progress is not None else None
+        done = f", {pct:.0f}% done" if pct is not None else ""
         return InitAdapter(waiting=f"waiting for FineTuneJob {name} to succeed (now {phase}{done})")
-    uri = (st.get("output") or {}).get("adapterUri")
+    uri = st.output.adapter_uri if st.output is not None else None
     if not uri:
         return InitAdapter(
             failed=f"FineTuneJob {name} succeeded but reports no adapter (status.output.adapterUri is empty); "

@@ -13,8 +13,10 @@ import math
 from typing import Any
 
 from kubetune_trainer.search import space
+from kubetune_trainer.settings import Evaluation
 
 from .. import meta
+from ..api.finetunejob import FineTuneJobStatus
 from ..api.finetunesweep import MAX_EVALUATIONS
 
 Body = dict[str, Any]
@@ -102,39 +104,45 @@ def objective_value(metrics: dict[str, Any] | None, metric: str) -> float | None
     return None
 
 
-def eval_step(step: int, template: Body) -> int:
+def eval_step(step: int, evaluation: Evaluation) -> int:
     """The step of the evaluation a progress report carries.
 
     Progress is reported at most every few seconds, so the step it names may be past the
     evaluation that produced its evalLoss; with evaluations every N steps that evaluation was at
     the last multiple of N, which is the same step in every trial (what the pruners compare).
     """
-    ev = template.get("evaluation") or {}
-    every = ev.get("everySteps")
-    if every and ev.get("strategy", "auto") in ("auto", "steps"):
-        return (step // int(every)) * int(every)
+    every = evaluation.every_steps
+    if every and evaluation.strategy in ("auto", "steps"):
+        return (step // every) * every
     return step
 
 
-def observe_evaluations(old: list[Body] | None, job: Body, template: Body) -> list[Body]:
+def trial_status(job: Body) -> FineTuneJobStatus:
+    """A trial FineTuneJob's status, typed (as the API server validated it)."""
+    return FineTuneJobStatus.model_validate(job.get("status") or {}, by_alias=True, by_name=False)
+
+
+def observe_evaluations(
+    old: list[Body] | None, status: FineTuneJobStatus, evaluation: Evaluation
+) -> list[Body]:
     """The trial's evaluations so far: those in its status row, plus the one its progress shows
     now if that is new."""
     out = [dict(e) for e in old or []]
-    progress = (job.get("status") or {}).get("progress") or {}
-    value, step = progress.get("evalLoss"), progress.get("step")
-    if not isinstance(value, int | float) or not isinstance(step, int) or not math.isfinite(value):
+    progress = status.progress
+    value = progress.eval_loss if progress is not None else None
+    step = progress.step if progress is not None else None
+    if value is None or step is None or not math.isfinite(value):
         return out
-    at = eval_step(step, template)
+    at = eval_step(step, evaluation)
     if out and (out[-1]["step"] >= at or out[-1]["value"] == value):
         return out
     out.append({"step": at, "value": float(value)})
     return out[-MAX_EVALUATIONS:]
 
 
-def trial_phase(job: Body, objective: float | None) -> tuple[str, str]:
-    """(trial phase, message) of a trial FineTuneJob."""
-    st = job.get("status") or {}
-    phase = st.get("phase") or "Pending"
+def trial_phase(job: Body, status: FineTuneJobStatus, objective: float | None) -> tuple[str, str]:
+    """(trial phase, message) of a trial FineTuneJob (``status``: its typed status)."""
+    phase = status.phase or "Pending"
     mark = pruned_mark(job)
     if mark is not None:
         at = f" at step {mark.get('step')} (eval_loss {mark.get('value')})" if mark else ""
@@ -144,7 +152,7 @@ def trial_phase(job: Body, objective: float | None) -> tuple[str, str]:
             return "Failed", "finished without the objective metric in status.metrics"
         return "Succeeded", "finished"
     if phase == "Failed":
-        why = next((c.get("message") for c in st.get("conditions") or [] if c.get("type") == "Failed"), "")
+        why = next((c.message for c in status.conditions or [] if c.type == "Failed"), "")
         return "Failed", (why or "the FineTuneJob failed")[:1024]
     if phase == "Running":
         return "Running", "training"

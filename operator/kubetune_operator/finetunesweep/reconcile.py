@@ -20,8 +20,10 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from kubetune_trainer.search import space
+from kubetune_trainer.settings import Evaluation
 
 from .. import meta, metrics
+from ..api.finetunesweep import FineTuneSweepSpec
 from ..conditions import get_condition, set_condition
 from ..controller import Key, Result, Store
 from ..kube import Kube
@@ -53,12 +55,12 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
         return Result()
     if sweep["metadata"].get("deletionTimestamp"):
         return Result()  # going away (its trials with it): start nothing
-    spec = sweep["spec"]
+    # The spec as the API server validated it, read by typed fields (defaults filled in).
+    spec = FineTuneSweepSpec.model_validate(sweep["spec"], by_alias=True, by_name=False)
     status: Body = dict(sweep.get("status") or {})
     generation = sweep["metadata"].get("generation")
     conditions = status.get("conditions") or []
-    metric = (spec.get("objective") or {}).get("metric", "eval_loss")
-    direction = (spec.get("objective") or {}).get("direction", "minimize")
+    metric, direction = spec.objective.metric, spec.objective.direction
 
     try:
         params = study.parameters(spec)
@@ -81,7 +83,8 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     records: list[study.Record] = []
     observed: list[tuple[Body, study.Record, Body]] = []
     for job in jobs:
-        row, record = _observe(job, old_rows.pop(job["metadata"]["name"], None), spec["template"], metric)
+        old_row = old_rows.pop(job["metadata"]["name"], None)
+        row, record = _observe(job, old_row, spec.template.evaluation, metric)
         rows.append(row)
         records.append(record)
         observed.append((row, record, job))
@@ -94,7 +97,7 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     next_number = max((int(r.get("number", 0)) for r in rows), default=-1) + 1
 
     # 1. Prune running trials that fell behind (only those with an evaluation not yet judged).
-    if spec.get("earlyStopping") and any(r.phase == "Running" and r.evaluations for r in records):
+    if spec.early_stopping and any(r.phase == "Running" and r.evaluations for r in records):
         search = study.rebuild(spec, params, records, next_number)
         for row, record, job in observed:
             if record.phase != "Running" or not record.evaluations:
@@ -117,7 +120,7 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     # 2. Start trials while there is room.
     active = sum(1 for r in records if r.phase not in builders.TERMINAL)
     requeue: float | None = None
-    while active < int(spec.get("parallelism", 1)) and next_number < total:
+    while active < spec.parallelism and next_number < total:
         search = study.rebuild(spec, params, records, next_number)
         trial_params = study.ask(search)
         child = builders.trial_job(sweep, next_number, trial_params)
@@ -221,13 +224,15 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     return Result(requeue_after=requeue)
 
 
-def _observe(job: Body, old_row: Body | None, template: Body, metric: str) -> tuple[Body, study.Record]:
+def _observe(
+    job: Body, old_row: Body | None, evaluation: Evaluation, metric: str
+) -> tuple[Body, study.Record]:
     number = builders.trial_number(job) or 0
-    st = job.get("status") or {}
+    st = builders.trial_status(job)
     params = builders.trial_params(job)
-    evaluations = builders.observe_evaluations((old_row or {}).get("evaluations"), job, template)
-    final = builders.objective_value(st.get("metrics"), metric)
-    phase, message = builders.trial_phase(job, final)
+    evaluations = builders.observe_evaluations((old_row or {}).get("evaluations"), st, evaluation)
+    final = builders.objective_value(st.metrics, metric)
+    phase, message = builders.trial_phase(job, st, final)
     objective = final if phase == "Succeeded" else (evaluations[-1]["value"] if evaluations else None)
     row: Body = {
         "name": job["metadata"]["name"],
@@ -236,19 +241,19 @@ def _observe(job: Body, old_row: Body | None, template: Body, metric: str) -> tu
         "phase": phase,
         "message": message,
     }
-    if st.get("phase"):
-        row["jobPhase"] = st["phase"]
+    if st.phase:
+        row["jobPhase"] = st.phase
     if objective is not None:
         row["objective"] = objective
-    step = (st.get("progress") or {}).get("step")
-    if isinstance(step, int):
+    step = st.progress.step if st.progress is not None else None
+    if step is not None:
         row["step"] = step
     if evaluations:
         row["evaluations"] = evaluations
     rungs = (old_row or {}).get("rungs")
     if rungs:
         row["rungs"] = rungs
-    uri = (st.get("output") or {}).get("adapterUri")
+    uri = st.output.adapter_uri if st.output is not None else None
     if phase == "Succeeded" and uri:
         row["adapterUri"] = uri
     record = study.Record(

@@ -23,7 +23,7 @@ from optuna.trial import TrialState, create_trial
 
 from kubetune_trainer.search import space
 
-from ..api.finetunesweep import INTEGER_PATHS
+from ..api.finetunesweep import INTEGER_PATHS, FineTuneSweepSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 log = logging.getLogger(__name__)
@@ -50,32 +50,36 @@ class Record:
     rungs: dict[str, float] = field(default_factory=dict)
 
 
-def parameters(spec: Mapping[str, Any]) -> list[space.Parameter]:
+def _number(v: float | None, integer: bool) -> Any:
+    """A parameter's number as the search space takes it: an int for integer fields, and
+    otherwise as the API server's JSON carries it (a whole number without its ``.0``)."""
+    if v is None:
+        return None
+    return int(v) if integer or float(v).is_integer() else v
+
+
+def parameters(spec: FineTuneSweepSpec) -> list[space.Parameter]:
     """The sweep's parameters as search-space Parameters (integers for integer fields).
 
     Raises space.SearchSpaceError for a space the API's rules let through but Optuna cannot use.
     """
     out = []
-    for p in spec["parameters"]:
-        integer = p["path"] in INTEGER_PATHS
-
-        def num(v: Any, integer: bool = integer) -> Any:
-            return int(v) if integer and v is not None else v
-
-        item: dict[str, Any] = {"path": p["path"]}
-        if p.get("values") is not None:
-            item["values"] = [num(v) for v in p["values"]]
-        elif p.get("choices") is not None:
-            item["values"] = list(p["choices"])
+    for p in spec.parameters:
+        integer = p.path in INTEGER_PATHS
+        item: dict[str, Any] = {"path": p.path}
+        if p.values is not None:
+            item["values"] = [_number(v, integer) for v in p.values]
+        elif p.choices is not None:
+            item["values"] = list(p.choices)
         else:
-            item.update(min=num(p.get("min")), max=num(p.get("max")), scale=p.get("scale", "linear"))
-            if p.get("step") is not None:
-                item["step"] = num(p["step"])
+            item.update(min=_number(p.min, integer), max=_number(p.max, integer), scale=p.scale)
+            if p.step is not None:
+                item["step"] = _number(p.step, integer)
         out.append(item)
     params = space.parse_space(out)
     # Optuna's GridSampler lists every point of the grid, on every rebuild: the space's bound
     # keeps a typo (step 1e-9) from taking the operator's memory. Counted, never listed.
-    size = space.grid_size(params) if spec.get("algorithm", "grid") == "grid" else None
+    size = space.grid_size(params) if spec.algorithm == "grid" else None
     if size is not None and size > space.MAX_GRID_POINTS:
         raise space.SearchSpaceError(
             f"the grid has {size} points, more than {space.MAX_GRID_POINTS}: use fewer values or larger "
@@ -84,20 +88,19 @@ def parameters(spec: Mapping[str, Any]) -> list[space.Parameter]:
     return params
 
 
-def total_trials(spec: Mapping[str, Any], params: Sequence[space.Parameter]) -> int:
+def total_trials(spec: FineTuneSweepSpec, params: Sequence[space.Parameter]) -> int:
     """Trials the sweep runs: maxTrials, capped at the grid's size for grid."""
-    max_trials = spec.get("maxTrials")
-    if spec.get("algorithm", "grid") == "grid":
+    max_trials = spec.max_trials
+    if spec.algorithm == "grid":
         size = space.grid_size(params) or 0
-        return min(size, int(max_trials)) if max_trials else size
-    return int(max_trials or 0)
+        return min(size, max_trials) if max_trials else size
+    return max_trials or 0
 
 
-def early_stopping(spec: Mapping[str, Any]) -> dict[str, Any] | None:
-    es = spec.get("earlyStopping")
-    if es is None:
-        return None
-    return {k: v for k, v in es.items() if v is not None}
+def early_stopping(spec: FineTuneSweepSpec) -> dict[str, Any] | None:
+    """The pruner's settings, by their API names (space.make_pruner reads those)."""
+    es = spec.early_stopping
+    return None if es is None else es.model_dump(by_alias=True, exclude_none=True)
 
 
 @dataclass
@@ -111,16 +114,16 @@ class Search:
 
 
 def rebuild(
-    spec: Mapping[str, Any], params: Sequence[space.Parameter], records: Sequence[Record], next_number: int
+    spec: FineTuneSweepSpec, params: Sequence[space.Parameter], records: Sequence[Record], next_number: int
 ) -> Search:
-    algorithm = spec.get("algorithm", "grid")
-    seed = int(spec.get("seed", 0))
+    algorithm = spec.algorithm
+    seed = spec.seed
     # A grid's point order comes from its seed and must not change between reconciles; random and
     # TPE draw from a generator that a rebuilt study starts afresh, so each trial gets its own
     # seed (the sweep's seed + the trial number): reproducible, and never the same draw twice.
     sampler_seed = seed if algorithm == "grid" else seed + next_number
-    sampler = space.make_sampler(algorithm, sampler_seed, params, max_trials=spec.get("maxTrials"))
-    direction = (spec.get("objective") or {}).get("direction", "minimize")
+    sampler = space.make_sampler(algorithm, sampler_seed, params, max_trials=spec.max_trials)
+    direction = spec.objective.direction
     study = optuna.create_study(
         direction=direction, sampler=sampler, pruner=space.make_pruner(early_stopping(spec))
     )

@@ -29,14 +29,14 @@ from .protocol import (
 from .serving import CHAT, COMPLETIONS, OpenAIServing
 
 if TYPE_CHECKING:
-    from .server import ModelServer
+    from .backend import ServingBackend
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 router = APIRouter()
 
 
-def build_app(server: ModelServer) -> FastAPI:
+def build_app(server: ServingBackend) -> FastAPI:
     app = FastAPI(title="kubetune model server", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     app.state.serving = OpenAIServing(server)
@@ -52,7 +52,7 @@ def _serving(request: Request) -> OpenAIServing:
     return request.app.state.serving
 
 
-def _server(request: Request) -> ModelServer:
+def _server(request: Request) -> ServingBackend:
     return request.app.state.server
 
 

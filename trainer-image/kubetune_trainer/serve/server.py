@@ -22,10 +22,10 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .backend import AdapterState
 from .config import BASE_ROW, ServerConfig, check_adapter_name
 from .engine import Engine
 from .metrics import ServerMetrics
@@ -41,20 +41,6 @@ from .sources import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AdapterState:
-    """One adapter the server is supposed to serve (configured or loaded through the API)."""
-
-    source: str
-    loaded: bool = False
-    error: str | None = None
-    path: str | None = None
-    rank: int | None = None
-    # First load through the API in progress: not part of the set /ready waits for until it succeeds
-    # (a hot load waits for the running batch; every replica doing one must not turn unready).
-    adding: bool = False
 
 
 def default_served_name(source: str) -> str:

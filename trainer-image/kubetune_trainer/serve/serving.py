@@ -27,7 +27,7 @@ from .sources import SourceError, SourceNotFoundError, check_allowed_source
 from .structured import GrammarError
 
 if TYPE_CHECKING:
-    from .server import ModelServer
+    from .backend import ServingBackend
 
 log = logging.getLogger(__name__)
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -35,9 +35,9 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 class OpenAIServing:
-    """The OpenAI endpoints' logic over one :class:`~.server.ModelServer`."""
+    """The OpenAI endpoints' logic over one :class:`~.backend.ServingBackend` (a :class:`~.server.ModelServer`)."""
 
-    def __init__(self, server: ModelServer):
+    def __init__(self, server: ServingBackend):
         self.server = server
         # load/unload requests run one at a time: each is short, and their order matters
         self._admin_lock = asyncio.Lock()
@@ -247,7 +247,7 @@ class OpenAIServing:
 class Generation:
     """One completion/chat request: its rows, their events, and the response it builds."""
 
-    def __init__(self, server: ModelServer, endpoint: str, model_name: str, stream: bool, n: int = 1):
+    def __init__(self, server: ServingBackend, endpoint: str, model_name: str, stream: bool, n: int = 1):
         self.server = server
         self.n = n  # choices per prompt: rows i*n .. i*n+n-1 answer prompt i (choice index = row index)
         self.endpoint = endpoint
