@@ -192,8 +192,8 @@ def _timing_callback(warmup: int):
         """Wall time and non-padding tokens between the end of step ``warmup`` and the end of training."""
 
         def __init__(self) -> None:
-            self.t0 = self.tokens0 = None
-            self.seconds = self.tokens = 0.0
+            self.t0 = self.cpu0 = self.tokens0 = None
+            self.seconds = self.cpu_seconds = self.tokens = 0.0
 
         def _sync(self) -> None:
             import torch
@@ -205,11 +205,16 @@ def _timing_callback(warmup: int):
             if state.global_step == warmup:
                 self._sync()
                 self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+                self.cpu0 = time.process_time()
 
         def on_train_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
             self._sync()
             self.seconds = time.perf_counter() - self.t0
+            self.cpu_seconds = time.process_time() - self.cpu0
             self.tokens = state.num_input_tokens_seen - self.tokens0
+
+        def result(self) -> dict[str, float]:
+            return {"seconds": self.seconds, "cpu_seconds": self.cpu_seconds, "tokens": self.tokens}
 
     return Timing()
 
@@ -227,9 +232,8 @@ def _config(model_dir: Path, data: Path, out: Path, p: dict[str, Any], packing: 
         per_device_train_batch_size=p["batch"],
         learning_rate=1e-4,
         max_seq_length=p["max_len"],
-        packing=packing,
+        packing=packing,  # the trainer picks the attention for packed rows (packed_attention.py)
         group_by_length=True,  # kubetune's default; ignored when packing
-        attn_implementation=_packed_attention() if packing else None,
         dedupe="none",
         precision=precision,
         logging_steps=1000,
@@ -238,18 +242,6 @@ def _config(model_dir: Path, data: Path, out: Path, p: dict[str, Any], packing: 
         progress_bar=False,
         seed=0,
     )
-
-
-def _packed_attention() -> str | None:
-    """flash_attention_2 reads packed batches as variable-length sequences (no cross-example work);
-    without it (CPU, or flash-attn not installed) transformers masks one long causal row."""
-    import importlib.util
-
-    import torch
-
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return None
 
 
 def run_kubetune(
@@ -266,7 +258,7 @@ def run_kubetune(
     ft._runtime_callbacks = lambda: [*original(), timing]  # type: ignore[method-assign]
     ft.train()
     ft.close()
-    return {"seconds": timing.seconds, "tokens": timing.tokens}
+    return timing.result()
 
 
 def run_baseline(
@@ -331,7 +323,158 @@ def run_baseline(
         callbacks=[timing],
     )
     trainer.train()
-    return {"seconds": timing.seconds, "tokens": timing.tokens}
+    return timing.result()
+
+
+#: TRL's SFTTrainer configurations: name suffix -> SFTConfig options beyond the shared ones.
+TRL_VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},  # random batches padded to their longest example
+    "grouped": {"train_sampling_strategy": "group_by_length"},  # transformers' LengthGroupedSampler
+    # Best-fit-decreasing packing into rows of max_length; TRL turns padding_free on for "bfd"
+    # (one flattened row with position_ids, the layout its docs recommend for packing).
+    "packed": {"packing": True, "packing_strategy": "bfd", "padding_free": True},
+}
+
+
+def run_trl(
+    model_dir: Path, data: Path, work: Path, p: dict[str, Any], precision: str, variant: str
+) -> dict[str, float]:
+    """TRL's SFTTrainer with a PEFT LoraConfig, on the same tokenized examples as kubetune.
+
+    The dataset is handed over pre-tokenized (``input_ids`` + ``completion_mask``, a format
+    SFTTrainer accepts), so TRL trains on exactly kubetune's tokens with the prompt masked out
+    of the loss (``completion_only_loss=True``). Packed rows hold up to ``max_length`` tokens;
+    a step takes ``packed_rows`` of them, about the tokens of ``batch`` examples.
+    """
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from kubetune_trainer.data import DataOptions, DataSource, prepare_datasets
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    train = prepare_datasets(
+        tok, [DataSource(str(data))], DataOptions(max_seq_length=p["max_len"], dedupe="none", seed=0)
+    ).train
+    rows = [train[i] for i in range(len(train))]
+    dataset = Dataset.from_dict(
+        {
+            "input_ids": [list(r["input_ids"]) for r in rows],
+            "completion_mask": [[int(label != -100) for label in r["labels"]] for r in rows],
+        }
+    )
+    options = dict(TRL_VARIANTS[variant])
+    packed = options.get("packing", False)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    args = SFTConfig(
+        output_dir=str(work / f"trl-{variant}-{precision}"),
+        max_length=p["max_len"],
+        completion_only_loss=True,
+        max_steps=p["steps"],
+        per_device_train_batch_size=p["packed_rows"] if packed else p["batch"],
+        learning_rate=1e-4,
+        warmup_steps=0,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        seed=0,
+        data_seed=0,
+        logging_steps=1000,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        **options,
+    )
+    timing = _timing_callback(p["warmup"])
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        peft_config=LoraConfig(
+            r=LORA_R,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type=TaskType.CAUSAL_LM,
+        ),
+        callbacks=[timing],
+    )
+    trainer.train()
+    return timing.result()
+
+
+def run_row(spec: dict[str, Any]) -> dict[str, float]:
+    """One configuration (in its own process, so its peak RSS is its own)."""
+    model_dir, data, work, p = Path(spec["model_dir"]), Path(spec["data"]), Path(spec["work"]), spec["p"]
+    kind, precision = spec["kind"], spec["precision"]
+    if kind == "baseline":
+        return run_baseline(model_dir, data, work, p, precision)
+    if kind == "kubetune":
+        return run_kubetune(model_dir, data, work, p, precision, packing=spec.get("packing", False))
+    return run_trl(model_dir, data, work, p, precision, spec["variant"])
+
+
+def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run ``spec`` in a fresh Python process; its result plus its peak RSS."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(_RESULT)]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"configuration {spec['name']} failed (exit {proc.returncode}); its output is above")
+    return json.loads(lines[-1][len(_RESULT) :])
+
+
+_RESULT = "BENCH-RESULT "
+
+
+def _child_main(spec_json: str) -> int:
+    import resource
+
+    result = run_row(json.loads(spec_json))
+    # ru_maxrss is KiB on Linux: the peak resident memory of this process, model load included.
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(_RESULT + json.dumps(result), flush=True)
+    return 0
+
+
+def rows_for(precision: str, cuda: bool) -> list[dict[str, Any]]:
+    """Every configuration of one bench run, in order (name, kind, precision, options)."""
+    precisions = [precision] + (["fp32"] if precision != "fp32" and not cuda else [])
+    rows: list[dict[str, Any]] = []
+    for prec in precisions:
+        suffix = "" if prec == precision else f"-{prec}"
+        rows += [
+            {"name": f"baseline{suffix}", "kind": "baseline", "precision": prec},
+            {"name": f"kubetune{suffix}", "kind": "kubetune", "precision": prec},
+            {"name": f"kubetune-packed{suffix}", "kind": "kubetune", "precision": prec, "packing": True},
+        ]
+        rows += [
+            {"name": f"trl-{v}{suffix}", "kind": "trl", "precision": prec, "variant": v} for v in TRL_VARIANTS
+        ]
+    return rows
+
+
+def scaled_model(p: dict[str, Any], hidden: int) -> dict[str, Any]:
+    """The preset with another hidden size: head dim 32, 2 query heads per KV head, MLP 8/3·hidden."""
+    heads = max(1, hidden // 32)
+    return {
+        **p,
+        "hidden": hidden,
+        "heads": heads,
+        "kv_heads": max(1, heads // 2),
+        "intermediate": -(-(hidden * 8 // 3) // 16) * 16,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         "--preset", choices=sorted(PRESETS), default=None, help="default: gpu-1b on CUDA, else cpu"
     )
     ap.add_argument("--steps", type=int, help="override the preset's steps")
+    ap.add_argument("--hidden", type=int, help="override the preset's hidden size (heads, MLP scale with it)")
+    ap.add_argument("--only", help="comma-separated row names to run (default: all; see the README)")
     ap.add_argument(
         "--peak-tflops",
         type=float,
@@ -348,7 +493,10 @@ def main(argv: list[str] | None = None) -> int:
         "on CPU the bf16 and fp32 matmul peaks measured in the same run",
     )
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one configuration
     args = ap.parse_args(argv)
+    if args.child:
+        return _child_main(args.child)
 
     import torch
 
@@ -360,7 +508,16 @@ def main(argv: list[str] | None = None) -> int:
     p = dict(PRESETS[preset])
     if args.steps:
         p["steps"] = args.steps
+    if args.hidden:
+        p = scaled_model(p, args.hidden)
     precision = auto_precision("cuda" if cuda else "cpu")  # what precision: auto trains in here
+    rows = rows_for(precision, cuda)
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - {r["name"] for r in rows})
+        if unknown:
+            ap.error(f"--only: unknown rows {unknown}; this device has {[r['name'] for r in rows]}")
+        rows = [r for r in rows if r["name"] in wanted]
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     with tempfile.TemporaryDirectory(prefix="kt-bench-train-") as tmp:
         work = Path(tmp)
@@ -379,9 +536,10 @@ def main(argv: list[str] | None = None) -> int:
         make_dataset(data, p["examples"], seed=0)
         from transformers import AutoModelForCausalLM
 
-        flops = lora_flops_per_token(
-            AutoModelForCausalLM.from_pretrained(model_dir), example_lengths(model_dir, data, p["max_len"])
-        )
+        lengths = example_lengths(model_dir, data, p["max_len"])
+        flops = lora_flops_per_token(AutoModelForCausalLM.from_pretrained(model_dir), lengths)
+        # TRL's packed rows per step: about the tokens of `batch` examples.
+        p["packed_rows"] = max(1, round(p["batch"] * sum(lengths) / len(lengths) / p["max_len"]))
         n_params = flops["params"]
         # MFU of each run against the peak of its precision.
         peaks: dict[str, float] = {}
@@ -401,22 +559,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{precision}; batch {p['batch']} examples, {p['steps']} steps ({p['warmup']} warm-up)", flush=True)  # fmt: skip
         print(f"model FLOPs/token (LoRA, PaLM App. B): {flops['flops_per_token'] / 1e6:.1f}M "
               f"(attention {flops['attention_flops_per_token'] / 1e6:.1f}M at T_eff {flops['t_eff']:.0f})", flush=True)  # fmt: skip
-        results = {}
-        runs = {
-            "baseline": (precision, lambda: run_baseline(model_dir, data, work, p, precision)),
-            "kubetune": (precision, lambda: run_kubetune(model_dir, data, work, p, precision, packing=False)),
-            "kubetune-packed": (precision, lambda: run_kubetune(model_dir, data, work, p, precision, packing=True)),
-        }  # fmt: skip
-        if precision != "fp32" and not cuda:
-            runs["baseline-fp32"] = ("fp32", lambda: run_baseline(model_dir, data, work, p, "fp32"))
-            runs["kubetune-fp32"] = (
-                "fp32",
-                lambda: run_kubetune(model_dir, data, work, p, "fp32", packing=False),
-            )
-        for name, (prec, fn) in runs.items():
-            r = fn()
+        results: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            spec = {**row, "model_dir": str(model_dir), "data": str(data), "work": str(work), "p": p}
+            r = run_child(spec)
+            name, prec = row["name"], row["precision"]
             r["precision"] = prec
             r["tokens_per_second"] = r["tokens"] / r["seconds"]
+            # Tokens per second of this process's CPU time (all its threads): what a busy machine
+            # cannot distort as much as wall time. Wall time is the figure; this one is the check.
+            r["tokens_per_cpu_second"] = r["tokens"] / r["cpu_seconds"]
             r["model_tflops"] = flops["flops_per_token"] * r["tokens_per_second"] / 1e12
             extra = f", {r['model_tflops']:.3g} model TFLOPS"
             if prec in peaks:
@@ -426,25 +578,17 @@ def main(argv: list[str] | None = None) -> int:
                 r["mfu_of_bf16_peak"] = r["model_tflops"] / peaks["bf16"]
                 extra += f" ({r['mfu_of_bf16_peak']:.1%} of the bf16 peak)"
             results[name] = r
-            print(f"{name:>15} ({prec}): {r['tokens']:.0f} tokens in {r['seconds']:.2f} s = "
-                  f"{r['tokens_per_second']:,.0f} tokens/s{extra}", flush=True)  # fmt: skip
-        # Each run against the baseline in its own precision; kubetune's default against fp32 too.
-        baselines = {r["precision"]: name for name, r in results.items() if name.startswith("baseline")}
-        ratios = {}
-        for name, r in results.items():
-            if name.startswith("baseline"):
-                continue
-            base = baselines[r["precision"]]
-            ratios[f"{name} / {base}"] = r["tokens_per_second"] / results[base]["tokens_per_second"]
-        if "kubetune-fp32" in results:
-            ratios["kubetune / kubetune-fp32"] = (
-                results["kubetune"]["tokens_per_second"] / results["kubetune-fp32"]["tokens_per_second"]
-            )
+            print(f"{name:>20} ({prec}): {r['tokens']:.0f} tokens in {r['seconds']:.2f} s = "
+                  f"{r['tokens_per_second']:,.0f} tokens/s ({r['tokens_per_cpu_second']:,.0f} per CPU-second){extra}, peak RSS {r['peak_rss_mib']:,.0f} MiB", flush=True)  # fmt: skip
+        ratios = compare(results)
         for name, ratio in ratios.items():
             print(f"ratio {name}: {ratio:.2f}x")
         if args.json:
             doc = {
                 "preset": preset,
+                "model": {
+                    k: p[k] for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")
+                },
                 "params": n_params,
                 "flops": flops,
                 "peak_tflops": peaks,
@@ -455,6 +599,35 @@ def main(argv: list[str] | None = None) -> int:
             }
             args.json.write_text(json.dumps(doc, indent=2))
     return 0
+
+
+def compare(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Throughput ratios: each kubetune row against the baseline and TRL's best row in its precision,
+    and kubetune's defaults against TRL's best row of any precision (what a user of each gets at best)."""
+    tps = {name: r["tokens_per_second"] for name, r in results.items()}
+    ratios: dict[str, float] = {}
+    for name, r in results.items():
+        if not name.startswith("kubetune"):
+            continue
+        same = {n: v for n, v in results.items() if v["precision"] == r["precision"]}
+        base = next((n for n in same if n.startswith("baseline")), None)
+        if base:
+            ratios[f"{name} / {base}"] = tps[name] / tps[base]
+        trl = [n for n in same if n.startswith("trl-")]
+        if trl:
+            best = max(trl, key=lambda n: tps[n])
+            ratios[f"{name} / {best} (TRL's best in {r['precision']})"] = tps[name] / tps[best]
+    trl_all = [n for n in results if n.startswith("trl-")]
+    if "kubetune" in results and trl_all:
+        best = max(trl_all, key=lambda n: tps[n])
+        ratios[f"kubetune / {best} (TRL's best)"] = tps["kubetune"] / tps[best]
+        rss = results[best]["peak_rss_mib"]
+        ratios[f"kubetune peak RSS / {best} peak RSS"] = results["kubetune"]["peak_rss_mib"] / rss
+    if "kubetune-packed" in results and "kubetune" in results:
+        ratios["kubetune-packed / kubetune"] = tps["kubetune-packed"] / tps["kubetune"]
+    if "kubetune-fp32" in results and "kubetune" in results:
+        ratios["kubetune / kubetune-fp32"] = tps["kubetune"] / tps["kubetune-fp32"]
+    return ratios
 
 
 if __name__ == "__main__":

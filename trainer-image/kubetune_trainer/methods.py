@@ -83,11 +83,18 @@ def model_load_kwargs(config: FinetuningConfig, precision: ResolvedPrecision) ->
     keeps adapter weights in fp32). Full fine-tuning loads fp32 master weights and lets
     mixed precision (autocast or DeepSpeed) handle the half-precision compute.
     """
+    import torch
+
     kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
     if config.model_revision:
         kwargs["revision"] = config.model_revision
-    if config.attn_implementation:
-        kwargs["attn_implementation"] = config.attn_implementation
+    attention = config.attn_implementation
+    if config.packing:  # variable-length attention, so packed rows cost no cross-example work
+        from .packed_attention import packing_attention
+
+        attention = packing_attention(attention, "cuda" if torch.cuda.is_available() else "cpu")
+    if attention:
+        kwargs["attn_implementation"] = attention
     if config.method == "full":
         kwargs["dtype"] = _torch_dtype("fp32")
     else:
