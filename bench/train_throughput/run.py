@@ -1,24 +1,25 @@
-"""Training throughput: kubetune's trainer against a plain transformers Trainer + PEFT baseline.
+"""Training throughput: kubetune's trainer against TRL's SFTTrainer and a plain Trainer + PEFT baseline.
 
-Both runs train the same LoRA adapter (same rank, targets, optimizer, learning rate and
-seed) on the same Llama-architecture model, drawing from the same tokenized examples, with
-the same number of examples per step and the same number of steps. They do not see the
-examples in the same order: what differs is how examples are put into batches, and that
-decides the order too:
+Every row trains the same LoRA adapter (same rank, targets, optimizer, learning rate and seed)
+on the same Llama-architecture model, drawing from the same tokenized examples, with the same
+number of examples per step and the same number of steps, each in its own Python process (so
+its peak RSS is its own). They do not all see the examples in the same order: what differs is
+how examples are put into batches, and that decides the order too:
 
 * kubetune: ``ModelFinetuner`` with its defaults -- ``group_by_length``: batches are drawn
-  from length-sorted megabatches, so the padding a batch needs is small (this reorders the
-  examples: each batch holds examples of similar length);
+  from length-sorted megabatches, so the padding a batch needs is small;
 * kubetune-packed: ``packing: true`` -- each step's examples (in random order) are concatenated
-  into one padding-free row (position ids restart per example, so attention never crosses
-  examples). With flash-attention (CUDA, ``flash-attn`` installed) that is variable-length
-  attention; with sdpa/eager (CPU) transformers computes one long masked causal row, whose
-  cost grows with the square of the row length;
+  into one padding-free row, attended one example at a time (flash-attention's variable-length
+  kernel on CUDA where installed, else kubetune's ``packed_sdpa``), so no work crosses examples;
+* trl-default / trl-grouped / trl-packed: TRL's ``SFTTrainer`` with a PEFT ``LoraConfig``, as
+  its documentation recommends: defaults (random padded batches), length-grouped batches, and
+  best-fit-decreasing packing with ``padding_free`` (see ``TRL_VARIANTS``);
 * baseline: ``Trainer`` + ``peft.get_peft_model`` + ``DataCollatorForSeq2Seq(padding="longest")``
   on random batches, the textbook recipe, which pads every example to the longest of its batch.
 
 Because the runs see different examples in the timed steps, the comparison is per real token:
-throughput is real (non-padding) tokens per second, timed after ``--warmup`` steps.
+throughput is real (non-padding) tokens per second, timed after ``--warmup`` steps (start-up
+drops out), on wall time and per second of the process's CPU time (the check on a busy machine).
 
 The data mimics instruction-tuning sets: response lengths follow a log-normal distribution
 (median ~60 words, a long tail to ~600), so a random batch carries much padding.
@@ -46,8 +47,9 @@ peak this machine measures in the same run, the best of several large square ``t
 matmul units (AMX, AVX-512) deliver, not a datasheet figure.
 
 Runs use ``precision: auto`` (bf16 on GPUs and on CPUs with AMX or AVX-512 BF16); where that
-is not fp32, the baseline and kubetune also run in fp32 (``baseline-fp32``, ``kubetune-fp32``);
-each run's ratio is against the baseline in its own precision.
+is not fp32 on a CPU, every row also runs in fp32 (suffix ``-fp32``); each kubetune row is compared
+with the baseline and with TRL's best row in its own precision, and kubetune's defaults with TRL's
+best row of any precision.
 
     .venv/bin/python bench/train_throughput/run.py                      # CPU, small model
     .venv/bin/python bench/train_throughput/run.py --preset gpu-1b      # CUDA, ~1B parameters
@@ -162,6 +164,7 @@ def measure_matmul_peak(dtype: Any, sizes: tuple[int, ...] = PEAK_SIZES, repeats
             torch.cuda.synchronize()
 
     per_size: dict[int, float] = {}
+    per_size_cpu: dict[int, float] = {}  # the same from process CPU time (robust to a busy machine)
     gen = torch.Generator(device="cpu").manual_seed(0)
     for n in sizes:
         a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
@@ -172,17 +175,26 @@ def measure_matmul_peak(dtype: Any, sizes: tuple[int, ...] = PEAK_SIZES, repeats
         torch.matmul(a, b)
         sync()
         calls = max(1, min(50, int(0.2 / max(time.perf_counter() - t0, 1e-6))))
-        best = math.inf
+        best = best_cpu = math.inf
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(calls):
                 torch.matmul(a, b)
             sync()
             best = min(best, (time.perf_counter() - t0) / calls)
+            best_cpu = min(best_cpu, (time.process_time() - c0) / calls)
         per_size[n] = 2 * n**3 / best / 1e12
+        per_size_cpu[n] = 2 * n**3 / best_cpu / 1e12 * torch.get_num_threads()
         del a, b
     size = max(per_size, key=lambda k: per_size[k])
-    return {"tflops": per_size[size], "size": size, "per_size": per_size, "threads": torch.get_num_threads()}
+    return {
+        "tflops": per_size[size],
+        "size": size,
+        "per_size": per_size,
+        # TFLOPS per second of CPU time, times the threads: equal to "tflops" on a quiet machine
+        "tflops_cpu_time": max(per_size_cpu.values()) if device == "cpu" else None,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _timing_callback(warmup: int):
@@ -193,7 +205,7 @@ def _timing_callback(warmup: int):
 
         def __init__(self) -> None:
             self.t0 = self.cpu0 = self.tokens0 = None
-            self.seconds = self.cpu_seconds = self.tokens = 0.0
+            self.seconds = self.cpu_seconds = self.tokens = self.peak_rss_mib = 0.0
 
         def _sync(self) -> None:
             import torch
@@ -211,10 +223,21 @@ def _timing_callback(warmup: int):
             self._sync()
             self.seconds = time.perf_counter() - self.t0
             self.cpu_seconds = time.process_time() - self.cpu0
+            # Peak resident memory of this process (its own, one configuration per process) up to
+            # the end of training: model load and every step, not what a tool does afterwards
+            # (kubetune draws its loss plot and writes outputs then). ru_maxrss is KiB on Linux.
+            import resource
+
+            self.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             self.tokens = state.num_input_tokens_seen - self.tokens0
 
         def result(self) -> dict[str, float]:
-            return {"seconds": self.seconds, "cpu_seconds": self.cpu_seconds, "tokens": self.tokens}
+            return {
+                "seconds": self.seconds,
+                "cpu_seconds": self.cpu_seconds,
+                "tokens": self.tokens,
+                "peak_rss_mib": self.peak_rss_mib,
+            }
 
     return Timing()
 
@@ -439,11 +462,7 @@ _RESULT = "BENCH-RESULT "
 
 
 def _child_main(spec_json: str) -> int:
-    import resource
-
     result = run_row(json.loads(spec_json))
-    # ru_maxrss is KiB on Linux: the peak resident memory of this process, model load included.
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(_RESULT + json.dumps(result), flush=True)
     return 0
 
@@ -574,6 +593,12 @@ def main(argv: list[str] | None = None) -> int:
             if prec in peaks:
                 r["mfu"] = r["model_tflops"] / peaks[prec]
                 extra += f", MFU {r['mfu']:.1%} of the {prec} peak"
+            if prec in measured and measured[prec]["tflops_cpu_time"]:
+                # Model FLOPs per CPU-second (times the threads) against the peak per CPU-second.
+                threads = measured[prec]["threads"]
+                cpu_tflops = flops["flops_per_token"] * r["tokens_per_cpu_second"] * threads / 1e12
+                r["mfu_cpu_time"] = cpu_tflops / measured[prec]["tflops_cpu_time"]
+                extra += f" [CPU time: MFU {r['mfu_cpu_time']:.1%}]"
             if prec != "bf16" and "bf16" in peaks:
                 r["mfu_of_bf16_peak"] = r["model_tflops"] / peaks["bf16"]
                 extra += f" ({r['mfu_of_bf16_peak']:.1%} of the bf16 peak)"
