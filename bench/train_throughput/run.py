@@ -351,17 +351,40 @@ def run_baseline(
 
 #: TRL's SFTTrainer configurations: name suffix -> SFTConfig options beyond the shared ones.
 TRL_VARIANTS: dict[str, dict[str, Any]] = {
-    "default": {},  # random batches padded to their longest example
-    "grouped": {"train_sampling_strategy": "group_by_length"},  # transformers' LengthGroupedSampler
-    # Best-fit-decreasing packing into rows of max_length; TRL turns padding_free on for "bfd"
-    # (one flattened row with position_ids, the layout its docs recommend for packing).
-    "packed": {"packing": True, "packing_strategy": "bfd", "padding_free": True},
+    # SFTConfig's defaults: random batches padded to their longest, and gradient checkpointing
+    # (TRL turns it on by default to save memory; it recomputes the forward pass in backward).
+    "default": {},
+    # The fast configurations: no recomputation (as kubetune's default; these models fit easily),
+    # with transformers' LengthGroupedSampler ...
+    "grouped": {"train_sampling_strategy": "group_by_length", "gradient_checkpointing": False},
+    # ... or best-fit-decreasing packing into rows of max_length; TRL turns padding_free on for
+    # "bfd" (one flattened row with position_ids, the layout its docs recommend for packing).
+    "packed": {
+        "packing": True,
+        "packing_strategy": "bfd",
+        "padding_free": True,
+        "gradient_checkpointing": False,
+    },
 }
 
 
 def run_trl(
     model_dir: Path, data: Path, work: Path, p: dict[str, Any], precision: str, variant: str
 ) -> dict[str, float]:
+    timing = _timing_callback(p["warmup"])
+    trl_trainer(model_dir, data, work, p, precision, variant, callbacks=[timing]).train()
+    return timing.result()
+
+
+def trl_trainer(
+    model_dir: Path,
+    data: Path,
+    work: Path,
+    p: dict[str, Any],
+    precision: str,
+    variant: str,
+    callbacks: list[Any] | None = None,
+) -> Any:
     """TRL's SFTTrainer with a PEFT LoraConfig, on the same tokenized examples as kubetune.
 
     The dataset is handed over pre-tokenized (``input_ids`` + ``completion_mask``, a format
@@ -412,8 +435,7 @@ def run_trl(
         include_num_input_tokens_seen="non_padding",
         **options,
     )
-    timing = _timing_callback(p["warmup"])
-    trainer = SFTTrainer(
+    return SFTTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -425,10 +447,8 @@ def run_trl(
             target_modules="all-linear",
             task_type=TaskType.CAUSAL_LM,
         ),
-        callbacks=[timing],
+        callbacks=callbacks or [],
     )
-    trainer.train()
-    return timing.result()
 
 
 def run_row(spec: dict[str, Any]) -> dict[str, float]:
@@ -485,8 +505,9 @@ def rows_for(precision: str, cuda: bool) -> list[dict[str, Any]]:
 
 
 def scaled_model(p: dict[str, Any], hidden: int) -> dict[str, Any]:
-    """The preset with another hidden size: head dim 32, 2 query heads per KV head, MLP 8/3·hidden."""
-    heads = max(1, hidden // 32)
+    """The preset with another hidden size: head dim 64 (32 below 512, like the CPU preset), 2 query
+    heads per KV head, MLP 8/3·hidden."""
+    heads = max(1, hidden // (64 if hidden >= 512 else 32))
     return {
         **p,
         "hidden": hidden,
