@@ -121,10 +121,25 @@ def test_packed_training_loads_packed_sdpa_on_cpu_unless_the_user_chose(tiny_mod
 
     assert model_load_kwargs(cfg(packing=True), "fp32")["attn_implementation"] == PACKED_SDPA
     assert "attn_implementation" not in model_load_kwargs(cfg(packing=False), "fp32")
+    if not torch.cuda.is_available():  # unpacked bf16 on CPU: for the kernel choice of short batches
+        assert model_load_kwargs(cfg(packing=False), "bf16")["attn_implementation"] == PACKED_SDPA
     chosen = model_load_kwargs(cfg(packing=True, attn_implementation="eager"), "fp32")
     assert chosen["attn_implementation"] == "eager"
     assert packing_attention(None, "cpu") == PACKED_SDPA
     assert packing_attention("flex_attention", "cuda") == "flex_attention"
+
+
+def test_short_bf16_sequences_take_the_math_kernel_with_the_same_result(tokenizer):
+    from kubetune_trainer.packed_attention import SHORT_BF16_CPU
+
+    feats = features(tokenizer)
+    assert max(len(f["input_ids"]) for f in feats) < SHORT_BF16_CPU
+    padded = make_collator(tokenizer, packing=False)(feats)
+    with torch.no_grad():
+        ours = tiny_llama(len(tokenizer), PACKED_SDPA).to(torch.bfloat16).eval()
+        ref = tiny_llama(len(tokenizer), "sdpa").to(torch.bfloat16).eval()
+        # bf16 rounding differs between kernels; the logits agree to bf16 precision.
+        torch.testing.assert_close(ours(**padded).logits, ref(**padded).logits, atol=0.05, rtol=0.02)
 
 
 def _losses(tiny_model_dir: Path, train: Path, out: Path, **kw) -> tuple[list[float], ModelFinetuner]:

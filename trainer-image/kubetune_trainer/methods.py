@@ -89,10 +89,15 @@ def model_load_kwargs(config: FinetuningConfig, precision: ResolvedPrecision) ->
     if config.model_revision:
         kwargs["revision"] = config.model_revision
     attention = config.attn_implementation
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if config.packing:  # variable-length attention, so packed rows cost no cross-example work
         from .packed_attention import packing_attention
 
-        attention = packing_attention(attention, "cuda" if torch.cuda.is_available() else "cpu")
+        attention = packing_attention(attention, device)
+    elif attention is None and device == "cpu" and precision == "bf16":
+        from .packed_attention import register  # sdpa with the faster kernel for short bf16 batches
+
+        attention = register()
     if attention:
         kwargs["attn_implementation"] = attention
     if config.method == "full":

@@ -10,8 +10,12 @@ the flash-attn package.
 ``packed_sdpa`` is that variable-length attention built from plain sdpa: the packing collator
 passes the example boundaries (``cu_seq_lens_q``, the same keyword flash-attention reads), and
 each example runs through sdpa on its own with ``is_causal=True``, so an example of s tokens costs
-s² and nothing crosses examples. Batches without boundaries (padded evaluation batches,
-generation) go to transformers' sdpa with its mask, unchanged.
+s² and nothing crosses examples. Batches without boundaries (padded batches, generation) go to
+transformers' sdpa with its mask.
+
+Either way, short bf16 sequences on CPU use sdpa's math kernel: torch's CPU flash-attention
+kernel is slower there (``SHORT_BF16_CPU``). That is why unpacked bf16 training on CPU loads this
+implementation too.
 """
 
 from __future__ import annotations
@@ -39,18 +43,35 @@ def packed_sdpa_forward(
     bounds = kwargs.pop("cu_seq_lens_q", None)
     kwargs.pop("cu_seq_lens_k", None)
     if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        with _kernel_for(query):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     edges = bounds.tolist() if torch.is_tensor(bounds) else list(bounds)
     lengths = [int(b) - int(a) for a, b in itertools.pairwise(edges)]
     # split, not slicing: the backward of a split is one concatenation, where each slice's
     # backward would add a zero-filled gradient of the whole row.
-    outputs = [
-        sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
-        for q, k, v in zip(
-            query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2), strict=True
-        )
-    ]
+    outputs = []
+    for q, k, v in zip(
+        query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2), strict=True
+    ):
+        with _kernel_for(q):
+            outputs.append(sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0])
     return torch.cat(outputs, dim=1), None  # [1, tokens, heads, head_dim], like sdpa's output
+
+
+#: Below this many tokens torch's CPU flash-attention kernel is slower in bf16 than its math kernel
+#: (about 2x at 64-128 tokens, break-even near 200; measured with torch 2.15 on AMX).
+SHORT_BF16_CPU = 192
+
+
+def _kernel_for(query: torch.Tensor) -> Any:
+    """sdpa's math kernel for short bf16 examples on CPU, torch's own choice otherwise."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if query.device.type == "cpu" and query.dtype == torch.bfloat16 and query.shape[2] < SHORT_BF16_CPU:
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 def register() -> str:
