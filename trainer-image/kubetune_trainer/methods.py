@@ -94,8 +94,10 @@ def model_load_kwargs(config: FinetuningConfig, precision: ResolvedPrecision) ->
         from .packed_attention import packing_attention
 
         attention = packing_attention(attention, device)
-    elif attention is None and device == "cpu" and precision == "bf16":
-        from .packed_attention import register  # sdpa with the faster kernel for short bf16 batches
+    elif attention is None and device == "cpu" and precision == "bf16" and not config.trust_remote_code:
+        # sdpa with the faster kernel for short bf16 batches (transformers' own model classes all
+        # take a registered attention function; remote code may not, so it keeps the default)
+        from .packed_attention import register
 
         attention = register()
     if attention:
