@@ -191,8 +191,8 @@ class FinetuningConfig(_Strict):
     trust_remote_code: bool = Field(False, description="allow model code from the checkpoint (keep false)")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = Field(
         None,
-        description="attention kernel; flash_attention_2 makes packing cheap (variable-length attention). "
-        "null: transformers' default (sdpa)",
+        description="attention kernel. null: transformers' default (sdpa); with packing, flash_attention_2 "
+        "on CUDA where flash-attn is installed, else packed_sdpa (sdpa per packed example)",
     )
     output_dir: str = Field("./finetuned_model", min_length=1, description="local directory for outputs")
     init_adapter: str | None = Field(

@@ -89,8 +89,20 @@ def model_load_kwargs(config: FinetuningConfig, precision: ResolvedPrecision) ->
     kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
     if config.model_revision:
         kwargs["revision"] = config.model_revision
-    if config.attn_implementation:
-        kwargs["attn_implementation"] = config.attn_implementation
+    attention = config.attn_implementation
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if config.packing:  # variable-length attention, so packed rows cost no cross-example work
+        from .packed_attention import packing_attention
+
+        attention = packing_attention(attention, device)
+    elif attention is None and device == "cpu" and precision == "bf16" and not config.trust_remote_code:
+        # sdpa with the faster kernel for short bf16 batches (transformers' own model classes all
+        # take a registered attention function; remote code may not, so it keeps the default)
+        from .packed_attention import register
+
+        attention = register()
+    if attention:
+        kwargs["attn_implementation"] = attention
     if config.model_dtype != "auto":  # baseModel.dtype: the user's choice wins
         kwargs["dtype"] = getattr(torch, config.model_dtype)
     elif config.method == "full":

@@ -55,7 +55,11 @@ def make_collator(
 ) -> Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]:
     """The data collator for Trainer: padding-free packing, or right-padding to the batch's longest."""
     if packing:
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        # The example boundaries go along (cu_seq_lens_*): flash-attention and packed_sdpa
+        # (packed_attention.py) attend within each example from them.
+        return DataCollatorWithFlattening(
+            return_position_ids=True, return_flash_attn_kwargs=True, separator_id=IGNORE_INDEX
+        )
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id  # pad positions are masked out of attention and loss anyway
