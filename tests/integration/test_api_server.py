@@ -22,9 +22,11 @@ from kubetune_operator.api import load_adapterdeployment, load_finetunejob, load
 from tests.testground.cluster import REPO, ControlPlane
 from tests.unit.test_api_cases import (
     ACCEPTED,
+    ACCEPTED_SWEEPS,
     INVALID,
     Case,
     accepted,
+    accepted_sweep,
     adapterdeployment,
     client_error,
     finetunejob,
@@ -124,6 +126,21 @@ def test_near_misses_are_accepted(
     """Right beside a rule's edge: the API server accepts what the client accepts (tests/unit)."""
     custom.create_namespaced_custom_object(
         GROUP, VERSION, api_ns, "finetunejobs", accepted(patch), dry_run="All", field_validation="Strict"
+    )
+
+
+@pytest.mark.parametrize(("id_", "patch"), ACCEPTED_SWEEPS, ids=[a[0] for a in ACCEPTED_SWEEPS])
+def test_sweep_near_misses_are_accepted(
+    custom: client.CustomObjectsApi, api_ns: str, id_: str, patch: dict
+) -> None:
+    custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        api_ns,
+        "finetunesweeps",
+        accepted_sweep(patch),
+        dry_run="All",
+        field_validation="Strict",
     )
 
 

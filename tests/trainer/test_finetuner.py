@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -173,7 +174,10 @@ def test_other_methods_train_save_and_reload(
     ft = ModelFinetuner(cfg)
     model = ft.load_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    sigterm_before = signal.getsignal(signal.SIGTERM)
     ft.train()
+    # No close(): the preemption handler is gone once train() returns, so SIGTERM stops the process again.
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before
     after = dict(ft.model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before), "no trainable parameter changed"
     out = ft.save_model()

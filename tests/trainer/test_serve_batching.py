@@ -233,13 +233,18 @@ def test_stop_strings_max_tokens_and_eos_per_row(server: ModelServer) -> None:
     short, s_short = row(server, "the cat ->", "red", max_tokens=2)
     eos, s_eos = row(server, "the cat ->", "red", max_tokens=40)
     no_eos, s_no_eos = row(server, "the cat ->", "red", max_tokens=20, ignore_eos=True)
-    run_one_batch(server, [stop, short, eos, no_eos])
+    # min_tokens (vLLM's meaning): EOS is masked and stop strings wait until 30 tokens are out.
+    at_least, s_at_least = row(server, "the cat ->", "red", max_tokens=40, min_tokens=30, stop=(" cat",))
+    run_one_batch(server, [stop, short, eos, no_eos, at_least])
     assert (s_stop.wait().reason, s_stop.text) == ("stop", " red")
     assert (s_short.wait().reason, s_short.wait().completion_tokens) == ("length", 2)
     assert (s_eos.wait().reason, s_eos.text) == ("stop", PHRASES["red"])
     # ignore_eos (benchmarks): runs on past the EOS the other row stopped at, to max_tokens.
     assert (s_no_eos.wait().reason, s_no_eos.wait().completion_tokens) == ("length", 20)
     assert s_no_eos.text.startswith(PHRASES["red"]) and len(s_no_eos.wait().token_ids) == 20
+    assert s_eos.wait().completion_tokens < 30
+    assert s_at_least.wait().completion_tokens >= 30 and s_at_least.text.startswith(" red")
+    assert not set(s_at_least.wait().token_ids[:30]) & set(server.lm.eos_ids)
 
 
 def test_a_row_that_stops_early_is_delivered_before_the_batch_ends(server: ModelServer) -> None:

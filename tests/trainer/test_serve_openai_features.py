@@ -186,6 +186,20 @@ def test_seed_with_the_chat_api(client: openai.OpenAI) -> None:
     assert client.chat.completions.create(seed=43, **kw).choices[0].message.content != a
 
 
+def test_min_tokens_keeps_generating_past_eos(client: openai.OpenAI) -> None:
+    """vLLM's min_tokens extension (extra_body): EOS masked until that many tokens are out."""
+    kw = {"model": "red", "prompt": PROMPT, "max_tokens": 40, "temperature": 0}
+    plain = client.completions.create(**kw)
+    assert (
+        plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 30
+    )  # the adapter's EOS
+    longer = client.completions.create(**kw, extra_body={"min_tokens": 30})
+    assert longer.usage.completion_tokens >= 30
+    assert longer.choices[0].text.startswith(plain.choices[0].text)  # greedy up to where EOS was masked
+    with pytest.raises(openai.BadRequestError, match=r"min_tokens \(6\) must be at most max_tokens \(5\)"):
+        client.completions.create(**{**kw, "max_tokens": 5}, extra_body={"min_tokens": 6})
+
+
 SCHEMA = {
     "type": "object",
     "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}, "count": {"type": "integer"}},

@@ -373,6 +373,9 @@ INVALID: list[Case] = [
          "spec.parameters[0].min", "scale log needs min > 0"),
     Case("sweep-step-on-values", "fts", sweep(parameters=[{"path": "method.lora.r", "values": [8, 16], "step": 8}]),
          "spec.parameters[0].step", "step only applies to a range"),
+    Case("sweep-range-off-the-step-grid", "fts",
+         sweep(parameters=[{"path": "method.lora.r", "min": 8, "max": 30, "step": 8}]),
+         "spec.parameters[0].step", "max - min must be a whole number of steps"),
     Case("sweep-string-path-with-values", "fts", sweep(parameters=[{"path": "hyperparameters.scheduler", "values": [1]}]),
          "spec.parameters[0].path", "this path takes strings: list them under choices"),
     Case("sweep-number-path-with-choices", "fts", sweep(parameters=[{"path": "method.lora.r", "choices": ["8"]}]),
@@ -473,8 +476,21 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
 ]  # fmt: skip
 
 
+# Sweep ranges whose floating-point step lands on max only within rounding (0.3 / 0.1 = 2.9999...).
+ACCEPTED_SWEEPS: list[tuple[str, dict[str, Any]]] = [
+    ("float-step-lands-on-max", sweep(parameters=[{"path": "hyperparameters.warmupRatio", "min": 0, "max": 0.3, "step": 0.1}])),
+    ("small-step-lands-on-max",
+     sweep(parameters=[{"path": "hyperparameters.learningRate", "min": 1e-5, "max": 1e-4, "step": 1e-5}])),
+    ("integer-step-grid", sweep(parameters=[{"path": "method.lora.r", "min": 8, "max": 32, "step": 8}])),
+]  # fmt: skip
+
+
 def accepted(patch: dict[str, Any], name: str = "valid-job") -> dict[str, Any]:
     return merge(finetunejob(name), patch)
+
+
+def accepted_sweep(patch: dict[str, Any], name: str = "valid-sweep") -> dict[str, Any]:
+    return merge(finetunesweep(name), patch)
 
 
 LOADERS = {"ftj": load_finetunejob, "adep": load_adapterdeployment, "fts": load_finetunesweep}
@@ -500,6 +516,11 @@ def test_the_valid_bases_are_valid() -> None:
 @pytest.mark.parametrize(("id_", "patch"), ACCEPTED, ids=[a[0] for a in ACCEPTED])
 def test_client_accepts_near_misses(id_: str, patch: dict[str, Any]) -> None:
     load_finetunejob(accepted(patch))
+
+
+@pytest.mark.parametrize(("id_", "patch"), ACCEPTED_SWEEPS, ids=[a[0] for a in ACCEPTED_SWEEPS])
+def test_client_accepts_sweep_near_misses(id_: str, patch: dict[str, Any]) -> None:
+    load_finetunesweep(accepted_sweep(patch))
 
 
 @pytest.mark.parametrize("case", INVALID, ids=lambda c: c.id)

@@ -218,3 +218,47 @@ def test_a_worker_that_exited_before_the_job_completes_keeps_the_job_running() -
     assert patch.get("phase", "Running") == "Running"
     running = next(c for c in patch["conditions"] if c["type"] == "Running")
     assert running["status"] == "True" and "1 finished" in running["message"]
+
+
+def _invalid_spec_store(status: dict) -> Store:
+    """A FineTuneJob stored before a rule it breaks existed (lora.r above the bound)."""
+    store = Store()
+    store.set_parent(
+        "ADDED",
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": NAME, "namespace": NS, "uid": "ftj-uid", "generation": 1},
+            "spec": {
+                "baseModel": {"uri": "s3://models/tiny"},
+                "dataset": {"train": {"uri": "s3://data/train.jsonl"}},
+                "method": {"type": "lora", "lora": {"r": 100000}},
+                "runPolicy": {"ttlSecondsAfterFinished": 30},
+            },
+            "status": status,
+        },
+    )
+    return store
+
+
+class DeletingKube(FakeKube):
+    def __init__(self) -> None:
+        super().__init__([])
+        self.deleted: list[tuple] = []
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        self.deleted.append((kind, namespace, name))
+
+
+def test_a_job_with_an_invalid_stored_spec_fails_and_still_expires() -> None:
+    kube = DeletingKube()
+    result = ftj_reconcile.reconcile(kube, _invalid_spec_store({}), (NS, NAME))  # type: ignore[arg-type]
+    [patch] = kube.status_patches
+    assert patch["phase"] == "Failed"
+    assert next(c for c in patch["conditions"] if c["type"] == "Failed")["reason"] == "InvalidSpec"
+    assert result.requeue_after == 31  # looked at again when runPolicy.ttlSecondsAfterFinished is up
+    assert not kube.deleted
+    # Later: finished longer ago than the TTL, so the job is deleted.
+    done = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=60)).isoformat()
+    ftj_reconcile.reconcile(kube, _invalid_spec_store({**patch, "completionTime": done}), (NS, NAME))  # type: ignore[arg-type]
+    assert kube.deleted == [("FineTuneJob", NS, NAME)]

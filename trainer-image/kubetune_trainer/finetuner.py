@@ -325,29 +325,34 @@ class ModelFinetuner:
                     early_stopping_threshold=cfg.early_stopping.threshold,
                 )
             )
-        callbacks += self._runtime_callbacks()
-        if not cfg.progress_bar or "reporter" not in self._callbacks:
-            callbacks.append(LogMetricsCallback())
-        ewc = self._estimate_ewc() if cfg.ewc_lambda > 0 else None
-        if self._tracking is not None:  # a new train() is a new tracker run
-            self._tracking.end()
-        self._tracking = TrackingRun(cfg, self.dist.is_global_rank0).start()
+        try:
+            callbacks += self._runtime_callbacks()
+            if not cfg.progress_bar or "reporter" not in self._callbacks:
+                callbacks.append(LogMetricsCallback())
+            ewc = self._estimate_ewc() if cfg.ewc_lambda > 0 else None
+            if self._tracking is not None:  # a new train() is a new tracker run
+                self._tracking.end()
+            self._tracking = TrackingRun(cfg, self.dist.is_global_rank0).start()
 
-        self.trainer = KubetuneTrainer(
-            model=self.model,
-            args=args,
-            train_dataset=data.train,
-            eval_dataset=data.validation,
-            data_collator=make_collator(self.tokenizer, cfg.packing),
-            processing_class=self.tokenizer,
-            callbacks=callbacks,
-            eval_hook=self._eval_hook,
-            ewc=ewc,
-        )
-        # Progress goes to the reporter's bar or LogMetricsCallback's log lines, not raw dicts on stdout.
-        self.trainer.remove_callback(PrinterCallback)
-        resume = self._resume_checkpoint()
-        result = self.trainer.train(resume_from_checkpoint=resume)
+            self.trainer = KubetuneTrainer(
+                model=self.model,
+                args=args,
+                train_dataset=data.train,
+                eval_dataset=data.validation,
+                data_collator=make_collator(self.tokenizer, cfg.packing),
+                processing_class=self.tokenizer,
+                callbacks=callbacks,
+                eval_hook=self._eval_hook,
+                ewc=ewc,
+            )
+            # Progress goes to the reporter's bar or LogMetricsCallback's log lines, not raw dicts on stdout.
+            self.trainer.remove_callback(PrinterCallback)
+            resume = self._resume_checkpoint()
+            result = self.trainer.train(resume_from_checkpoint=resume)
+        finally:
+            # The SIGTERM handler only means something while the Trainer runs: a notebook or
+            # script that trains and goes on must stop on SIGTERM again, close() or not.
+            self._restore_signal_handlers()
         self.model = self.trainer.model
         self.train_metrics = dict(result.metrics)
         pre = self._callbacks.get("preemption")
@@ -757,9 +762,13 @@ class ModelFinetuner:
         reporter = self._callbacks.pop("reporter", None)
         if reporter is not None:
             reporter.close()
-        pre = self._callbacks.pop("preemption", None)
+        self._restore_signal_handlers()
+        self._callbacks.pop("preemption", None)
+
+    def _restore_signal_handlers(self) -> None:
+        pre = self._callbacks.get("preemption")
         if pre is not None and hasattr(pre, "restore_signal_handlers"):
-            pre.restore_signal_handlers()
+            pre.restore_signal_handlers()  # idempotent
 
     def _barrier(self) -> None:
         if self.dist.distributed:

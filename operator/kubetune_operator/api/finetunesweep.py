@@ -141,6 +141,14 @@ def _is_int(v: float) -> bool:
     return math.isfinite(v) and float(int(v)) == v
 
 
+def _whole_steps(lo: float, hi: float, step: float) -> bool:
+    """(hi - lo) / step is a whole number within 1e-6 (the CEL rule's tolerance); True when lo >= hi."""
+    if lo >= hi:
+        return True
+    q = (hi - lo) / step
+    return abs(q - float(int(q + 0.5))) <= 1e-6
+
+
 # ---- spec ----------------------------------------------------------------------------------------
 
 
@@ -219,6 +227,18 @@ def _bound_rule(path: str) -> Rule:
         check=lambda p: p.step is None or p.scale != "log",
         field_path=".step",
         reason="FieldValueForbidden",
+    ),
+    Rule(
+        # (max - min) / step must be whole, within rounding: Optuna would silently stop below max.
+        "!has(self.step) || !has(self.min) || !has(self.max) || self.min >= self.max || "
+        "((self.max - self.min) / self.step - double(int((self.max - self.min) / self.step + 0.5)) <= 1e-6 && "
+        "double(int((self.max - self.min) / self.step + 0.5)) - (self.max - self.min) / self.step <= 1e-6)",
+        "max - min must be a whole number of steps (the grid is min, min+step, ... max): "
+        "change step, or move max onto the grid",
+        check=lambda p: (
+            p.step is None or p.min is None or p.max is None or _whole_steps(p.min, p.max, p.step)
+        ),
+        field_path=".step",
     ),
     Rule(
         f"self.path in {_cel_list(list(TUNABLE))}",

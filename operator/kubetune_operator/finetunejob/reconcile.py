@@ -20,7 +20,6 @@ from kubetune_trainer.exit_codes import ConfigError
 
 from .. import meta, metrics
 from ..api import InvalidManifestError
-from ..api.finetunejob import RunPolicy
 from ..conditions import get_condition, now_iso, set_condition
 from ..controller import Key, Result, Store, slim
 from ..convert import to_config_dict, typed
@@ -78,11 +77,17 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
         spec = typed(ftj).spec
     except InvalidManifestError as e:  # stored before a rule it breaks existed: never start pods for it
         new: Body = {"observedGeneration": generation}
-        if phase not in TERMINAL:
+        # ttlSecondsAfterFinished still applies; read leniently, as the rest of the spec cannot be.
+        ttl = ((ftj.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+        ttl = ttl if isinstance(ttl, int) and not isinstance(ttl, bool) and ttl >= 0 else None
+        if phase in TERMINAL:
+            result = _expire(kube, ftj, status, ttl)
+        else:
             new.update(phase="Failed", completionTime=now_iso())
             new["conditions"] = set_condition(conditions, "Failed", True, "InvalidSpec", str(e), generation)
+            result = _after_finish(ttl)
         _write(kube, ftj, status, new)
-        return Result()
+        return result
     run_policy = spec.run_policy
     res = spec.resources
     jobs = store.children_of("Job", key)
@@ -92,7 +97,7 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
     result = Result()
 
     if phase in TERMINAL:
-        result = _expire(kube, ftj, status, run_policy)
+        result = _expire(kube, ftj, status, run_policy.ttl_seconds_after_finished)
         _write(kube, ftj, status, new)
         return result
 
@@ -126,7 +131,7 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
                 kube.delete("batch/v1", "Job", key[0], current["metadata"]["name"])
             new["conditions"] = conditions
             _write(kube, ftj, status, new)
-            return Result()
+            return _after_finish(run_policy.ttl_seconds_after_finished)
 
     if current is None:
         init = init_adapter.resolve(store, ftj)
@@ -139,7 +144,7 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
                 conditions, "Failed", True, "InitAdapterUnavailable", init.failed, generation
             )
             _write(kube, ftj, status, new)
-            return Result()
+            return _after_finish(run_policy.ttl_seconds_after_finished)
         if init.waiting:
             # Requeued when the referenced FineTuneJob changes (Store.refs) and on every resync.
             new["phase"] = "Pending"
@@ -166,7 +171,7 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
             new.update(phase="Failed", completionTime=now_iso())
             new["conditions"] = set_condition(conditions, "Failed", True, "InvalidConfig", str(e), generation)
             _write(kube, ftj, status, new)
-            return Result()
+            return _after_finish(run_policy.ttl_seconds_after_finished)
         current = _create_attempt(kube, ftj, attempt, remaining, trainer_config)
         conditions = set_condition(
             conditions,
@@ -225,8 +230,7 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
             f"adapter written to {output['adapterUri']}",
             generation,
         )
-        if run_policy.ttl_seconds_after_finished is not None:
-            result = Result(requeue_after=float(run_policy.ttl_seconds_after_finished) + 1)
+        result = _after_finish(run_policy.ttl_seconds_after_finished)
     elif observe.job_failed(current):
         failure = observe.failure(current, attempt_pods)
         max_restarts = run_policy.max_restarts
@@ -262,8 +266,7 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
             conditions = set_condition(
                 conditions, "Failed", True, failure.reason, f"{failure.message} ({why})", generation
             )
-            if run_policy.ttl_seconds_after_finished is not None:
-                result = Result(requeue_after=float(run_policy.ttl_seconds_after_finished) + 1)
+            result = _after_finish(run_policy.ttl_seconds_after_finished)
     elif job_suspended:
         queued = bool(run_policy.queue_name) and not want_suspend
         new["phase"] = "Queued" if queued else "Suspended"
@@ -376,9 +379,13 @@ def _create_attempt(kube: Kube, ftj: Body, attempt: int, remaining: int | None, 
     return kube.apply(builders.job(ftj, attempt, s, active_deadline_seconds=remaining))
 
 
-def _expire(kube: Kube, ftj: Body, status: Body, run_policy: RunPolicy) -> Result:
+def _after_finish(ttl: int | None) -> Result:
+    """The requeue for a job that has just finished: look again when its ttlSecondsAfterFinished is up."""
+    return Result(requeue_after=float(ttl) + 1) if ttl is not None else Result()
+
+
+def _expire(kube: Kube, ftj: Body, status: Body, ttl: int | None) -> Result:
     """ttlSecondsAfterFinished: delete the finished FineTuneJob (its children go with it)."""
-    ttl = run_policy.ttl_seconds_after_finished
     done = _parse_time(status.get("completionTime"))
     if ttl is None or done is None:
         return Result()

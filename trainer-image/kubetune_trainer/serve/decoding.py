@@ -6,8 +6,8 @@ Two pieces serve every scheduling:
   row's own ``max_tokens``, and ``deliver()`` hands the row's sink the text it may send (text
   that may still become a stop string is held back) and, once the row ends, its end.
 * :class:`RowChooser`: the token choice of a row that samples (its own temperature, top-p and
-  ``torch.Generator``, seeded from the request's ``seed``), reports log-probs or follows a
-  grammar. A row's tokens depend only on its own logits and generator, never on which other
+  ``torch.Generator``, seeded from the request's ``seed``), reports log-probs, follows a
+  grammar or may not end before ``min_tokens`` (EOS masked). A row's tokens depend only on its own logits and generator, never on which other
   requests share the batch. Plain greedy rows need none: they take the argmax.
 
 Continuous batching (:mod:`.continuous`) calls them directly after each step. The static
@@ -87,7 +87,8 @@ class RowText:
             self.finish_reason = "cancelled"
             return
         self.generated += 1
-        if token in self.eos_ids and not self.row.ignore_eos:
+        early = self.generated <= self.row.min_tokens  # min_tokens: EOS was masked, stop strings wait
+        if token in self.eos_ids and not self.row.ignore_eos and not early:
             self._read_new_text(final=True)
             self.finish_reason = "stop"
             return
@@ -96,7 +97,7 @@ class RowText:
             self.logprobs.append(self.step_logprobs[self.generated - 1])
         before = len(self.text)
         self._read_new_text(final=False)
-        if self.max_stop and len(self.text) > before:
+        if self.max_stop and len(self.text) > before and not early:
             # A match must end in the new text; it may start up to max_stop-1 characters earlier.
             start = max(0, before - self.max_stop + 1)
             hits = [i for i in (self.text.find(s, start) for s in self.row.stop) if i >= 0]
@@ -188,8 +189,8 @@ class BatchTracker(StoppingCriteria, BaseStreamer):
 class RowChooser:
     """Chooses one row's tokens when the plain argmax will not do (torch).
 
-    Rows that sample (temperature > 0), report log-probabilities or follow a grammar get one
-    each; plain greedy rows take the batch's vectorised argmax and never come here. Log-probs are
+    Rows that sample (temperature > 0), report log-probabilities, follow a grammar or have
+    ``min_tokens`` get one each; plain greedy rows take the batch's vectorised argmax and never come here. Log-probs are
     log-softmax of the model's raw logits (before grammar, temperature and top-p, as vLLM reports
     them by default), read before choosing, for the token chosen after it. A sampled row draws
     from its own ``torch.Generator`` (seeded from the request's ``seed``), so its tokens depend
@@ -210,12 +211,15 @@ class RowChooser:
 
     @staticmethod
     def needed(row: Row) -> bool:
-        return not row.greedy or row.logprobs is not None or row.grammar is not None
+        return not row.greedy or row.logprobs is not None or row.grammar is not None or row.min_tokens > 0
 
     def choose(self, scores: torch.Tensor) -> int:
         """The next token from this row's scores (1 x V); a grammar masks ``scores`` in place."""
         row = self.row
         raw = torch.log_softmax(scores[0].float(), dim=-1) if row.logprobs is not None else None
+        if self.text.generated < row.min_tokens and not row.ignore_eos and self.text.eos_ids:
+            scores = scores.clone()  # the model's logits may be an inference tensor: no in-place writes
+            scores[0, list(self.text.eos_ids)] = float("-inf")  # min_tokens: EOS cannot be chosen yet
         if row.grammar is not None:
             if self.grammar is None:
                 from .structured import RowGrammar

@@ -42,6 +42,9 @@ class _Request(BaseModel):
     logit_bias: dict[str, Any] | None = None
     user: str | None = None
     ignore_eos: bool = Field(False, description="vLLM extension: generate max_tokens tokens even after EOS")
+    min_tokens: int = Field(
+        0, ge=0, description="vLLM extension: no EOS and no stop string before this many tokens"
+    )
 
     @field_validator("stop", mode="before")
     @classmethod

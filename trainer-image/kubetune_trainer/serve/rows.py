@@ -56,6 +56,7 @@ class Row:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # keep generating after EOS until max_tokens (benchmarks; vLLM has it too)
+    min_tokens: int = 0  # EOS masked and stop strings not matched before this many tokens (vLLM's meaning)
     logprobs: int | None = None  # report each token's logprob and this many top alternatives (None: off)
     grammar: Any = None  # an xgrammar CompiledGrammar the text must follow (response_format), or None
     enqueued_at: float = field(default_factory=time.monotonic)

@@ -173,6 +173,12 @@ class OpenAIServing:
                 raise APIError(400, str(exc), param="response_format.json_schema.schema") from None
         for i, ids in enumerate(prompts):
             max_tokens = self.limits(gen, ids, req.max_tokens, default, i)
+            if req.min_tokens > max_tokens:
+                raise APIError(
+                    400,
+                    f"min_tokens ({req.min_tokens}) must be at most max_tokens ({max_tokens}): lower min_tokens",
+                    param="min_tokens",
+                )
             for choice in range(req.n):
                 gen.add_row(
                     prompt_ids=ids,
@@ -184,6 +190,7 @@ class OpenAIServing:
                     seed=None if req.seed is None else req.seed + choice,
                     stop=req.stop,
                     ignore_eos=req.ignore_eos,
+                    min_tokens=req.min_tokens,
                     logprobs=req.top_logprobs_count,
                     grammar=grammar,
                 )
