@@ -302,6 +302,7 @@ class ModelFinetuner:
         from transformers import EarlyStoppingCallback, PrinterCallback
 
         from kubetune_trainer.data import make_collator
+        from kubetune_trainer.fast_paths import padding_mask_droppable, skip_input_casts_under_autocast
         from kubetune_trainer.training import CHECKPOINTS_SUBDIR, KubetuneTrainer, LogMetricsCallback
 
         cfg = self.config
@@ -334,6 +335,7 @@ class ModelFinetuner:
                 self._tracking.end()
             self._tracking = TrackingRun(cfg, self.dist.is_global_rank0).start()
 
+            skip_input_casts_under_autocast(self.model)
             self.trainer = KubetuneTrainer(
                 model=self.model,
                 args=args,
@@ -344,6 +346,8 @@ class ModelFinetuner:
                 callbacks=callbacks,
                 eval_hook=self._eval_hook,
                 ewc=ewc,
+                drop_padding_mask=not cfg.packing
+                and padding_mask_droppable(self.model, cfg.method, cfg.trust_remote_code),
             )
             # Progress goes to the reporter's bar or LogMetricsCallback's log lines, not raw dicts on stdout.
             self.trainer.remove_callback(PrinterCallback)

@@ -25,6 +25,7 @@ from kubetune_trainer.config import FinetuningConfig
 from kubetune_trainer.distributed import cpu_backend_needed, deepspeed_config, dist_info
 from kubetune_trainer.evaluation.metrics import perplexity
 from kubetune_trainer.exit_codes import ConfigError
+from kubetune_trainer.fast_paths import drop_padding_mask
 from kubetune_trainer.tracking import run_name
 
 log = logging.getLogger(__name__)
@@ -130,13 +131,22 @@ def training_arguments(
 
 
 class KubetuneTrainer(Trainer):
-    """Trainer with generation metrics at evaluation and an optional EWC penalty."""
+    """Trainer with generation metrics at evaluation, an optional EWC penalty, and right-padded
+    batches run without their attention mask where that is the same computation (fast_paths)."""
 
-    def __init__(self, *args: Any, eval_hook: Any = None, ewc: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        eval_hook: Any = None,
+        ewc: Any = None,
+        drop_padding_mask: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         # eval_hook(trainer, metric_key_prefix) -> dict of extra metrics (without prefix)
         self.eval_hook = eval_hook
         self.ewc = ewc
+        self.drop_padding_mask = drop_padding_mask
         self.last_extra_metrics: dict[str, Any] = {}
 
     def evaluation_loop(
@@ -163,6 +173,9 @@ class KubetuneTrainer(Trainer):
         return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The Trainer has counted this batch's tokens from its mask already (non_padding).
+        if self.drop_padding_mask:
+            inputs = drop_padding_mask(inputs)
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
