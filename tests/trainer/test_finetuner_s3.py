@@ -178,7 +178,10 @@ def test_best_checkpoint_survives_pruning_and_a_new_pod(
         "storage_uri": f"s3://{s3_bucket}/runs",
         "job": job,
         "progress_bar": False,
-        "seed": 0,
+        # At lr 1.0 the eval_loss is a random walk above its first value; with seed 1 every later
+        # evaluation is far worse than step 2's (47 -> 92, 95, 107), with seed 0 step 8 came back
+        # down to 45 once the attention kernels changed (fast_paths): the scenario needs a margin.
+        "seed": 1,
     }
     store = CheckpointStore(f"s3://{s3_bucket}/runs/team-a/ft-best/u-1/")
 
@@ -211,7 +214,8 @@ def test_best_checkpoint_survives_pruning_and_a_new_pod(
     finally:
         pod2.close()
     best_dir = tmp_path / "pod2" / "checkpoints" / f"checkpoint-{best}"
-    assert pod2.trainer.state.best_model_checkpoint == str(best_dir)
+    evals2 = [(h["step"], h["eval_loss"]) for h in pod2.trainer.state.log_history if "eval_loss" in h]
+    assert pod2.trainer.state.best_model_checkpoint == str(best_dir), (evals, evals2)
     assert _same_weights(pod2.model, best_dir)
     assert store.complete_steps() == [best, 8]
     assert not _same_weights(pod2.model, store.download(8, tmp_path / "last"))
