@@ -137,24 +137,28 @@ class FakeKube:
         pass
 
 
+def _ftj(spec: dict, status: dict) -> dict:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": NAME, "namespace": NS, "uid": "ftj-uid", "generation": 1},
+        "spec": {
+            "baseModel": {"uri": "s3://models/tiny"},
+            "dataset": {"train": {"uri": "s3://data/train.jsonl"}},
+            **spec,
+        },
+        "status": status,
+    }
+
+
 def _store(j: dict, pods: list[dict]) -> Store:
     store = Store()
-    store.set_parent(
-        "ADDED",
-        {
-            "apiVersion": "kubetune.io/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": NAME, "namespace": NS, "uid": "ftj-uid", "generation": 1},
-            "spec": {
-                "baseModel": {"uri": "s3://models/tiny"},
-                "dataset": {"train": {"uri": "s3://data/train.jsonl"}},
-                "resources": {"nodes": 1, "gpusPerNode": 1},
-                "storage": {"uri": "s3://ckpt/runs"},
-                "runPolicy": {"maxRestarts": 3},
-            },
-            "status": {"phase": "Running", "attempt": 1},
-        },
-    )
+    spec = {
+        "resources": {"nodes": 1, "gpusPerNode": 1},
+        "storage": {"uri": "s3://ckpt/runs"},
+        "runPolicy": {"maxRestarts": 3},
+    }
+    store.set_parent("ADDED", _ftj(spec, {"phase": "Running", "attempt": 1}))
     store.set_child("Job", (NS, NAME), "ADDED", j)
     for p in pods:
         store.set_child("Pod", (NS, NAME), "ADDED", p)
@@ -223,21 +227,8 @@ def test_a_worker_that_exited_before_the_job_completes_keeps_the_job_running() -
 def _invalid_spec_store(status: dict) -> Store:
     """A FineTuneJob stored before a rule it breaks existed (lora.r above the bound)."""
     store = Store()
-    store.set_parent(
-        "ADDED",
-        {
-            "apiVersion": "kubetune.io/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": NAME, "namespace": NS, "uid": "ftj-uid", "generation": 1},
-            "spec": {
-                "baseModel": {"uri": "s3://models/tiny"},
-                "dataset": {"train": {"uri": "s3://data/train.jsonl"}},
-                "method": {"type": "lora", "lora": {"r": 100000}},
-                "runPolicy": {"ttlSecondsAfterFinished": 30},
-            },
-            "status": status,
-        },
-    )
+    spec = {"method": {"type": "lora", "lora": {"r": 100000}}, "runPolicy": {"ttlSecondsAfterFinished": 30}}
+    store.set_parent("ADDED", _ftj(spec, status))
     return store
 
 

@@ -15,11 +15,14 @@ import datetime as dt
 import logging
 from typing import Any
 
+from pydantic import ValidationError
+
 from kubetune_trainer.config import FinetuningConfig
 from kubetune_trainer.exit_codes import ConfigError
 
 from .. import meta, metrics
 from ..api import InvalidManifestError
+from ..api.finetunejob import RunPolicy
 from ..conditions import get_condition, now_iso, set_condition
 from ..controller import Key, Result, Store, slim
 from ..convert import to_config_dict, typed
@@ -77,9 +80,7 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
         spec = typed(ftj).spec
     except InvalidManifestError as e:  # stored before a rule it breaks existed: never start pods for it
         new: Body = {"observedGeneration": generation}
-        # ttlSecondsAfterFinished still applies; read leniently, as the rest of the spec cannot be.
-        ttl = ((ftj.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-        ttl = ttl if isinstance(ttl, int) and not isinstance(ttl, bool) and ttl >= 0 else None
+        ttl = _stored_ttl(ftj)  # ttlSecondsAfterFinished still applies when its own block is valid
         if phase in TERMINAL:
             result = _expire(kube, ftj, status, ttl)
         else:
@@ -377,6 +378,16 @@ def _create_attempt(kube: Kube, ftj: Body, attempt: int, remaining: int | None, 
     kube.apply(builders.config_map(ftj, trainer_config))
     kube.apply(builders.headless_service(ftj, s))
     return kube.apply(builders.job(ftj, attempt, s, active_deadline_seconds=remaining))
+
+
+def _stored_ttl(ftj: Body) -> int | None:
+    """runPolicy.ttlSecondsAfterFinished of a spec that fails validation elsewhere (None when the
+    runPolicy block itself is invalid): the typed block, read on its own."""
+    try:
+        block = RunPolicy.model_validate((ftj.get("spec") or {}).get("runPolicy") or {}, by_alias=True)
+    except ValidationError:
+        return None
+    return block.ttl_seconds_after_finished
 
 
 def _after_finish(ttl: int | None) -> Result:
