@@ -303,6 +303,7 @@ class ModelFinetuner:
 
         from kubetune_trainer.data import make_collator
         from kubetune_trainer.fast_paths import padding_mask_droppable, skip_input_casts_under_autocast
+        from kubetune_trainer.fused_lora import fuse_lora_layers
         from kubetune_trainer.training import CHECKPOINTS_SUBDIR, KubetuneTrainer, LogMetricsCallback
 
         cfg = self.config
@@ -336,6 +337,8 @@ class ModelFinetuner:
             self._tracking = TrackingRun(cfg, self.dist.is_global_rank0).start()
 
             skip_input_casts_under_autocast(self.model)
+            if not (cfg.deepspeed is not None and cfg.deepspeed.zero_stage == 3):
+                fuse_lora_layers(self.model)  # ZeRO-3 gathers weights only when a layer itself runs
             self.trainer = KubetuneTrainer(
                 model=self.model,
                 args=args,
