@@ -178,3 +178,75 @@ def test_packing_keeps_the_loss_curve(tiny_model_dir: Path, tmp_path: Path):
     assert padded[-1] < padded[0]  # it learns, so equal curves are not two flat lines
     # Same examples, same order, same seed: the same curve up to float rounding.
     assert packed == pytest.approx(padded, rel=2e-3, abs=2e-3)
+
+
+class _Attention(torch.nn.Module):
+    is_causal = True
+    num_key_value_groups = 2
+
+
+def _qkv(tokens: int, head_dim: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(tokens + head_dim)
+    shapes = [(2, 4, tokens, head_dim), (2, 2, tokens, head_dim), (2, 2, tokens, head_dim)]
+    return [(torch.randn(s, generator=g) * 1.5).to(torch.bfloat16).requires_grad_() for s in shapes]
+
+
+def test_small_heads_train_with_an_fp32_backward_at_least_as_accurate(monkeypatch):
+    from kubetune_trainer import packed_attention as pa
+    from kubetune_trainer.packed_attention import CausalFlashFp32Backward, packed_sdpa_forward
+
+    calls = []
+    original = CausalFlashFp32Backward.apply
+    monkeypatch.setattr(CausalFlashFp32Backward, "apply", lambda *a: calls.append(a[0].shape) or original(*a))
+    q, k, v = _qkv(pa.SHORT_BF16_CPU + 8, 16)
+    grad_out = torch.randn(2, q.shape[2], 4, 16, generator=torch.Generator().manual_seed(1)).to(
+        torch.bfloat16
+    )
+
+    ours, _ = packed_sdpa_forward(_Attention(), q, k, v, None, dropout=0.0, scaling=0.25)
+    assert calls == [q.shape]
+    ours.backward(grad_out)
+    ours_grads = [t.grad for t in (q, k, v)]
+    # torch's flash kernel, bf16 forward and backward: the same forward, the backward it replaces
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    flash = torch.nn.functional.scaled_dot_product_attention(
+        q2, k2, v2, is_causal=True, scale=0.25, enable_gqa=True
+    )
+    assert torch.equal(ours, flash.transpose(1, 2))
+    flash.transpose(1, 2).backward(grad_out)
+    # fp64 reference
+    q3, k3, v3 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q3, k3, v3, is_causal=True, scale=0.25, enable_gqa=True
+    )
+    ref.transpose(1, 2).backward(grad_out.double())
+    for mine, theirs, exact in zip(
+        ours_grads, (q2.grad, k2.grad, v2.grad), (q3.grad, k3.grad, v3.grad), strict=True
+    ):
+        assert mine.dtype == torch.bfloat16
+
+        def rel(x: torch.Tensor, ex: torch.Tensor = exact) -> float:
+            return ((x.double() - ex).norm() / ex.norm()).item()
+
+        assert rel(mine) <= rel(theirs) * 1.05 + 1e-4
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["no_grad", "mask", "large_heads", "short", "fp32"],
+)
+def test_the_fp32_backward_only_where_it_was_measured_faster(monkeypatch, case):
+    from kubetune_trainer import packed_attention as pa
+    from kubetune_trainer.packed_attention import CausalFlashFp32Backward, packed_sdpa_forward
+
+    calls = []
+    original = CausalFlashFp32Backward.apply
+    monkeypatch.setattr(CausalFlashFp32Backward, "apply", lambda *a: calls.append(1) or original(*a))
+    tokens = 64 if case == "short" else pa.SHORT_BF16_CPU
+    q, k, v = _qkv(tokens, 64 if case == "large_heads" else 16)
+    if case == "fp32":
+        q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
+    mask = torch.ones(1, 1, tokens, tokens, dtype=torch.bool).tril() if case == "mask" else None
+    with torch.set_grad_enabled(case != "no_grad"):
+        packed_sdpa_forward(_Attention(), q, k, v, mask, dropout=0.0, scaling=0.25)
+    assert calls == []

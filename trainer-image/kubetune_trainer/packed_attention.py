@@ -13,9 +13,15 @@ each example runs through sdpa on its own with ``is_causal=True``, so an example
 s² and nothing crosses examples. Batches without boundaries (padded batches, generation) go to
 transformers' sdpa with its mask.
 
-Either way, short bf16 sequences on CPU use sdpa's math kernel: torch's CPU flash-attention
-kernel is slower there (``SHORT_BF16_CPU``). That is why unpacked bf16 training on CPU loads this
-implementation too.
+Either way, bf16 training on CPU takes the faster of torch's kernels for the shape, which is why
+unpacked bf16 training on CPU loads this implementation too:
+
+* short sequences use sdpa's math kernel: torch's CPU flash-attention kernel is slower there
+  (``SHORT_BF16_CPU``);
+* with small heads (``FP32_BACKWARD_MAX_HEAD_DIM``) the flash kernel's backward runs in fp32
+  (:class:`CausalFlashFp32Backward`): its bf16 backward is about twice as slow there as the same
+  kernel in fp32, casts included (head dim 32, 192-700 tokens; docs/trainer.md). The forward stays
+  bf16; the gradients are as close to an fp64 reference as the bf16 backward's, or closer.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ def packed_sdpa_forward(
     bounds = kwargs.pop("cu_seq_lens_q", None)
     kwargs.pop("cu_seq_lens_k", None)
     if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        if _fp32_backward_applies(module, query, key, attention_mask, kwargs):
+            return _causal_fp32_backward(query, key, value, kwargs.get("scaling")), None
         with _kernel_for(query):
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     edges = bounds.tolist() if torch.is_tensor(bounds) else list(bounds)
@@ -53,6 +61,9 @@ def packed_sdpa_forward(
     for q, k, v in zip(
         query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2), strict=True
     ):
+        if _fp32_backward_applies(module, q, k, None, kwargs):
+            outputs.append(_causal_fp32_backward(q, k, v, kwargs.get("scaling")))
+            continue
         with _kernel_for(q):
             outputs.append(sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0])
     return torch.cat(outputs, dim=1), None  # [1, tokens, heads, head_dim], like sdpa's output
@@ -72,6 +83,63 @@ def _kernel_for(query: torch.Tensor) -> Any:
     if query.device.type == "cpu" and query.dtype == torch.bfloat16 and query.shape[2] < SHORT_BF16_CPU:
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
+
+
+#: Head dims up to this one get torch's CPU flash-attention backward in fp32 for bf16 training: at
+#: head dim 32 the bf16 backward takes 1.6-2.7x as long (192-700 tokens, torch 2.15 on AMX), at 64
+#: it is 1.1-1.4x faster than fp32, so larger heads keep it.
+FP32_BACKWARD_MAX_HEAD_DIM = 32
+
+
+class CausalFlashFp32Backward(torch.autograd.Function):
+    """Causal attention: torch's CPU flash kernel forward in the inputs' dtype, backward in fp32."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None
+    ) -> Any:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, True, scale=scale
+        )[:2]
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        query, key, value, out, lse = ctx.saved_tensors
+        f32 = [t.float() for t in (grad, query, key, value, out)]
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            *f32, lse, 0.0, True, scale=ctx.scale
+        )
+        return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), None
+
+
+def _fp32_backward_applies(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any, kwargs: dict[str, Any]
+) -> bool:
+    """Plain causal self-attention being trained in bf16 on CPU with small heads, and not short."""
+    return (
+        query.device.type == "cpu"
+        and query.dtype == torch.bfloat16
+        and torch.is_grad_enabled()
+        and (query.requires_grad or key.requires_grad)
+        and mask is None
+        and SHORT_BF16_CPU <= query.shape[2] == key.shape[2]
+        and query.shape[-1] <= FP32_BACKWARD_MAX_HEAD_DIM
+        and query.shape[-1] == key.shape[-1]
+        and not kwargs.get("dropout")
+        and kwargs.get("is_causal") is not False
+        and getattr(module, "is_causal", True)
+        and all(kwargs.get(k) is None for k in ("sliding_window", "softcap", "position_bias", "s_aux"))
+    )
+
+
+def _causal_fp32_backward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: Any
+) -> torch.Tensor:
+    out = CausalFlashFp32Backward.apply(query, key, value, scale)
+    return out.transpose(1, 2).contiguous()  # [batch, tokens, heads, head_dim], like sdpa_attention_forward
 
 
 def register() -> str:
