@@ -304,6 +304,7 @@ class ModelFinetuner:
         from kubetune_trainer.data import make_collator
         from kubetune_trainer.fast_paths import padding_mask_droppable, skip_input_casts_under_autocast
         from kubetune_trainer.fused_lora import fuse_lora_layers
+        from kubetune_trainer.fused_norm import fuse_rms_norms
         from kubetune_trainer.training import CHECKPOINTS_SUBDIR, KubetuneTrainer, LogMetricsCallback
 
         cfg = self.config
@@ -339,6 +340,7 @@ class ModelFinetuner:
             skip_input_casts_under_autocast(self.model)
             if not (cfg.deepspeed is not None and cfg.deepspeed.zero_stage == 3):
                 fuse_lora_layers(self.model)  # ZeRO-3 gathers weights only when a layer itself runs
+            fuse_rms_norms(self.model)
             self.trainer = KubetuneTrainer(
                 model=self.model,
                 args=args,

@@ -1,0 +1,58 @@
+"""fused_norm: Llama-style RMSNorm as one autograd function, the same output and gradients."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+from kubetune_trainer.fused_norm import RMSNormFunction, fusable, fuse_rms_norms
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_output_and_gradients_as_transformers(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(64, eps=1e-5).to(dtype)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.2)
+    x = torch.randn(3, 10, 64, dtype=dtype) * 3
+    grad = torch.randn(3, 10, 64, dtype=dtype)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    theirs = norm(x1)
+    ours = RMSNormFunction.apply(x2, norm.weight, norm.variance_epsilon)
+    assert torch.equal(ours, theirs)  # the forward is transformers' arithmetic, op for op
+    theirs.backward(grad)
+    weight_grad = norm.weight.grad.clone()
+    norm.weight.grad = None
+    ours.backward(grad)
+    torch.testing.assert_close(x2, x)  # the input is not changed in place
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(x2.grad, x1.grad, **tol)
+    torch.testing.assert_close(norm.weight.grad, weight_grad, **tol)  # full fine-tuning trains it
+
+
+def test_only_llama_code_norms_are_fused() -> None:
+    assert fusable(LlamaRMSNorm(8)) and fusable(Qwen2RMSNorm(8))  # copies of the same code
+    assert not fusable(GemmaRMSNorm(8))  # (1 + weight): different arithmetic
+    assert not fusable(torch.nn.LayerNorm(8))
+
+
+def test_a_model_trains_the_same(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    fused = copy.deepcopy(model)
+    assert fuse_rms_norms(fused) > 0
+    assert fuse_rms_norms(fused) == 0  # idempotent
+    ids = torch.randint(3, 500, (2, 24))
+    losses = []
+    for m in (model, fused):
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        losses.append(out.loss)
+    torch.testing.assert_close(losses[1], losses[0])
+    for (name, p), (_, q) in zip(model.named_parameters(), fused.named_parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
