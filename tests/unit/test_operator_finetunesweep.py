@@ -206,3 +206,45 @@ def test_a_huge_grid_is_refused_before_optuna_lists_it() -> None:
     spec = spec_of(stored({"parameters": [{"path": LR, "min": 1e-6, "max": 1e-3, "step": 1e-9}]}))
     with pytest.raises(space.SearchSpaceError, match="the grid has 999001 points, more than 100000"):
         study.parameters(spec)
+
+
+class _RecordingKube:
+    """Answers the reconcile's reads with one stored sweep and no trials; records status writes."""
+
+    def __init__(self, sweep: dict[str, Any]) -> None:
+        self.sweep = sweep
+        self.status_patches: list[dict[str, Any]] = []
+
+    def get(self, *a: Any) -> dict[str, Any]:
+        return self.sweep
+
+    def list(self, *a: Any, **kw: Any) -> list[dict[str, Any]]:
+        return []
+
+    def patch_status(self, api_version: str, kind: str, ns: str, name: str, status: dict[str, Any]) -> None:
+        self.status_patches.append(status)
+
+    def post_event(self, *a: Any) -> None:
+        pass
+
+    def create(self, *a: Any) -> None:
+        raise AssertionError("a sweep whose spec is invalid must not start trials")
+
+
+def test_a_sweep_stored_before_a_rule_it_breaks_fails_once_naming_the_field() -> None:
+    from kubetune_operator.controller import Store
+    from kubetune_operator.finetunesweep import reconcile
+
+    sweep = stored()
+    sweep["spec"].update(maxTrials=2, parallelism=3)  # what the API server would now refuse
+    kube = _RecordingKube(sweep)
+    reconcile.reconcile(kube, Store(), ("team-a", "s"))  # type: ignore[arg-type]
+    [patch] = kube.status_patches
+    assert patch["phase"] == "Failed" and patch["observedGeneration"] == 1
+    failed = next(c for c in patch["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert "spec.parallelism: parallelism must be at most maxTrials" in failed["message"]
+    # The next pass finds nothing new to write: no loop of errors or patches.
+    kube.sweep = {**sweep, "status": patch}
+    reconcile.reconcile(kube, Store(), ("team-a", "s"))  # type: ignore[arg-type]
+    assert len(kube.status_patches) == 1

@@ -24,6 +24,7 @@ from kubetune_trainer.settings import Evaluation
 
 from .. import meta, metrics
 from ..api.finetunesweep import FineTuneSweepSpec
+from ..api.manifest import InvalidManifestError, load_model
 from ..conditions import get_condition, set_condition
 from ..controller import Key, Result, Store
 from ..kube import Kube
@@ -55,11 +56,27 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
         return Result()
     if sweep["metadata"].get("deletionTimestamp"):
         return Result()  # going away (its trials with it): start nothing
-    # The spec as the API server validated it, read by typed fields (defaults filled in).
-    spec = FineTuneSweepSpec.model_validate(sweep["spec"], by_alias=True, by_name=False)
     status: Body = dict(sweep.get("status") or {})
     generation = sweep["metadata"].get("generation")
     conditions = status.get("conditions") or []
+    # The spec as the API server validated it, read by typed fields (defaults filled in). A sweep
+    # stored before a rule it breaks existed fails once, saying which field, instead of raising
+    # on every pass; its trials keep running to their own end.
+    try:
+        spec = load_model(FineTuneSweepSpec, sweep["spec"], strict=False)
+    except InvalidManifestError as e:
+        fields = "; ".join(f"spec.{path}: {msg}" if path else msg for path, msg in e.errors)
+        message = (
+            f"the stored spec breaks a rule added since it was created ({fields}); fix it and apply it again"
+        )
+        conditions = set_condition(conditions, "Failed", True, "InvalidSpec", message, generation)
+        _write(
+            kube,
+            sweep,
+            status,
+            {"observedGeneration": generation, "phase": "Failed", "conditions": conditions},
+        )
+        return Result()
     metric, direction = spec.objective.metric, spec.objective.direction
 
     try:
