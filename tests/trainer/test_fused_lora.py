@@ -105,3 +105,22 @@ def test_only_plain_lora_over_linear_is_fused(tiny_model_dir: Path) -> None:
     _, plain = _pair(tiny_model_dir, torch.float32)
     assert any(fusable(m) for m in plain.modules())
     assert not fusable(torch.nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_recomputes_the_same(tiny_model_dir: Path, reentrant: bool) -> None:
+    from kubetune_trainer.fused_norm import fuse_rms_norms
+
+    peft, fused = _pair(tiny_model_dir, torch.float32)
+    fuse_lora_layers(fused)
+    fuse_rms_norms(fused)
+    for model in (peft, fused):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.enable_input_require_grads()  # what the Trainer does for PEFT models with reentrant checkpointing
+        assert any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    ids = torch.randint(3, 500, (2, 30))
+    _, grads_p = _step(peft.train(), ids, autocast=False)
+    _, grads_f = _step(fused.train(), ids, autocast=False)
+    assert len(grads_p) > 0
+    for name, grad in grads_p.items():
+        torch.testing.assert_close(grads_f[name], grad, rtol=1e-4, atol=1e-6, msg=name)
