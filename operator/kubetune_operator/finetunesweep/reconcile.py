@@ -69,29 +69,13 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
         message = (
             f"the stored spec breaks a rule added since it was created ({fields}); fix it and apply it again"
         )
-        conditions = set_condition(conditions, "Failed", True, "InvalidSpec", message, generation)
-        _write(
-            kube,
-            sweep,
-            status,
-            {"observedGeneration": generation, "phase": "Failed", "conditions": conditions},
-        )
-        return Result()
+        return _fail(kube, sweep, status, conditions, "InvalidSpec", message)
     metric, direction = spec.objective.metric, spec.objective.direction
 
     try:
         params = study.parameters(spec)
     except space.SearchSpaceError as e:
-        conditions = set_condition(
-            conditions, "Failed", True, "InvalidSearchSpace", f"{e}; fix spec.parameters", generation
-        )
-        _write(
-            kube,
-            sweep,
-            status,
-            {"observedGeneration": generation, "phase": "Failed", "conditions": conditions},
-        )
-        return Result()
+        return _fail(kube, sweep, status, conditions, "InvalidSearchSpace", f"{e}; fix spec.parameters")
     total = study.total_trials(spec, params)
 
     jobs = sorted(trials_of(kube, sweep), key=lambda j: builders.trial_number(j) or 0)
@@ -154,14 +138,7 @@ def reconcile(kube: Kube, store: Store, key: Key) -> Result:
                 msg = f"the API server rejected trial {child['metadata']['name']}: {_reason(e)}"
                 if (get_condition(conditions, "Failed") or {}).get("message") != msg:
                     kube.post_event(sweep, "TrialRejected", msg, "Warning")
-                conditions = set_condition(conditions, "Failed", True, "TrialRejected", msg, generation)
-                _write(
-                    kube,
-                    sweep,
-                    status,
-                    {"observedGeneration": generation, "phase": "Failed", "conditions": conditions},
-                )
-                return Result()
+                return _fail(kube, sweep, status, conditions, "TrialRejected", msg)
             raise
         metrics.SWEEP_TRIALS.labels("created").inc()
         desc = ", ".join(f"{k}={builders.show(v)}" for k, v in sorted(trial_params.items()))
@@ -291,6 +268,16 @@ def _reason(e: ApiException) -> str:
         return str(json.loads(e.body or "{}").get("message") or e.reason)[:800]
     except ValueError:
         return str(e.reason)
+
+
+def _fail(kube: Kube, sweep: Body, status: Body, conditions: list[Body], reason: str, message: str) -> Result:
+    """The sweep cannot go on as it is: phase Failed with a condition that says why."""
+    generation = sweep["metadata"].get("generation")
+    conditions = set_condition(conditions, "Failed", True, reason, message, generation)
+    _write(
+        kube, sweep, status, {"observedGeneration": generation, "phase": "Failed", "conditions": conditions}
+    )
+    return Result()
 
 
 def _write(kube: Kube, sweep: Body, old: Body, new: Body) -> None:
