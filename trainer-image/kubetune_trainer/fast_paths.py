@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -79,3 +81,21 @@ def drop_padding_mask(inputs: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(mask, torch.Tensor) or not is_right_padding(mask):
         return inputs
     return {k: v for k, v in inputs.items() if k != "attention_mask"}
+
+
+def route_forward(
+    model: torch.nn.Module,
+    applies: Callable[[torch.nn.Module], bool],
+    forward: Callable[..., Any],
+    marker: str,
+) -> int:
+    """Make ``forward`` the forward of every module of ``model`` that ``applies`` to (once: a
+    module already marked ``marker`` is skipped); returns how many were switched. The module's
+    own hooks still run around it (it is still called as the module)."""
+    switched = 0
+    for module in model.modules():
+        if not hasattr(module, marker) and applies(module):
+            module.forward = types.MethodType(forward, module)
+            setattr(module, marker, True)
+            switched += 1
+    return switched

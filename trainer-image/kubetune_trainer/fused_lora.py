@@ -22,10 +22,11 @@ Not for DeepSpeed ZeRO-3, which gathers a layer's weights only when the layer it
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
+
+from kubetune_trainer.fast_paths import route_forward
 
 _FUSED = "_kubetune_fused_forward"
 
@@ -123,10 +124,4 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
 def fuse_lora_layers(model: torch.nn.Module) -> int:
     """Route every fusable LoRA layer of ``model`` through :class:`LoraLinearFunction`
     (idempotent); returns how many layers were switched."""
-    fused = 0
-    for module in model.modules():
-        if fusable(module) and not hasattr(module, _FUSED):
-            module.forward = types.MethodType(_fused_forward, module)
-            setattr(module, _FUSED, True)
-            fused += 1
-    return fused
+    return route_forward(model, fusable, _fused_forward, _FUSED)

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from kubetune_trainer.fast_paths import route_forward
+
 _FUSED = "_kubetune_fused_norm"
 
 
@@ -79,10 +81,4 @@ def _fused_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
 def fuse_rms_norms(model: torch.nn.Module) -> int:
     """Route every fusable RMSNorm of ``model`` through :class:`RMSNormFunction` (idempotent);
     returns how many were switched."""
-    fused = 0
-    for module in model.modules():
-        if not hasattr(module, _FUSED) and fusable(module):
-            module.forward = types.MethodType(_fused_forward, module)
-            setattr(module, _FUSED, True)
-            fused += 1
-    return fused
+    return route_forward(model, fusable, _fused_forward, _FUSED)
