@@ -6,8 +6,9 @@ number of examples per step and the same number of steps, each in its own Python
 its peak RSS is its own). They do not all see the examples in the same order: what differs is
 how examples are put into batches, and that decides the order too:
 
-* kubetune: ``ModelFinetuner`` with its defaults -- ``group_by_length``: batches are drawn
-  from length-sorted megabatches, so the padding a batch needs is small;
+* kubetune: ``ModelFinetuner`` with its defaults -- ``packing`` unset (auto): on CPU, and on
+  GPUs without flash-attn, ``group_by_length`` batches drawn from length-sorted megabatches, so
+  the padding a batch needs is small; on CUDA with flash-attn, packed rows as below;
 * kubetune-packed: ``packing: true`` -- each step's examples (in random order) are concatenated
   into one padding-free row, attended one example at a time (flash-attention's variable-length
   kernel on CUDA where installed, else kubetune's ``packed_sdpa``), so no work crosses examples;
@@ -242,7 +243,7 @@ def _timing_callback(warmup: int):
     return Timing()
 
 
-def _config(model_dir: Path, data: Path, out: Path, p: dict[str, Any], packing: bool, precision: str):
+def _config(model_dir: Path, data: Path, out: Path, p: dict[str, Any], packing: bool | None, precision: str):
     from kubetune_trainer.config import FinetuningConfig
 
     return FinetuningConfig(
@@ -255,7 +256,7 @@ def _config(model_dir: Path, data: Path, out: Path, p: dict[str, Any], packing: 
         per_device_train_batch_size=p["batch"],
         learning_rate=1e-4,
         max_seq_length=p["max_len"],
-        packing=packing,  # the trainer picks the attention for packed rows (packed_attention.py)
+        packing=packing,  # None: the default, auto (the faster layout for the device)
         group_by_length=True,  # kubetune's default; ignored when packing
         dedupe="none",
         precision=precision,
@@ -268,7 +269,7 @@ def _config(model_dir: Path, data: Path, out: Path, p: dict[str, Any], packing: 
 
 
 def run_kubetune(
-    model_dir: Path, data: Path, work: Path, p: dict[str, Any], precision: str, packing: bool
+    model_dir: Path, data: Path, work: Path, p: dict[str, Any], precision: str, packing: bool | None
 ) -> dict[str, float]:
     from kubetune_trainer.finetuner import ModelFinetuner
 
@@ -458,7 +459,7 @@ def run_row(spec: dict[str, Any]) -> dict[str, float]:
     if kind == "baseline":
         return run_baseline(model_dir, data, work, p, precision)
     if kind == "kubetune":
-        return run_kubetune(model_dir, data, work, p, precision, packing=spec.get("packing", False))
+        return run_kubetune(model_dir, data, work, p, precision, packing=spec.get("packing"))
     return run_trl(model_dir, data, work, p, precision, spec["variant"])
 
 

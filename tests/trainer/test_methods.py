@@ -19,8 +19,10 @@ from kubetune_trainer.methods import (
     linear_module_names,
     model_load_kwargs,
     parameter_counts,
+    resolve_packing,
     resolve_precision,
 )
+from kubetune_trainer.training import training_arguments
 
 
 def _cfg(model: Path | str = "m", **kw) -> FinetuningConfig:
@@ -137,6 +139,45 @@ def test_qlora_on_a_gpu_without_bitsandbytes_fails_before_any_work(
     with pytest.raises(UnsupportedHardwareError, match="needs the bitsandbytes package"):
         ModelFinetuner(cfg).load_model()
     check_supported(_cfg(method="lora"))  # other methods do not need it
+
+
+def test_packing_auto_packs_only_where_a_variable_length_kernel_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import importlib.util
+
+    from kubetune_trainer.packed_attention import PACKED_SDPA
+
+    real_find_spec = importlib.util.find_spec
+    flash_attn_installed = False
+
+    def find_spec(name: str, *args, **kwargs):
+        if name == "flash_attn":
+            return real_find_spec("json") if flash_attn_installed else None
+        return real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # CPU: padded, length-grouped batches (the faster layout there, docs/benchmarks.md) ...
+    assert _cfg().packing is None and resolve_packing(_cfg()) is False
+    assert "attn_implementation" not in model_load_kwargs(_cfg(), "fp32")
+    args = training_arguments(_cfg(output_dir=str(tmp_path)), "fp32")
+    assert args.train_sampling_strategy == "group_by_length"
+    # ... and what the user set wins, either way.
+    assert resolve_packing(_cfg(packing=True)) is True
+    assert model_load_kwargs(_cfg(packing=True), "fp32")["attn_implementation"] == PACKED_SDPA
+    packed_args = training_arguments(_cfg(packing=True, output_dir=str(tmp_path)), "fp32")
+    assert packed_args.train_sampling_strategy == "random"  # packed rows have no padding to group away
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_packing(_cfg()) is False  # a GPU without flash-attn: sdpa would attend the long row
+    flash_attn_installed = True
+    assert resolve_packing(_cfg()) is True
+    assert model_load_kwargs(_cfg(), "bf16")["attn_implementation"] == "flash_attention_2"
+    assert resolve_packing(_cfg(method="full")) is True
+    assert resolve_packing(_cfg(packing=False)) is False
+    assert resolve_packing(_cfg(method="prefix")) is False  # virtual tokens never pack
+    assert resolve_packing(_cfg(attn_implementation="sdpa")) is False  # the user's kernel is not varlen
+    assert resolve_packing(_cfg(attn_implementation="flash_attention_2")) is True
 
 
 def test_model_load_kwargs() -> None:

@@ -233,7 +233,7 @@ class FinetuningConfig(_Strict):
         description="several training sources with weights (instead of, or besides, train_file)",
     )
     max_seq_length: int = setting(DatasetOptions, "max_seq_length")
-    packing: bool = setting(DatasetOptions, "packing")
+    packing: bool | None = setting(DatasetOptions, "packing")
     group_by_length: bool = Field(
         True,
         description="without packing: batch examples of similar length together, so little padding is computed",

@@ -54,6 +54,7 @@ from kubetune_trainer.methods import (
     check_supported,
     model_load_kwargs,
     parameter_counts,
+    resolve_packing,
     resolve_precision,
     torch_dtype,
 )
@@ -133,7 +134,15 @@ class ModelFinetuner:
         set_seed(cfg.seed)
         self.base_model_path = resolve_model_path(cfg.model_name, self.dist)
         self.tokenizer = load_tokenizer(self.base_model_path, cfg)
-        log.info("loading %s (%s, precision %s)", self.base_model_path, cfg.method, self.precision)
+        batches = "packed" if resolve_packing(cfg) else "padded"
+        log.info(
+            "loading %s (%s, precision %s, %s batches%s)",
+            self.base_model_path,
+            cfg.method,
+            self.precision,
+            batches,
+            "" if cfg.packing is not None else " by packing: auto",
+        )
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 self.base_model_path,
@@ -249,7 +258,7 @@ class ModelFinetuner:
             synonyms_file = augmentation_synonyms_file(cfg, scratch, self.dist)
         options = DataOptions(
             max_seq_length=cfg.max_seq_length,
-            packing=cfg.packing,
+            packing=resolve_packing(cfg),
             dedupe=cfg.dedupe,
             validation_split=cfg.validation_split,
             seed=cfg.seed,
@@ -346,12 +355,12 @@ class ModelFinetuner:
                 args=args,
                 train_dataset=data.train,
                 eval_dataset=data.validation,
-                data_collator=make_collator(self.tokenizer, cfg.packing),
+                data_collator=make_collator(self.tokenizer, resolve_packing(cfg)),
                 processing_class=self.tokenizer,
                 callbacks=callbacks,
                 eval_hook=self._eval_hook,
                 ewc=ewc,
-                drop_padding_mask=not cfg.packing
+                drop_padding_mask=not resolve_packing(cfg)
                 and padding_mask_droppable(self.model, cfg.method, cfg.trust_remote_code),
             )
             # Progress goes to the reporter's bar or LogMetricsCallback's log lines, not raw dicts on stdout.
@@ -599,7 +608,7 @@ class ModelFinetuner:
                     args=self._training_args(
                         eval_strategy="no", save_strategy="no", load_best_model_at_end=False, report_to="none"
                     ),
-                    data_collator=make_collator(self.tokenizer, cfg.packing),
+                    data_collator=make_collator(self.tokenizer, resolve_packing(cfg)),
                     processing_class=self.tokenizer,
                     eval_hook=self._eval_hook,
                 )

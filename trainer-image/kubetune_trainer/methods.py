@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from kubetune_trainer.config import FinetuningConfig
 from kubetune_trainer.exit_codes import ConfigError, UnsupportedHardwareError
+from kubetune_trainer.settings import VIRTUAL_TOKEN_METHODS
 
 if TYPE_CHECKING:
     import torch
@@ -70,6 +71,34 @@ def resolve_precision(config: FinetuningConfig) -> ResolvedPrecision:
     return auto_precision("cuda" if torch.cuda.is_available() else "cpu")
 
 
+#: attn_implementation values whose kernels attend packed rows one example at a time natively
+#: (variable-length flash attention). sdpa and flex are correct on packed rows too, but compute
+#: the long row's masked square, so they do not make packing the faster layout.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def resolve_packing(config: FinetuningConfig) -> bool:
+    """``packing`` unset (auto): pack only where that is the faster layout.
+
+    That is CUDA with a variable-length attention kernel (flash-attn installed, or set in
+    attn_implementation): each packed example costs what it would alone, and no padding is
+    computed. Everywhere else length-grouped padded batches are faster: on CPU packed rows
+    measured 0.93-0.98x the default's tokens/s (docs/benchmarks.md), because grouping leaves
+    almost no padding and per-example attention adds work. Virtual-token methods never pack.
+    """
+    if config.packing is not None:
+        return config.packing
+    if config.method in VIRTUAL_TOKEN_METHODS:
+        return False
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    if config.attn_implementation is not None:
+        return config.attn_implementation in VARLEN_ATTENTION
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 def torch_dtype(precision: str) -> torch.dtype:
     import torch
 
@@ -91,7 +120,7 @@ def model_load_kwargs(config: FinetuningConfig, precision: ResolvedPrecision) ->
         kwargs["revision"] = config.model_revision
     attention = config.attn_implementation
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if config.packing:  # variable-length attention, so packed rows cost no cross-example work
+    if resolve_packing(config):  # variable-length attention, so packed rows cost no cross-example work
         from .packed_attention import packing_attention
 
         attention = packing_attention(attention, device)

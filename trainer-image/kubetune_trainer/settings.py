@@ -275,8 +275,11 @@ class DatasetOptions(ApiModel):
     max_seq_length: int = Field(
         1024, ge=8, le=1048576, description="Longest example in tokens; longer ones are dropped."
     )
-    packing: bool = Field(
-        False, description="Pack several examples into each sequence (faster; lora, qlora and full only)."
+    packing: bool | None = Field(
+        None,
+        description="Pack several examples into each padding-free sequence (lora, qlora and full only). "
+        "Unset: packed where a variable-length attention kernel makes that the faster layout (CUDA with "
+        "flash-attn), length-grouped padded batches elsewhere (faster on CPU; docs/benchmarks.md).",
     )
     dedupe: Dedupe = Field(
         "exact",
@@ -650,7 +653,8 @@ DATASET_RULES: tuple[Rule, ...] = (
 
 TRAINING_RULES: tuple[Rule, ...] = (
     Rule(
-        "!self.dataset.packing || !(self.method.type in ['prefix', 'prompt', 'ptuning'])",
+        "!has(self.dataset.packing) || !self.dataset.packing "
+        "|| !(self.method.type in ['prefix', 'prompt', 'ptuning'])",
         "dataset.packing does not work with virtual-token methods (prefix, prompt, ptuning): set "
         "dataset.packing: false or use lora, qlora or full",
         check=lambda s: not s.dataset.packing or s.method.type not in VIRTUAL_TOKEN_METHODS,

@@ -26,6 +26,7 @@ from kubetune_trainer.distributed import cpu_backend_needed, deepspeed_config, d
 from kubetune_trainer.evaluation.metrics import perplexity
 from kubetune_trainer.exit_codes import ConfigError
 from kubetune_trainer.fast_paths import drop_padding_mask
+from kubetune_trainer.methods import resolve_packing
 from kubetune_trainer.tracking import run_name
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def training_arguments(
         "include_num_input_tokens_seen": "non_padding",
         # Packed batches have no padding to save; padded ones waste least when lengths are alike.
         "train_sampling_strategy": "group_by_length"
-        if config.group_by_length and not config.packing
+        if config.group_by_length and not resolve_packing(config)
         else "random",
         "ddp_find_unused_parameters": False,
         **best_model_settings(config),

@@ -207,7 +207,7 @@ class Dataset(ApiModel):
     validation_split: float | None = setting(DatasetOptions, "validation_split")
     test: DataSource | None = Field(None, description="Held-out test data, evaluated once after training.")
     max_seq_length: int = setting(DatasetOptions, "max_seq_length")
-    packing: bool = setting(DatasetOptions, "packing")
+    packing: bool | None = setting(DatasetOptions, "packing")
     dedupe: Dedupe = setting(DatasetOptions, "dedupe")
     mixture: list[MixtureSource] | None = Field(
         None,
