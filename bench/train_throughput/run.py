@@ -45,7 +45,10 @@ they are not model FLOPs. Achieved TFLOPS = FLOPs/token x real tokens/s; MFU div
 the peak of the run's precision: ``--peak-tflops`` where given (default on CUDA: 989, H100 SXM bf16 dense); on CPU the
 peak this machine measures in the same run, the best of several large square ``torch.matmul``
 (sizes 1024-4096, the threads the training runs use) in bf16 and in fp32 -- what the CPU's
-matmul units (AMX, AVX-512) deliver, not a datasheet figure.
+matmul units (AMX, AVX-512) deliver, not a datasheet figure. ``--rounds N`` runs every row N
+times, interleaved, measuring the peak again each round: each row reports its median round and
+MFU uses the best peak seen, so a machine whose speed drifts (a shared host) neither favours the
+rows that ran in a fast phase nor flatters MFU with a peak measured in a slow one.
 
 Runs use ``precision: auto`` (bf16 on GPUs and on CPUs with AMX or AVX-512 BF16); where that
 is not fp32 on a CPU, every row also runs in fp32 (suffix ``-fp32``); each kubetune row is compared
@@ -533,11 +536,20 @@ def main(argv: list[str] | None = None) -> int:
         help="accelerator peak (bf16 dense) for MFU; default 989 (H100 SXM) on CUDA, "
         "on CPU the bf16 and fp32 matmul peaks measured in the same run",
     )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every row this many times, interleaved; each row reports its median round and MFU "
+        "uses the best peak measured (on a machine whose speed drifts, 3 keeps ratios honest)",
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one configuration
     args = ap.parse_args(argv)
     if args.child:
         return _child_main(args.child)
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
 
     import torch
 
@@ -585,31 +597,45 @@ def main(argv: list[str] | None = None) -> int:
         # MFU of each run against the peak of its precision.
         peaks: dict[str, float] = {}
         measured: dict[str, Any] = {}
+        peak_runs: dict[str, list[dict[str, Any]]] = {}
         if args.peak_tflops is not None or cuda:
             peaks[precision] = args.peak_tflops if args.peak_tflops is not None else 989.0
-        else:
-            for prec in dict.fromkeys(["bf16", precision, "fp32"]):
-                measured[prec] = measure_matmul_peak(dtypes[prec])
-                peaks[prec] = measured[prec]["tflops"]
-                sizes = ", ".join(f"{n}: {t:.3g}" for n, t in measured[prec]["per_size"].items())
-                print(f"measured {prec} matmul peak: {peaks[prec]:.3g} TFLOPS (n x n matmul, "
-                      f"{measured[prec]['threads']} threads; TFLOPS by n {sizes})", flush=True)  # fmt: skip
         print(f"model: Llama {p['layers']}x{p['hidden']} ({n_params / 1e6:.1f}M parameters, "
               f"{flops['non_embedding_params'] / 1e6:.1f}M non-embedding), preset {preset}, "
               f"{'CUDA ' + torch.cuda.get_device_name() if cuda else 'CPU'} ({torch.get_num_threads()} threads), "
-              f"{precision}; batch {p['batch']} examples, {p['steps']} steps ({p['warmup']} warm-up)", flush=True)  # fmt: skip
+              f"{precision}; batch {p['batch']} examples, {p['steps']} steps ({p['warmup']} warm-up), "
+              f"{args.rounds} round(s)", flush=True)  # fmt: skip
         print(f"model FLOPs/token (LoRA, PaLM App. B): {flops['flops_per_token'] / 1e6:.1f}M "
               f"(attention {flops['attention_flops_per_token'] / 1e6:.1f}M at T_eff {flops['t_eff']:.0f})", flush=True)  # fmt: skip
+        runs: dict[str, list[dict[str, Any]]] = {row["name"]: [] for row in rows}
+        for round_no in range(1, args.rounds + 1):
+            if args.peak_tflops is None and not cuda:  # CPU: the peak is measured again every round
+                for prec in dict.fromkeys(["bf16", precision, "fp32"]):
+                    m = measure_matmul_peak(dtypes[prec])
+                    peak_runs.setdefault(prec, []).append(m)
+                    sizes = ", ".join(f"{n}: {t:.3g}" for n, t in m["per_size"].items())
+                    print(f"round {round_no}: measured {prec} matmul peak: {m['tflops']:.3g} TFLOPS (n x n "
+                          f"matmul, {m['threads']} threads; TFLOPS by n {sizes})", flush=True)  # fmt: skip
+            for row in rows:
+                spec = {**row, "model_dir": str(model_dir), "data": str(data), "work": str(work), "p": p}
+                r = run_child(spec)
+                r["precision"] = row["precision"]
+                r["tokens_per_second"] = r["tokens"] / r["seconds"]
+                # Tokens per second of this process's CPU time (all its threads): what a busy machine
+                # cannot distort as much as wall time. Wall time is the figure; this one is the check.
+                r["tokens_per_cpu_second"] = r["tokens"] / r["cpu_seconds"]
+                runs[row["name"]].append(r)
+                print(
+                    f"round {round_no}: {row['name']:>20}: {r['tokens_per_second']:,.0f} tokens/s", flush=True
+                )
+        for prec, ms in peak_runs.items():
+            measured[prec] = best_peak(ms)
+            peaks[prec] = measured[prec]["tflops"]
+            print(f"{prec} matmul peak: {peaks[prec]:.3g} TFLOPS (best of {len(ms)})", flush=True)
         results: dict[str, dict[str, Any]] = {}
-        for row in rows:
-            spec = {**row, "model_dir": str(model_dir), "data": str(data), "work": str(work), "p": p}
-            r = run_child(spec)
-            name, prec = row["name"], row["precision"]
-            r["precision"] = prec
-            r["tokens_per_second"] = r["tokens"] / r["seconds"]
-            # Tokens per second of this process's CPU time (all its threads): what a busy machine
-            # cannot distort as much as wall time. Wall time is the figure; this one is the check.
-            r["tokens_per_cpu_second"] = r["tokens"] / r["cpu_seconds"]
+        for name, rs in runs.items():
+            r = median_round(rs)
+            prec = r["precision"]
             r["model_tflops"] = flops["flops_per_token"] * r["tokens_per_second"] / 1e12
             extra = f", {r['model_tflops']:.3g} model TFLOPS"
             if prec in peaks:
@@ -624,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
             if prec != "bf16" and "bf16" in peaks:
                 r["mfu_of_bf16_peak"] = r["model_tflops"] / peaks["bf16"]
                 extra += f" ({r['mfu_of_bf16_peak']:.1%} of the bf16 peak)"
+            if len(rs) > 1:
+                extra += f"; rounds {', '.join(f'{x:,.0f}' for x in r['tokens_per_second_rounds'])} tokens/s"
             results[name] = r
             print(f"{name:>20} ({prec}): {r['tokens']:.0f} tokens in {r['seconds']:.2f} s = "
                   f"{r['tokens_per_second']:,.0f} tokens/s ({r['tokens_per_cpu_second']:,.0f} per CPU-second){extra}, peak RSS {r['peak_rss_mib']:,.0f} MiB", flush=True)  # fmt: skip
@@ -641,11 +669,30 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_tflops": peaks,
                 "measured_peaks": measured,
                 "precision": precision,
+                "rounds": args.rounds,
                 **results,
                 "ratios": ratios,
             }
             args.json.write_text(json.dumps(doc, indent=2))
     return 0
+
+
+def best_peak(measurements: list[dict[str, Any]]) -> dict[str, Any]:
+    """The peak of a run: the best round's measurement (the machine's speed when not throttled, so
+    a slow moment during a peak measurement cannot flatter MFU), with every round's figure."""
+    best = dict(max(measurements, key=lambda m: m["tflops"]))
+    best["rounds"] = [m["tflops"] for m in measurements]
+    return best
+
+
+def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """A row's result over its rounds: the median round by tokens/s (the lower middle one for an
+    even count), with every round's tokens/s. Rounds interleave rows, so a slow phase of the
+    machine lands in every row's rounds rather than in one row's only."""
+    ordered = sorted(rounds, key=lambda r: r["tokens_per_second"])
+    median = dict(ordered[(len(ordered) - 1) // 2])
+    median["tokens_per_second_rounds"] = [r["tokens_per_second"] for r in rounds]
+    return median
 
 
 def compare(results: dict[str, dict[str, Any]]) -> dict[str, float]:

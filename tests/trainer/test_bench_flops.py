@@ -61,3 +61,14 @@ def test_matmul_peak_reports_the_best_size(bench, monkeypatch: pytest.MonkeyPatc
     assert set(peak["per_size"]) == {64, 128}
     assert peak["tflops"] == max(peak["per_size"].values()) == peak["per_size"][peak["size"]] > 0
     assert peak["threads"] == torch.get_num_threads()
+
+
+def test_rounds_report_the_median_row_and_the_best_peak(bench) -> None:
+    rounds = [{"tokens_per_second": t, "round": i} for i, t in enumerate([900.0, 1500.0, 1000.0])]
+    median = bench.median_round(rounds)
+    assert (median["tokens_per_second"], median["round"]) == (1000.0, 2)
+    assert median["tokens_per_second_rounds"] == [900.0, 1500.0, 1000.0]
+    assert bench.median_round(rounds[:2])["tokens_per_second"] == 900.0  # even count: the lower middle
+    assert bench.median_round(rounds[:1])["tokens_per_second"] == 900.0
+    peak = bench.best_peak([{"tflops": 1.0, "size": 2048}, {"tflops": 2.5, "size": 4096}])
+    assert (peak["tflops"], peak["size"], peak["rounds"]) == (2.5, 4096, [1.0, 2.5])
