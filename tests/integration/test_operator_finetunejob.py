@@ -313,12 +313,12 @@ def test_deleting_the_finetunejob_garbage_collects_its_children(cluster: Control
 
 
 def test_ttl_after_finished_deletes_the_job(cluster: ControlPlane, ns: str) -> None:
-    apply(cluster, ns, finetunejob("short-lived", pod_labels=HOLD, runPolicy={"ttlSecondsAfterFinished": 2}))
+    apply(cluster, ns, finetunejob("short-lived", pod_labels=HOLD, runPolicy={"ttlSecondsAfterFinished": 6}))
     [pod] = running_pods(cluster, ns, "short-lived", 1)
     finish_pod(cluster.api_client(), ns, pod["metadata"]["name"], 0)
-    wait_phase(cluster, ns, "short-lived", "Succeeded")
+    wait_phase(cluster, ns, "short-lived", "Succeeded")  # up for the TTL's 6 s: a busy machine cannot miss it
     eventually(
-        lambda: get(cluster, ns, "finetunejob", "short-lived") is None, timeout=30, what="TTL deletion"
+        lambda: get(cluster, ns, "finetunejob", "short-lived") is None, timeout=60, what="TTL deletion"
     )
 
 

@@ -153,14 +153,16 @@ def test_the_operator_runs_with_exactly_the_charts_rbac(
         apply(
             cluster,
             ns,
-            finetunejob("least-privilege", pod_labels=HOLD, runPolicy={"ttlSecondsAfterFinished": 1}),
+            finetunejob("least-privilege", pod_labels=HOLD, runPolicy={"ttlSecondsAfterFinished": 6}),
         )
         pod = running_pod(cluster, ns, "least-privilege")
         wait_phase(cluster, ns, "least-privilege", "Running")
         finish_pod(cluster.api_client(), ns, pod["metadata"]["name"], 0)
+        # The TTL leaves the Succeeded phase up for seconds, not one poll: a busy machine can
+        # take a second per kubectl call, and a 1-second TTL was missed that way.
         wait_phase(cluster, ns, "least-privilege", "Succeeded")
         eventually(
-            lambda: get(cluster, ns, "finetunejob", "least-privilege") is None, timeout=30, what="TTL delete"
+            lambda: get(cluster, ns, "finetunejob", "least-privilege") is None, timeout=60, what="TTL delete"
         )
         log = op.log_text()
         denied = rbac_denials(log)
