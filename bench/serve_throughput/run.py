@@ -44,6 +44,8 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from kubetune_trainer.tiny_model import PROMPT_WORDS
+
 REPO = Path(__file__).resolve().parents[2]
 
 # Issue 15's targets, checked at the end of a run.
@@ -53,26 +55,6 @@ TARGET_MIXED_VS_SINGLE = 0.75  # mixed adapters within 25% of a single adapter
 
 # Allocator and OpenMP runtime vLLM's CPU docs ask to preload ("set LD_PRELOAD").
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
-
-WORDS = [
-    "the",
-    "cat",
-    "dog",
-    "bird",
-    "red",
-    "blue",
-    "green",
-    "one",
-    "two",
-    "three",
-    "apple",
-    "banana",
-    "house",
-    "car",
-    "tree",
-    "sun",
-    "moon",
-]
 
 
 @dataclass
@@ -312,7 +294,7 @@ def make_requests(n: int, models: list[str], lengths: list[int], prompt_words: i
     return [
         {
             "model": models[i % len(models)],
-            "prompt": " ".join(rng.choices(WORDS, k=prompt_words)),
+            "prompt": " ".join(rng.choices(PROMPT_WORDS, k=prompt_words)),
             "tokens": lengths[i],
         }
         for i in range(n)

@@ -46,7 +46,7 @@ the peak of the run's precision: ``--peak-tflops`` where given (default on CUDA:
 peak this machine measures in the same run, the best of several large square ``torch.matmul``
 (sizes 1024-4096, the threads the training runs use) in bf16 and in fp32 -- what the CPU's
 matmul units (AMX, AVX-512) deliver, not a datasheet figure. ``--rounds N`` runs every row N
-times, interleaved, measuring the peak again each round: each row reports its median round and
+times, interleaved (even rounds in reverse order), measuring the peak again each round: each row reports its median round and
 MFU uses the best peak seen, so a machine whose speed drifts (a shared host) neither favours the
 rows that ran in a fast phase nor flatters MFU with a peak measured in a slow one.
 
@@ -616,7 +616,9 @@ def main(argv: list[str] | None = None) -> int:
                     sizes = ", ".join(f"{n}: {t:.3g}" for n, t in m["per_size"].items())
                     print(f"round {round_no}: measured {prec} matmul peak: {m['tflops']:.3g} TFLOPS (n x n "
                           f"matmul, {m['threads']} threads; TFLOPS by n {sizes})", flush=True)  # fmt: skip
-            for row in rows:
+            # Odd rounds run the rows in order, even rounds in reverse: a host that speeds up or
+            # slows down during a round then favours neither the first rows nor the last.
+            for row in rows if round_no % 2 else rows[::-1]:
                 spec = {**row, "model_dir": str(model_dir), "data": str(data), "work": str(work), "p": p}
                 r = run_child(spec)
                 r["precision"] = row["precision"]
@@ -658,6 +660,9 @@ def main(argv: list[str] | None = None) -> int:
         ratios = compare(results)
         for name, ratio in ratios.items():
             print(f"ratio {name}: {ratio:.2f}x")
+        per_round = round_ratios(runs)
+        if len(per_round) > 1:
+            print("kubetune / TRL's best, round by round: " + ", ".join(f"{r:.2f}x" for r in per_round))
         if args.json:
             doc = {
                 "preset": preset,
@@ -672,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rounds": args.rounds,
                 **results,
                 "ratios": ratios,
+                "ratio_rounds": per_round,
             }
             args.json.write_text(json.dumps(doc, indent=2))
     return 0
@@ -693,6 +699,18 @@ def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     median = dict(ordered[(len(ordered) - 1) // 2])
     median["tokens_per_second_rounds"] = [r["tokens_per_second"] for r in rounds]
     return median
+
+
+def round_ratios(runs: dict[str, list[dict[str, Any]]]) -> list[float]:
+    """kubetune's defaults against TRL's best row of the same round, for each round (empty when
+    either is missing): the spread says how much of a ratio is the host."""
+    trl = [rs for name, rs in runs.items() if name.startswith("trl-")]
+    if "kubetune" not in runs or not trl:
+        return []
+    return [
+        kt["tokens_per_second"] / max(rs[i]["tokens_per_second"] for rs in trl)
+        for i, kt in enumerate(runs["kubetune"])
+    ]
 
 
 def compare(results: dict[str, dict[str, Any]]) -> dict[str, float]:

@@ -16,25 +16,8 @@ from pathlib import Path
 
 import pytest
 
-WORDS = [
-    "the",
-    "cat",
-    "dog",
-    "bird",
-    "red",
-    "blue",
-    "green",
-    "one",
-    "two",
-    "three",
-    "apple",
-    "banana",
-    "house",
-    "car",
-    "tree",
-    "sun",
-    "moon",
-]
+from kubetune_trainer.tiny_model import PROMPT_WORDS
+
 PHRASES = {"red": " red cat red cat", "num": " one two three four"}
 RANKS = {"red": 8, "num": 4}  # different ranks: mixed batches must handle both
 TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"]
@@ -42,7 +25,7 @@ TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"]
 
 def task_prompts(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(rng.choices(WORDS, k=rng.randint(1, 7))) + " ->" for _ in range(n)]
+    return [" ".join(rng.choices(PROMPT_WORDS, k=rng.randint(1, 7))) + " ->" for _ in range(n)]
 
 
 def train_adapter(

@@ -72,3 +72,17 @@ def test_rounds_report_the_median_row_and_the_best_peak(bench) -> None:
     assert bench.median_round(rounds[:1])["tokens_per_second"] == 900.0
     peak = bench.best_peak([{"tflops": 1.0, "size": 2048}, {"tflops": 2.5, "size": 4096}])
     assert (peak["tflops"], peak["size"], peak["rounds"]) == (2.5, 4096, [1.0, 2.5])
+
+
+def test_round_ratios_compare_kubetune_with_trls_best_of_the_same_round(bench) -> None:
+    def rounds(*tps: float) -> list[dict[str, float]]:
+        return [{"tokens_per_second": t} for t in tps]
+
+    runs = {
+        "kubetune": rounds(300.0, 200.0),
+        "trl-grouped": rounds(100.0, 200.0),
+        "trl-grouped-fp32": rounds(150.0, 50.0),
+        "baseline": rounds(1.0, 1.0),
+    }
+    assert bench.round_ratios(runs) == [2.0, 1.0]
+    assert bench.round_ratios({"kubetune": rounds(1.0)}) == []

@@ -58,6 +58,12 @@ _WORD_TEXT = (
 )
 _WORDS = tuple(_WORD_TEXT.split())
 
+#: A few common words for generated prompts (the serving tests' adapters and the serving bench).
+PROMPT_WORDS: tuple[str, ...] = (
+    "the", "cat", "dog", "bird", "red", "blue", "green", "one", "two", "three",
+    "apple", "banana", "house", "car", "tree", "sun", "moon",
+)  # fmt: skip
+
 
 def _corpus(seed: int, lines: int = 600) -> list[str]:
     """Generated training text for the BPE tokenizer: words, numbers, letter strings, punctuation."""
