@@ -83,7 +83,7 @@ def resolve_packing(config: FinetuningConfig) -> bool:
     That is CUDA with a variable-length attention kernel (flash-attn installed, or set in
     attn_implementation): each packed example costs what it would alone, and no padding is
     computed. Everywhere else length-grouped padded batches are faster: on CPU packed rows
-    measured 0.93-0.98x the default's tokens/s (docs/benchmarks.md), because grouping leaves
+    measured 0.61-0.98x the default's tokens/s (docs/benchmarks.md), because grouping leaves
     almost no padding and per-example attention adds work. Virtual-token methods never pack.
     """
     if config.packing is not None:
