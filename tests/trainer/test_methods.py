@@ -176,6 +176,7 @@ def test_packing_auto_packs_only_where_a_variable_length_kernel_runs(
     assert resolve_packing(_cfg(method="full")) is True
     assert resolve_packing(_cfg(packing=False)) is False
     assert resolve_packing(_cfg(method="prefix")) is False  # virtual tokens never pack
+    assert resolve_packing(_cfg(precision="fp32")) is False  # flash-attn has no fp32 kernel
     assert resolve_packing(_cfg(attn_implementation="sdpa")) is False  # the user's kernel is not varlen
     assert resolve_packing(_cfg(attn_implementation="flash_attention_2")) is True
 

@@ -88,8 +88,8 @@ def resolve_packing(config: FinetuningConfig) -> bool:
     """
     if config.packing is not None:
         return config.packing
-    if config.method in VIRTUAL_TOKEN_METHODS:
-        return False
+    if config.method in VIRTUAL_TOKEN_METHODS or config.precision == "fp32":
+        return False  # flash-attn computes in fp16/bf16 only; auto on CUDA is one of those
     import torch
 
     if not torch.cuda.is_available():
