@@ -350,17 +350,18 @@ class ModelFinetuner:
             if not (cfg.deepspeed is not None and cfg.deepspeed.zero_stage == 3):
                 fuse_lora_layers(self.model)  # ZeRO-3 gathers weights only when a layer itself runs
             fuse_rms_norms(self.model)
+            packing = resolve_packing(cfg)
             self.trainer = KubetuneTrainer(
                 model=self.model,
                 args=args,
                 train_dataset=data.train,
                 eval_dataset=data.validation,
-                data_collator=make_collator(self.tokenizer, resolve_packing(cfg)),
+                data_collator=make_collator(self.tokenizer, packing),
                 processing_class=self.tokenizer,
                 callbacks=callbacks,
                 eval_hook=self._eval_hook,
                 ewc=ewc,
-                drop_padding_mask=not resolve_packing(cfg)
+                drop_padding_mask=not packing
                 and padding_mask_droppable(self.model, cfg.method, cfg.trust_remote_code),
             )
             # Progress goes to the reporter's bar or LogMetricsCallback's log lines, not raw dicts on stdout.
