@@ -195,6 +195,7 @@ def test_small_heads_train_with_an_fp32_backward_at_least_as_accurate(monkeypatc
     from kubetune_trainer import packed_attention as pa
     from kubetune_trainer.packed_attention import CausalFlashFp32Backward, packed_sdpa_forward
 
+    monkeypatch.setattr(pa, "_own_kernel_applies", lambda query: False)  # a CPU without AMX
     calls = []
     original = CausalFlashFp32Backward.apply
     monkeypatch.setattr(CausalFlashFp32Backward, "apply", lambda *a: calls.append(a[0].shape) or original(*a))
@@ -239,6 +240,7 @@ def test_the_fp32_backward_only_where_it_was_measured_faster(monkeypatch, case):
     from kubetune_trainer import packed_attention as pa
     from kubetune_trainer.packed_attention import CausalFlashFp32Backward, packed_sdpa_forward
 
+    monkeypatch.setattr(pa, "_own_kernel_applies", lambda query: False)  # a CPU without AMX
     calls = []
     original = CausalFlashFp32Backward.apply
     monkeypatch.setattr(CausalFlashFp32Backward, "apply", lambda *a: calls.append(1) or original(*a))

@@ -13,10 +13,13 @@ each example runs through sdpa on its own with ``is_causal=True``, so an example
 s² and nothing crosses examples. Batches without boundaries (padded batches, generation) go to
 transformers' sdpa with its mask.
 
-Either way, bf16 training on CPU takes the faster of torch's kernels for the shape, which is why
-unpacked bf16 training on CPU loads this implementation too:
+Either way, bf16 training on CPU takes the fastest kernel for the shape, which is why unpacked
+bf16 training on CPU loads this implementation too:
 
-* short sequences use sdpa's math kernel: torch's CPU flash-attention kernel is slower there
+* on CPUs with AMX, kubetune's own causal backward (:mod:`kubetune_trainer.kernels`) after torch's
+  flash-attention forward, at every length: it computes the lower triangle only, 0.2-0.6x the
+  time of torch's backward (docs/benchmarks.md);
+* where that kernel is not available, short sequences use sdpa's math kernel: torch's CPU flash-attention kernel is slower there
   (``SHORT_BF16_CPU``);
 * with small heads (``FP32_BACKWARD_MAX_HEAD_DIM``) the flash kernel's backward runs in fp32
   (:class:`CausalFlashFp32Backward`): its bf16 backward is about twice as slow there as the same
@@ -49,8 +52,8 @@ def packed_sdpa_forward(
     bounds = kwargs.pop("cu_seq_lens_q", None)
     kwargs.pop("cu_seq_lens_k", None)
     if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
-        if _fp32_backward_applies(module, query, key, attention_mask, kwargs):
-            return _causal_fp32_backward(query, key, value, kwargs.get("scaling")), None
+        if _plain_causal_bf16_training(module, query, key, attention_mask, kwargs):
+            return _causal_bf16(query, key, value, kwargs.get("scaling")), None
         with _kernel_for(query):
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     edges = bounds.tolist() if torch.is_tensor(bounds) else list(bounds)
@@ -61,8 +64,8 @@ def packed_sdpa_forward(
     for q, k, v in zip(
         query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2), strict=True
     ):
-        if _fp32_backward_applies(module, q, k, None, kwargs):
-            outputs.append(_causal_fp32_backward(q, k, v, kwargs.get("scaling")))
+        if _plain_causal_bf16_training(module, q, k, None, kwargs):
+            outputs.append(_causal_bf16(q, k, v, kwargs.get("scaling")))
             continue
         with _kernel_for(q):
             outputs.append(sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0])
@@ -115,30 +118,42 @@ class CausalFlashFp32Backward(torch.autograd.Function):
         return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), None
 
 
-def _fp32_backward_applies(
+def _plain_causal_bf16_training(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any, kwargs: dict[str, Any]
 ) -> bool:
-    """Plain causal self-attention being trained in bf16 on CPU with small heads, and not short."""
+    """Plain causal self-attention (no mask, dropout or variant) being trained in bf16 on CPU."""
     return (
         query.device.type == "cpu"
         and query.dtype == torch.bfloat16
         and torch.is_grad_enabled()
         and (query.requires_grad or key.requires_grad)
         and mask is None
-        and SHORT_BF16_CPU <= query.shape[2] == key.shape[2]
-        and query.shape[-1] <= FP32_BACKWARD_MAX_HEAD_DIM
+        and query.shape[2] == key.shape[2]
         and query.shape[-1] == key.shape[-1]
         and not kwargs.get("dropout")
         and kwargs.get("is_causal") is not False
         and getattr(module, "is_causal", True)
         and all(kwargs.get(k) is None for k in ("sliding_window", "softcap", "position_bias", "s_aux"))
+        and (_own_kernel_applies(query) or _fp32_backward_applies(query))
     )
 
 
-def _causal_fp32_backward(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: Any
-) -> torch.Tensor:
-    out = CausalFlashFp32Backward.apply(query, key, value, scale)
+def _own_kernel_applies(query: torch.Tensor) -> bool:
+    from .kernels import causal_attention_backward_op
+
+    return query.shape[-1] % 2 == 0 and causal_attention_backward_op() is not None
+
+
+def _fp32_backward_applies(query: torch.Tensor) -> bool:
+    return query.shape[2] >= SHORT_BF16_CPU and query.shape[-1] <= FP32_BACKWARD_MAX_HEAD_DIM
+
+
+def _causal_bf16(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: Any) -> torch.Tensor:
+    """kubetune's CPU kernel where it loaded, else torch's flash kernel with an fp32 backward."""
+    from .kernels import CausalAttention
+
+    function = CausalAttention if _own_kernel_applies(query) else CausalFlashFp32Backward
+    out = function.apply(query, key, value, scale)
     return out.transpose(1, 2).contiguous()  # [batch, tokens, heads, head_dim], like sdpa_attention_forward
 
 
