@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("causal_attention_backward.cpp")
 #: The instruction sets the source is compiled for (the AVX-512 vector code beside the AMX calls).
 CFLAGS = ["-O3", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
-          "-mavx512dq", "-mfma", "-mf16c"]  # fmt: skip
+          "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c"]  # fmt: skip
 #: /proc/cpuinfo flags the kernel needs at run time.
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "amx_bf16", "amx_tile")
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_bf16", "amx_tile")
 ENV_DIR = "KUBETUNE_KERNELS_DIR"
 
 
