@@ -99,6 +99,11 @@ def test_trainer_image_imports_the_training_stack(trainer_image: str, tmp_path: 
         # DeepSpeed builds its CPU ops just in time: a C++ compiler and Python's headers.
         "print('cxx', shutil.which('g++') is not None)\n"
         "print('python-h', pathlib.Path(sysconfig.get_paths()['include'], 'Python.h').exists())\n"
+        # kubetune's CPU kernels were built with the image: found there, loaded without a compiler run
+        "from kubetune_trainer import kernels\n"
+        "print('kernel', kernels.build(load=False))\n"
+        "print('kernel-flags', kernels.cpu_has_required_flags())\n"
+        "print('kernel-op', kernels.causal_attention_backward_op() is not None)\n"
     )
     res = run_container(
         trainer_image,
@@ -111,6 +116,9 @@ def test_trainer_image_imports_the_training_stack(trainer_image: str, tmp_path: 
     assert out["torch-cpu"] == "4.0"
     assert out["cxx"] == "True" and out["python-h"] == "True"
     assert out["versions"].split()[0].startswith("2.")
+    assert out["kernel"].startswith("/opt/kubetune/kernels/"), out["kernel"]
+    if out["kernel-flags"] == "True":  # this CPU has AMX: the prebuilt kernel loads and is used
+        assert out["kernel-op"] == "True", res.stderr
 
 
 def test_trainer_image_default_command_is_kubetune_help(trainer_image: str, tmp_path: Path) -> None:

@@ -131,7 +131,3 @@ class CausalAttention(torch.autograd.Function):
         assert op is not None, "CausalAttention is only applied where the kernel loaded"
         dq, dk, dv = op(grad, query, key, value, out, lse, ctx.scale)
         return dq, dk, dv, None
-
-
-if __name__ == "__main__":  # the image builds the kernels at build time: python -m kubetune_trainer.kernels
-    print(build(load=False))
