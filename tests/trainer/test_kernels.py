@@ -107,9 +107,9 @@ def test_the_library_name_follows_the_source_and_torch(tmp_path: Path, monkeypat
     before = kernels.library_name()
     assert torch.__version__.split("+")[0].replace(".", "_") in before
     source = tmp_path / "k.cpp"
-    shutil.copy(kernels.SOURCE, source)
+    shutil.copy(kernels.SOURCES[0], source)
     source.write_text(source.read_text() + "\n// changed\n")
-    monkeypatch.setattr(kernels, "SOURCE", source)
+    monkeypatch.setattr(kernels, "SOURCES", [source, *kernels.SOURCES[1:]])
     assert kernels.library_name() != before
 
 

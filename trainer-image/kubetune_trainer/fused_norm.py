@@ -4,7 +4,8 @@ transformers' ``LlamaRMSNorm`` (and its copies in Mistral, Qwen2, Qwen3 ...) com
 ``weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)`` with separate tensor ops,
 and autograd keeps the fp32 intermediates and walks back through each: about ten full-size fp32
 passes per norm in a training step, two norms per layer. :class:`RMSNormFunction` computes the
-forward exactly as transformers does (bit-identical output) and writes the backward out in
+forward exactly as transformers does (bit-identical output; in bf16 on CPUs with kubetune's
+kernels, one C++ pass that can differ by one bf16 step) and writes the backward out in
 closed form (``dx = rstd * (g - xhat * mean(g * xhat))`` with ``g = dy * weight``), saving only
 the input and one fp32 scalar per row. About 0.65x the time of the original, forward and
 backward, on a (3200 x 768) bf16 input (docs/trainer.md).
@@ -27,10 +28,21 @@ _FUSED = "_kubetune_fused_norm"
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """``weight * (x * rsqrt(mean(x**2) + eps))`` in fp32, cast back, with a closed-form backward."""
+    """``weight * (x * rsqrt(mean(x**2) + eps))`` in fp32, cast back, with a closed-form backward.
+
+    bf16 on CPUs where kubetune's kernels load takes their one-pass forward and backward
+    (kernels/rms_norm.cpp: the same roundings, the sum of squares in another order, so an output
+    can differ from transformers' by one bf16 step); the weight's gradient (full fine-tuning)
+    always comes from the tensor code here.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.kernel = _kernel_applies(x, weight)
+        if ctx.kernel:
+            y, rstd = torch.ops.kubetune.rms_norm_forward(x, weight, eps)
+            ctx.save_for_backward(x, weight, rstd)
+            return y
         xf = x.float()
         rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))
         ctx.save_for_backward(x, weight, rstd)
@@ -39,6 +51,8 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         x, weight, rstd = ctx.saved_tensors
+        if ctx.kernel and not ctx.needs_input_grad[1]:
+            return torch.ops.kubetune.rms_norm_backward(grad, x, weight, rstd), None, None
         xhat = x.float() * rstd  # a new tensor: safe to change in place below
         grad_weight = None
         if ctx.needs_input_grad[1]:  # full fine-tuning trains the norm's weight
@@ -48,6 +62,14 @@ class RMSNormFunction(torch.autograd.Function):
         dot = (g * xhat).mean(-1, keepdim=True)
         grad_x = g.sub_(xhat.mul_(dot)).mul_(rstd).to(x.dtype)
         return grad_x, grad_weight, None
+
+
+def _kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16):
+        return False
+    from kubetune_trainer.kernels import loaded
+
+    return loaded()
 
 
 def _llama_norm_code() -> types.CodeType | None:

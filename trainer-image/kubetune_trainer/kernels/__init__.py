@@ -1,8 +1,10 @@
 """kubetune's own CPU kernels, compiled once per torch version and loaded as torch ops.
 
-One so far: ``torch.ops.kubetune.causal_attention_backward``, the backward of causal self-attention
-in bf16 on CPUs with AMX (causal_attention_backward.cpp says how). :class:`CausalAttention` pairs it
-with torch's own CPU flash-attention forward.
+- ``torch.ops.kubetune.causal_attention_backward``: the backward of causal self-attention in bf16
+  on CPUs with AMX (causal_attention_backward.cpp says how). :class:`CausalAttention` pairs it
+  with torch's own CPU flash-attention forward.
+- ``torch.ops.kubetune.rms_norm_forward`` / ``rms_norm_backward``: Llama's RMSNorm in bf16, one
+  pass each way (rms_norm.cpp; fused_norm.py uses them).
 
 The library is built with torch's C++ extension builder (a C++ compiler and ninja, which
 DeepSpeed's JIT ops need as well) and named after the torch version and a hash of the source. A
@@ -26,7 +28,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("causal_attention_backward.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("causal_attention_backward.cpp", "rms_norm.cpp")]
 #: The instruction sets the source is compiled for (the AVX-512 vector code beside the AMX calls).
 CFLAGS = ["-O3", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
           "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c"]  # fmt: skip
@@ -37,7 +39,9 @@ ENV_DIR = "KUBETUNE_KERNELS_DIR"
 
 def library_name() -> str:
     """Versioned by the source and torch: a changed kernel or torch never loads a stale build."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(
+        b"".join(p.read_bytes() for p in SOURCES) + " ".join(CFLAGS).encode()
+    ).hexdigest()[:12]
     torch_version = torch.__version__.replace("+", "_").replace(".", "_")
     return f"kubetune_kernels_{torch_version}_{digest}"
 
@@ -77,7 +81,7 @@ def build(directory: Path | None = None, load: bool = True) -> Path:
         raise OSError(f"none of {', '.join(map(str, dirs))} is writable")
     out.mkdir(parents=True, exist_ok=True)
     build_and_load(
-        name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(out), is_python_module=False,
+        name=name, sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS, build_directory=str(out), is_python_module=False,
         verbose=False,
     )  # fmt: skip
     return out / f"{name}.so"
@@ -89,21 +93,24 @@ def _writable(directory: Path) -> bool:
 
 
 @functools.cache
-def causal_attention_backward_op() -> Any | None:
-    """``torch.ops.kubetune.causal_attention_backward`` where this CPU and build can run it, else None."""
+def loaded() -> bool:
+    """Whether kubetune's kernels are loaded (building them if needed) and this CPU can run them."""
     if not cpu_has_required_flags():
-        return None
+        return False
     try:
         build()
         if not torch.ops.kubetune.causal_attention_backward_supported():
-            log.warning(
-                "kubetune's attention kernel: torch's oneDNN has no AMX bf16 micro-kernel; using torch's"
-            )
-            return None
+            log.warning("kubetune's CPU kernels: torch's oneDNN has no AMX bf16 micro-kernel; using torch's")
+            return False
     except Exception as exc:
-        log.warning("kubetune's attention kernel could not be built (%s); using torch's", exc)
-        return None
-    return torch.ops.kubetune.causal_attention_backward
+        log.warning("kubetune's CPU kernels could not be built (%s); using torch's", exc)
+        return False
+    return True
+
+
+def causal_attention_backward_op() -> Any | None:
+    """``torch.ops.kubetune.causal_attention_backward`` where this CPU and build can run it, else None."""
+    return torch.ops.kubetune.causal_attention_backward if loaded() else None
 
 
 class CausalAttention(torch.autograd.Function):
