@@ -1,13 +1,17 @@
-"""Causal attention backward on CPU: kubetune's kernel against torch's flash-attention backward.
+"""kubetune's CPU kernels against what they replace, in one run.
 
-Both get the same bf16 inputs in the layout transformers hands sdpa ([batch, tokens, heads,
+**Causal attention backward**: kubetune's kernel against torch's flash-attention backward. Both
+get the same bf16 inputs in the layout transformers hands sdpa ([batch, tokens, heads,
 head_dim] memory viewed as [batch, heads, tokens, head_dim], GQA with half as many KV heads) and
 the same forward output and logsumexp (torch's CPU flash-attention forward). Each shape is timed
 several times, alternating the two kernels, and the median is reported, with the model TFLOPS of
 the causal work (5 matmuls over the lower triangle) and the error of each against fp64.
 
-    PYTHONPATH=trainer-image python bench/attention_backward/run.py
-    PYTHONPATH=trainer-image python bench/attention_backward/run.py --tokens 200 450 1000 --head-dims 32 64
+**RMSNorm**, forward and backward in bf16: kubetune's C++ pass against fused_norm's tensor code
+(the same autograd function with the kernel switched off), alternating, medians.
+
+    PYTHONPATH=trainer-image python bench/cpu_kernels/run.py
+    PYTHONPATH=trainer-image python bench/cpu_kernels/run.py --tokens 200 450 1000 --head-dims 32 64
 """
 
 from __future__ import annotations
@@ -87,6 +91,38 @@ def measure(batch: int, tokens: int, heads: int, head_dim: int, repeats: int) ->
     }
 
 
+def measure_norm(rows: int, hidden: int, repeats: int) -> dict[str, Any]:
+    import torch
+
+    from kubetune_trainer import fused_norm
+
+    g = torch.Generator().manual_seed(hidden)
+    weight = (torch.randn(hidden, generator=g) * 0.2 + 1).bfloat16()
+    x = (torch.randn(rows, hidden, generator=g) * 3).bfloat16()
+    grad = torch.randn(rows, hidden, generator=g).bfloat16()
+    original = fused_norm._kernel_applies
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for i in range(repeats + 1):  # the first of each is a warm-up
+            for kernel in (True, False) if i % 2 == 0 else (False, True):
+                fused_norm._kernel_applies = lambda x, w, use=kernel: use  # type: ignore[assignment]
+                xi = x.clone().requires_grad_()
+                t0 = time.perf_counter()
+                fused_norm.RMSNormFunction.apply(xi, weight, 1e-5).backward(grad)
+                if i:
+                    times[kernel].append(time.perf_counter() - t0)
+    finally:
+        fused_norm._kernel_applies = original
+    ours, theirs = statistics.median(times[True]), statistics.median(times[False])
+    return {
+        "rows": rows,
+        "hidden": hidden,
+        "tensor_ms": theirs * 1e3,
+        "kubetune_ms": ours * 1e3,
+        "ratio": ours / theirs,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -95,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         "--head-dims", type=int, nargs="+", default=[32, 64], help="query heads: hidden 768 / head dim"
     )
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument(
+        "--norm-hidden", type=int, nargs="+", default=[768, 2048], help="RMSNorm widths (4000 rows)"
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     import torch
@@ -110,8 +149,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['tokens']:>6} {r['heads']:>5} {r['head_dim']:>4} {r['torch_ms']:>9.1f} {r['kubetune_ms']:>11.1f} "
                   f"{r['ratio']:>6.2f} {r['kubetune_tflops']:>7.3f} {r['torch_error']:>9.1e} {r['kubetune_error']:>9.1e}",
                   flush=True)  # fmt: skip
+    print(
+        f"\nRMSNorm forward + backward, bf16, 4000 rows\n{'hidden':>6} {'tensor ms':>9} {'kubetune ms':>11} {'ratio':>6}"
+    )
+    norms = []
+    for hidden in args.norm_hidden:
+        r = measure_norm(4000, hidden, args.repeats)
+        norms.append(r)
+        print(f"{hidden:>6} {r['tensor_ms']:>9.2f} {r['kubetune_ms']:>11.2f} {r['ratio']:>6.2f}", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+        out = {"torch": torch.__version__, "rows": rows, "rms_norm": norms}
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 
