@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from kubetune_trainer.kernels import FlashForward
+
 #: The ``attn_implementation`` name this module registers with transformers.
 PACKED_SDPA = "packed_sdpa"
 
@@ -94,19 +96,8 @@ def _kernel_for(query: torch.Tensor) -> Any:
 FP32_BACKWARD_MAX_HEAD_DIM = 32
 
 
-class CausalFlashFp32Backward(torch.autograd.Function):
+class CausalFlashFp32Backward(FlashForward):
     """Causal attention: torch's CPU flash kernel forward in the inputs' dtype, backward in fp32."""
-
-    @staticmethod
-    def forward(
-        ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None
-    ) -> Any:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, True, scale=scale
-        )[:2]
-        ctx.save_for_backward(query, key, value, out, lse)
-        ctx.scale = scale
-        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:

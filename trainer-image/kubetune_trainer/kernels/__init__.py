@@ -113,12 +113,9 @@ def causal_attention_backward_op() -> Any | None:
     return torch.ops.kubetune.causal_attention_backward if loaded() else None
 
 
-class CausalAttention(torch.autograd.Function):
-    """Causal self-attention: torch's CPU flash-attention forward, kubetune's backward.
-
-    Inputs ``[batch, heads, tokens, head_dim]`` in bf16 (keys and values may have fewer heads:
-    GQA); returns the output in the same layout.
-    """
+class FlashForward(torch.autograd.Function):
+    """torch's CPU flash-attention forward, causal, saving what a backward needs; subclasses
+    choose the backward (:class:`CausalAttention` here, ``packed_attention.CausalFlashFp32Backward``)."""
 
     @staticmethod
     def forward(
@@ -128,13 +125,22 @@ class CausalAttention(torch.autograd.Function):
             query, key, value, 0.0, True, scale=scale
         )[:2]
         ctx.save_for_backward(query, key, value, out, lse)
-        ctx.scale = query.shape[-1] ** -0.5 if scale is None else scale
+        ctx.scale = scale
         return out
+
+
+class CausalAttention(FlashForward):
+    """Causal self-attention: torch's CPU flash-attention forward, kubetune's backward.
+
+    Inputs ``[batch, heads, tokens, head_dim]`` in bf16 (keys and values may have fewer heads:
+    GQA); returns the output in the same layout.
+    """
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         query, key, value, out, lse = ctx.saved_tensors
         op = causal_attention_backward_op()
         assert op is not None, "CausalAttention is only applied where the kernel loaded"
-        dq, dk, dv = op(grad, query, key, value, out, lse, ctx.scale)
+        scale = query.shape[-1] ** -0.5 if ctx.scale is None else ctx.scale
+        dq, dk, dv = op(grad, query, key, value, out, lse, scale)
         return dq, dk, dv, None
