@@ -10,6 +10,10 @@ the causal work (5 matmuls over the lower triangle) and the error of each agains
 **RMSNorm**, forward and backward in bf16: kubetune's C++ pass against fused_norm's tensor code
 (the same autograd function with the kernel switched off), alternating, medians.
 
+**SwiGLU** (``silu(gate) * up``) and **rotary embedding** (queries and keys), forward and backward in
+bf16: kubetune's one-pass ops against torch's op-by-op autograd of transformers' code, on the
+shapes of a step at each hidden size (4000 tokens; 8 x 500 for the rotary), alternating, medians.
+
     PYTHONPATH=trainer-image python bench/cpu_kernels/run.py
     PYTHONPATH=trainer-image python bench/cpu_kernels/run.py --tokens 200 450 1000 --head-dims 32 64
 """
@@ -21,8 +25,23 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+def _alternating(candidates: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each candidate, timed in turns (order flipped every round) after a warm-up."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for fn in candidates.values():
+        fn()
+    order = list(candidates.items())
+    for i in range(repeats):
+        for name, fn in order if i % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _inputs(batch: int, tokens: int, heads: int, head_dim: int) -> dict[str, Any]:
@@ -68,16 +87,8 @@ def measure(batch: int, tokens: int, heads: int, head_dim: int, repeats: int) ->
     def kubetunes() -> tuple[Any, ...]:
         return tuple(ours(x["grad"], x["q"], x["k"], x["v"], x["out"], x["lse"], x["scale"]))
 
-    times: dict[str, list[float]] = {"torch": [], "kubetune": []}
-    for fn in (torchs, kubetunes):
-        fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in (("torch", torchs), ("kubetune", kubetunes)):
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    med = _alternating({"torch": torchs, "kubetune": kubetunes}, repeats)
     flops = 5 * 2 * (tokens * (tokens + 1) / 2) * head_dim * batch * heads
-    med = {name: statistics.median(ts) for name, ts in times.items()}
     return {
         "tokens": tokens,
         "heads": heads,
@@ -100,26 +111,85 @@ def measure_norm(rows: int, hidden: int, repeats: int) -> dict[str, Any]:
     weight = (torch.randn(hidden, generator=g) * 0.2 + 1).bfloat16()
     x = (torch.randn(rows, hidden, generator=g) * 3).bfloat16()
     grad = torch.randn(rows, hidden, generator=g).bfloat16()
-    original = fused_norm._kernel_applies
-    times: dict[bool, list[float]] = {True: [], False: []}
-    try:
-        for i in range(repeats + 1):  # the first of each is a warm-up
-            for kernel in (True, False) if i % 2 == 0 else (False, True):
-                fused_norm._kernel_applies = lambda x, w, use=kernel: use  # type: ignore[assignment]
-                xi = x.clone().requires_grad_()
-                t0 = time.perf_counter()
-                fused_norm.RMSNormFunction.apply(xi, weight, 1e-5).backward(grad)
-                if i:
-                    times[kernel].append(time.perf_counter() - t0)
-    finally:
-        fused_norm._kernel_applies = original
-    ours, theirs = statistics.median(times[True]), statistics.median(times[False])
+
+    def step(kernel: bool) -> Callable[[], None]:
+        def run() -> None:  # the same autograd function, with the C++ pass switched on or off
+            original = fused_norm._kernel_applies
+            fused_norm._kernel_applies = lambda x, w: kernel  # type: ignore[assignment]
+            try:
+                fused_norm.RMSNormFunction.apply(x.clone().requires_grad_(), weight, 1e-5).backward(grad)
+            finally:
+                fused_norm._kernel_applies = original
+
+        return run
+
+    med = _alternating({"kubetune": step(True), "tensor": step(False)}, repeats)
+    ours, theirs = med["kubetune"], med["tensor"]
     return {
         "rows": rows,
         "hidden": hidden,
         "tensor_ms": theirs * 1e3,
         "kubetune_ms": ours * 1e3,
         "ratio": ours / theirs,
+    }
+
+
+def measure_swiglu(rows: int, width: int, repeats: int) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from kubetune_trainer.fused_mlp import SwiGLUFunction
+
+    g = torch.Generator().manual_seed(width)
+    gate, up, grad = (torch.randn(rows, width, generator=g).bfloat16().requires_grad_() for _ in range(3))
+
+    def torchs() -> None:
+        (F.silu(gate) * up).backward(grad.detach())
+
+    def kubetunes() -> None:
+        SwiGLUFunction.apply(gate, up).backward(grad.detach())
+
+    med = _alternating({"torch": torchs, "kubetune": kubetunes}, repeats)
+    return {"rows": rows, "width": width, **_ms_and_ratio(med)}
+
+
+def measure_rotary(batch: int, tokens: int, heads: int, head_dim: int, repeats: int) -> dict[str, Any]:
+    import torch
+    from transformers.models.llama import modeling_llama
+
+    from kubetune_trainer.fused_rotary import _FUSED, RotaryFunction
+
+    g = torch.Generator().manual_seed(tokens + heads)
+    # q and k in the projections' layout, as attention makes them; GQA with half as many KV heads
+    q = torch.randn(batch, tokens, heads, head_dim, generator=g).bfloat16().transpose(1, 2).requires_grad_()
+    k = (
+        torch.randn(batch, tokens, heads // 2, head_dim, generator=g)
+        .bfloat16()
+        .transpose(1, 2)
+        .requires_grad_()
+    )
+    angles = torch.randn(1, tokens, head_dim // 2, generator=g)
+    cos, sin = (f(torch.cat([angles, angles], -1)).bfloat16() for f in (torch.cos, torch.sin))
+    grads = [torch.randn(t.shape, generator=g).bfloat16() for t in (q, k)]
+    transformers_rotary = getattr(
+        modeling_llama.apply_rotary_pos_emb, _FUSED, modeling_llama.apply_rotary_pos_emb
+    )
+
+    def torchs() -> None:
+        torch.autograd.backward(list(transformers_rotary(q, k, cos, sin)), grads)
+
+    def kubetunes() -> None:
+        torch.autograd.backward(list(RotaryFunction.apply(q, k, cos, sin)), grads)
+
+    med = _alternating({"torch": torchs, "kubetune": kubetunes}, repeats)
+    return {"tokens": batch * tokens, "heads": heads, "head_dim": head_dim, **_ms_and_ratio(med)}
+
+
+def _ms_and_ratio(med: dict[str, float]) -> dict[str, float]:
+    return {
+        "torch_ms": med["torch"] * 1e3,
+        "kubetune_ms": med["kubetune"] * 1e3,
+        "ratio": med["kubetune"] / med["torch"],
     }
 
 
@@ -133,6 +203,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument(
         "--norm-hidden", type=int, nargs="+", default=[768, 2048], help="RMSNorm widths (4000 rows)"
+    )
+    ap.add_argument(
+        "--mlp-widths",
+        type=int,
+        nargs="+",
+        default=[2048, 5472],
+        help="SwiGLU widths (4000 rows): hidden 768, 2048",
+    )
+    ap.add_argument(
+        "--rotary-heads",
+        type=int,
+        nargs="+",
+        default=[12, 32],
+        help="rotary query heads of 64 (8 x 500 tokens)",
     )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -157,8 +241,31 @@ def main(argv: list[str] | None = None) -> int:
         r = measure_norm(4000, hidden, args.repeats)
         norms.append(r)
         print(f"{hidden:>6} {r['tensor_ms']:>9.2f} {r['kubetune_ms']:>11.2f} {r['ratio']:>6.2f}", flush=True)
+    print(
+        f"\nSwiGLU forward + backward, bf16, 4000 rows\n{'width':>6} {'torch ms':>9} {'kubetune ms':>11} {'ratio':>6}"
+    )
+    swiglus = []
+    for width in args.mlp_widths:
+        r = measure_swiglu(4000, width, args.repeats)
+        swiglus.append(r)
+        print(f"{width:>6} {r['torch_ms']:>9.2f} {r['kubetune_ms']:>11.2f} {r['ratio']:>6.2f}", flush=True)
+    print(
+        f"\nRotary embedding forward + backward, bf16, 8 x 500 tokens, head dim 64, half as many KV heads\n"
+        f"{'heads':>6} {'torch ms':>9} {'kubetune ms':>11} {'ratio':>6}"
+    )
+    rotaries = []
+    for heads in args.rotary_heads:
+        r = measure_rotary(8, 500, heads, 64, args.repeats)
+        rotaries.append(r)
+        print(f"{heads:>6} {r['torch_ms']:>9.2f} {r['kubetune_ms']:>11.2f} {r['ratio']:>6.2f}", flush=True)
     if args.json:
-        out = {"torch": torch.__version__, "rows": rows, "rms_norm": norms}
+        out = {
+            "torch": torch.__version__,
+            "rows": rows,
+            "rms_norm": norms,
+            "swiglu": swiglus,
+            "rotary": rotaries,
+        }
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
 

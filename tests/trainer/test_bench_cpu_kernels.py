@@ -20,6 +20,7 @@ def test_the_bench_compares_both_kernels(tmp_path: Path):
     spec.loader.exec_module(bench)
     out = tmp_path / "r.json"
     args = ["--batch", "2", "--tokens", "65", "--head-dims", "64", "--repeats", "2", "--norm-hidden", "72"]
+    args += ["--mlp-widths", "88", "--rotary-heads", "4"]
     assert bench.main([*args, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     (row,) = result["rows"]
@@ -28,3 +29,7 @@ def test_the_bench_compares_both_kernels(tmp_path: Path):
     assert row["kubetune_error"] < 2e-2 and row["torch_error"] < 2e-2
     (norm,) = result["rms_norm"]
     assert norm["hidden"] == 72 and norm["tensor_ms"] > 0 and norm["kubetune_ms"] > 0
+    (swiglu,) = result["swiglu"]
+    assert swiglu["width"] == 88 and swiglu["torch_ms"] > 0 and swiglu["kubetune_ms"] > 0
+    (rotary,) = result["rotary"]
+    assert rotary["heads"] == 4 and rotary["torch_ms"] > 0 and rotary["kubetune_ms"] > 0

@@ -313,7 +313,9 @@ class ModelFinetuner:
         from kubetune_trainer.data import make_collator
         from kubetune_trainer.fast_paths import padding_mask_droppable, skip_input_casts_under_autocast
         from kubetune_trainer.fused_lora import fuse_lora_layers
+        from kubetune_trainer.fused_mlp import fuse_swiglu_mlps
         from kubetune_trainer.fused_norm import fuse_rms_norms
+        from kubetune_trainer.fused_rotary import fuse_rotary
         from kubetune_trainer.training import CHECKPOINTS_SUBDIR, KubetuneTrainer, LogMetricsCallback
 
         cfg = self.config
@@ -350,6 +352,8 @@ class ModelFinetuner:
             if not (cfg.deepspeed is not None and cfg.deepspeed.zero_stage == 3):
                 fuse_lora_layers(self.model)  # ZeRO-3 gathers weights only when a layer itself runs
             fuse_rms_norms(self.model)
+            fuse_swiglu_mlps(self.model)
+            fuse_rotary(self.model)
             packing = resolve_packing(cfg)
             self.trainer = KubetuneTrainer(
                 model=self.model,

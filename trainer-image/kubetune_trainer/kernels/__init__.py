@@ -5,6 +5,10 @@
   with torch's own CPU flash-attention forward.
 - ``torch.ops.kubetune.rms_norm_forward`` / ``rms_norm_backward``: Llama's RMSNorm in bf16, one
   pass each way (rms_norm.cpp; fused_norm.py uses them).
+- ``torch.ops.kubetune.swiglu_forward`` / ``swiglu_backward``: Llama's ``silu(gate) * up`` in bf16,
+  one pass each way (swiglu.cpp; fused_mlp.py uses them).
+- ``torch.ops.kubetune.rotary_forward`` / ``rotary_backward``: Llama's rotary position embedding
+  in bf16, one pass each way (rotary.cpp; fused_rotary.py uses them).
 
 The library is built with torch's C++ extension builder (a C++ compiler and ninja, which
 DeepSpeed's JIT ops need as well) and named after the torch version and a hash of the sources
@@ -28,7 +32,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("causal_attention_backward.cpp", "rms_norm.cpp")]
+SOURCES = [
+    Path(__file__).with_name(name)
+    for name in ("causal_attention_backward.cpp", "rms_norm.cpp", "swiglu.cpp", "rotary.cpp")
+]
 #: The instruction sets the source is compiled for (the AVX-512 vector code beside the AMX calls).
 CFLAGS = ["-O3", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
           "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c"]  # fmt: skip
