@@ -22,9 +22,11 @@ needs_kernels = pytest.mark.skipif(
 
 @pytest.fixture
 def restore_rotary(monkeypatch):
-    """fuse_rotary changes modeling files: put their functions back after the test."""
+    """Start from transformers' own functions (training in an earlier test may have switched them) and
+    put back what was there after the test."""
     for modeling in (modeling_llama, modeling_qwen2):
-        monkeypatch.setattr(modeling, "apply_rotary_pos_emb", modeling.apply_rotary_pos_emb)
+        current = modeling.apply_rotary_pos_emb
+        monkeypatch.setattr(modeling, "apply_rotary_pos_emb", getattr(current, fused_rotary._FUSED, current))
 
 
 def _inputs(batch: int, tokens: int, heads: int, kv_heads: int, dim: int, cos_batch: int):

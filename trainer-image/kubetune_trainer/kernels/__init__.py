@@ -36,9 +36,12 @@ SOURCES = [
     Path(__file__).with_name(name)
     for name in ("causal_attention_backward.cpp", "rms_norm.cpp", "swiglu.cpp", "rotary.cpp")
 ]
-#: The instruction sets the source is compiled for (the AVX-512 vector code beside the AMX calls).
-CFLAGS = ["-O3", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
+#: The instruction sets the source is compiled for (the AVX-512 vector code beside the AMX calls), and
+#: OpenMP: without it ATen's ``parallel_for`` (a header template) runs every kernel on one thread.
+CFLAGS = ["-O3", "-fopenmp", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
           "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c"]  # fmt: skip
+#: libgomp.so.1, which resolves to the copy torch has already loaded: one OpenMP thread pool.
+LDFLAGS = ["-fopenmp"]
 #: /proc/cpuinfo flags the kernel needs at run time.
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_bf16", "amx_tile")
 ENV_DIR = "KUBETUNE_KERNELS_DIR"
@@ -47,7 +50,7 @@ ENV_DIR = "KUBETUNE_KERNELS_DIR"
 def library_name() -> str:
     """Versioned by the source and torch: a changed kernel or torch never loads a stale build."""
     digest = hashlib.sha256(
-        b"".join(p.read_bytes() for p in SOURCES) + " ".join(CFLAGS).encode()
+        b"".join(p.read_bytes() for p in SOURCES) + " ".join(CFLAGS + LDFLAGS).encode()
     ).hexdigest()[:12]
     torch_version = torch.__version__.replace("+", "_").replace(".", "_")
     return f"kubetune_kernels_{torch_version}_{digest}"
@@ -88,7 +91,7 @@ def build(directory: Path | None = None, load: bool = True) -> Path:
         raise OSError(f"none of {', '.join(map(str, dirs))} is writable")
     out.mkdir(parents=True, exist_ok=True)
     build_and_load(
-        name=name, sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS, build_directory=str(out), is_python_module=False,
+        name=name, sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(out), is_python_module=False,
         verbose=False,
     )  # fmt: skip
     return out / f"{name}.so"
