@@ -25,6 +25,19 @@ def test_the_kernel_loads_on_a_cpu_with_amx():
     assert kernels.causal_attention_backward_op() is not None
 
 
+@needs_kernel
+def test_the_kernels_run_on_torchs_threads():
+    """ATen's parallel_for is a header template: built without OpenMP it runs every kernel on one
+    thread (it did, until the flags said -fopenmp). Built with it, the library calls libgomp, and
+    only the copy torch loaded is in the process."""
+    assert kernels.loaded()
+    library = kernels.build(load=False)
+    assert b"GOMP_parallel" in library.read_bytes()
+    maps = Path("/proc/self/maps").read_text()
+    gomp = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line}
+    assert len(gomp) == 1, gomp
+
+
 def _inputs(batch: int, tokens: int, heads: int, kv_heads: int, head_dim: int, layout: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
 
