@@ -14,7 +14,7 @@ The library is built with torch's C++ extension builder (a C++ compiler and ninj
 DeepSpeed's JIT ops need as well) and named after the torch version and a hash of the sources
 and flags. A built library is loaded from ``$KUBETUNE_KERNELS_DIR`` (the trainer image builds it
 there when the image is built) or ``~/.cache/kubetune/kernels``; otherwise it is built into the
-first of those that is writable (once, about 15 s on 2 cores). Where anything is missing (no
+first of those that is writable (once, about 30 s on 2 cores). Where anything is missing (no
 AVX-512 BF16 or AMX, no compiler, a failed build), :func:`loaded` is False, one warning is
 logged and training keeps torch's kernels.
 """
