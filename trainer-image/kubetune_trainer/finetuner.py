@@ -258,7 +258,6 @@ class ModelFinetuner:
             synonyms_file = augmentation_synonyms_file(cfg, scratch, self.dist)
         options = DataOptions(
             max_seq_length=cfg.max_seq_length,
-            packing=resolve_packing(cfg),
             dedupe=cfg.dedupe,
             validation_split=cfg.validation_split,
             seed=cfg.seed,

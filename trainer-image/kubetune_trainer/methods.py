@@ -96,7 +96,9 @@ def resolve_packing(config: FinetuningConfig) -> bool:
         return False
     if config.attn_implementation is not None:
         return config.attn_implementation in VARLEN_ATTENTION
-    return importlib.util.find_spec("flash_attn") is not None
+    from kubetune_trainer.packed_attention import flash_attn_installed
+
+    return flash_attn_installed()
 
 
 def torch_dtype(precision: str) -> torch.dtype:

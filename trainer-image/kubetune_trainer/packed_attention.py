@@ -159,6 +159,13 @@ def register() -> str:
     return PACKED_SDPA
 
 
+def flash_attn_installed() -> bool:
+    """Whether the flash-attn package (transformers' ``flash_attention_2``) can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 def packing_attention(requested: str | None, device_type: str) -> str | None:
     """The attention implementation a packed training run loads the model with.
 
@@ -167,8 +174,6 @@ def packing_attention(requested: str | None, device_type: str) -> str | None:
     """
     if requested:
         return requested
-    import importlib.util
-
-    if device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    if device_type == "cuda" and flash_attn_installed():
         return "flash_attention_2"
     return register()

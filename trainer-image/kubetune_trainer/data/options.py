@@ -52,10 +52,10 @@ class DataSource:
 
 @dataclass(frozen=True)
 class DataOptions:
-    """How examples are filtered, split, mixed and batched. Invalid values raise ValueError."""
+    """How examples are filtered, split and mixed (batching is the collator's: data/collate.py).
+    Invalid values raise ValueError."""
 
     max_seq_length: int = 1024
-    packing: bool = False
     dedupe: Dedupe = "exact"
     validation_split: float | None = None
     seed: int = 42

@@ -38,7 +38,7 @@ class ServingBackend(Protocol):
     base_source: str | None
     created: int
     fatal: BaseException | None
-    _lock: threading.RLock  # guards adapters, base_name and the default model
+    lock: threading.RLock  # guards adapters, base_name and the default model
 
     @property
     def lm(self) -> Any: ...

@@ -88,7 +88,9 @@ class ModelServer:
         self.default_model: str | None = None
         self.fatal: BaseException | None = None
         self.created = int(time.time())
-        self._lock = threading.RLock()
+        self.lock = (
+            threading.RLock()
+        )  # guards adapters, base_name and the default model (the API takes it too)
         # Adapters downloaded to find the base model, kept for the load that follows (no second download).
         self._prefetched: dict[tuple[str, str], Path] = {}
         self._loader: threading.Thread | None = None
@@ -103,7 +105,7 @@ class ModelServer:
 
     def json_grammar(self, schema: dict[str, Any] | None) -> Any:
         """A compiled JSON grammar for this server's tokenizer (response_format); slow the first time."""
-        with self._lock:
+        with self.lock:
             if self._json_grammars is None:
                 from .structured import JsonGrammars
 
@@ -140,7 +142,7 @@ class ModelServer:
 
     def set_adapter(self, name: str) -> None:
         """Serve ``name`` (an adapter or the base model) to requests that name no model."""
-        with self._lock:
+        with self.lock:
             if name != self.base_name and not (name in self.adapters and self.adapters[name].loaded):
                 raise KeyError(
                     f"model {name!r} is not loaded; loaded: {', '.join(self.model_names()) or 'none'}"
@@ -232,7 +234,7 @@ class ModelServer:
                 self._load_base(self._configured_base_source(), self.config.base_model_name)
         except Exception as exc:
             log.error("the base model could not be loaded: %s", exc)
-            with self._lock:
+            with self.lock:
                 self.base_error = str(exc)
                 self.fatal = exc
             if raise_errors:
@@ -240,7 +242,7 @@ class ModelServer:
             if on_fatal is not None:
                 on_fatal()
             return
-        with self._lock:
+        with self.lock:
             todo = {n: s for n, s in self.config.adapters.items() if n not in self.adapters}
             for name, source in todo.items():
                 self.adapters[name] = AdapterState(source=source)
@@ -277,7 +279,7 @@ class ModelServer:
     def _load_base(self, source: str, name: str | None, *, local_dir: Path | None = None) -> None:
         from .model import LoadedModel
 
-        with self._lock:
+        with self.lock:
             if self.lm is not None:
                 raise ValueError(
                     f"base model {self.base_name!r} is already loaded: a server serves one base model "
@@ -316,7 +318,7 @@ class ModelServer:
             self.engine.base_name = served
 
         self.engine.call(install).result()
-        with self._lock:
+        with self.lock:
             self.base_name, self.base_source, self.base_error = served, source, None
         self.metrics.adapter_loaded.labels(served).set(1)
         log.info(
@@ -326,7 +328,7 @@ class ModelServer:
     def load_adapter(self, name: str, source: str, *, replace: bool = False) -> None:
         """Load (or with ``replace``, reload) a LoRA adapter; it becomes part of the served set."""
         check_adapter_name(name)
-        with self._lock:
+        with self.lock:
             if name == self.base_name:
                 raise ValueError(f"{name!r} is the base model's name: choose another adapter name")
             state = self.adapters.get(name)
@@ -334,14 +336,14 @@ class ModelServer:
                 raise ValueError(f"The lora adapter '{name}' has already been loaded.")
         if self.lm is None:
             self._load_base(self._base_for_adapter(name, source), self.config.base_model_name)
-        with self._lock:
+        with self.lock:
             known = name in self.adapters
             self.adapters.setdefault(name, AdapterState(source=source, adding=True))
         try:
             self._load_adapter_now(name, source, replace)
         except Exception:
             if not known:  # a failed request adds nothing to the set the server must serve
-                with self._lock:
+                with self.lock:
                     self.adapters.pop(name, None)
                 _forget_series(self.metrics.adapter_loaded, name)
             raise
@@ -372,12 +374,12 @@ class ModelServer:
             lm = self.lm
             self.engine.call(lambda: lm.add_adapter(name, info, replace=replace)).result()
         except Exception as exc:
-            with self._lock:
+            with self.lock:
                 # A failed reload leaves the previous weights serving if they are still loaded.
                 still = lm_has(self.lm, name)
                 state.loaded, state.error = still, str(exc)
             raise
-        with self._lock:
+        with self.lock:
             state.source, state.loaded, state.error, state.path, state.rank = (
                 source,
                 True,
@@ -391,7 +393,7 @@ class ModelServer:
 
     def unload_adapter(self, name: str) -> None:
         """Stop serving ``name``; requests for it still queued fail with 'not loaded'."""
-        with self._lock:
+        with self.lock:
             if name not in self.adapters:
                 raise KeyError(name)
             state = self.adapters.pop(name)
@@ -405,13 +407,13 @@ class ModelServer:
     # ------------------------------------------------------------------ introspection
 
     def model_names(self) -> list[str]:
-        with self._lock:
+        with self.lock:
             names = [self.base_name] if self.base_name else []
             return names + sorted(n for n, s in self.adapters.items() if s.loaded)
 
     def resolve_model(self, requested: str | None) -> str | None:
         """The row model (adapter name or BASE_ROW) for a request's ``model``, or None if unknown."""
-        with self._lock:
+        with self.lock:
             name = requested or self.default_model or self.base_name
             if name is None:
                 return None
@@ -421,7 +423,7 @@ class ModelServer:
             return name if state is not None and state.loaded else None
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        with self._lock:
+        with self.lock:
             missing = []
             if self.lm is None:
                 configured = self.config.base_model or self.config.adapters

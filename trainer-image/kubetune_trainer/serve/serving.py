@@ -46,7 +46,7 @@ class OpenAIServing:
 
     def cards(self) -> list[dict[str, Any]]:
         server = self.server
-        with server._lock:
+        with server.lock:
             out = []
             max_len = server.lm.max_model_len if server.lm is not None else None
             if server.base_name and server.lm is not None:
