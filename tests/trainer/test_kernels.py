@@ -3,7 +3,6 @@ loaded without a compiler once built, and a training run's loss curve unchanged.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -11,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kubetune_trainer import FinetuningConfig, ModelFinetuner, kernels
+from kubetune_trainer import kernels
 from kubetune_trainer import packed_attention as pa
-from kubetune_trainer.quickstart import make_task_records
 
 needs_kernel = pytest.mark.skipif(
     not kernels.cpu_has_required_flags(), reason="the kernel needs AVX-512 and AMX (Sapphire Rapids or newer)"
@@ -126,42 +124,16 @@ def test_the_library_name_follows_the_source_and_torch(tmp_path: Path, monkeypat
     assert kernels.library_name() != before
 
 
-def _bf16_losses(tiny_model_dir: Path, train: Path, out: Path) -> list[float]:
-    ft = ModelFinetuner(
-        FinetuningConfig(
-            model_name=str(tiny_model_dir),
-            output_dir=str(out),
-            train_file=str(train),
-            method="lora",
-            max_steps=8,
-            per_device_train_batch_size=8,
-            learning_rate=3e-3,
-            logging_steps=1,
-            progress_bar=False,
-            resume="never",
-            seed=0,
-            precision="bf16",
-        )
-    )
-    ft.load_model()
-    ft.train()
-    losses = [h["loss"] for h in ft.trainer.state.log_history if "loss" in h]
-    ft.close()
-    return losses
-
-
 @needs_kernel
-def test_a_bf16_training_run_keeps_its_loss_curve(tiny_model_dir: Path, tmp_path: Path, monkeypatch):
-    train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in make_task_records(64, seed=3)))
+def test_a_bf16_training_run_keeps_its_loss_curve(lora_losses, monkeypatch):
     calls = []
     original = kernels.CausalAttention.apply
     monkeypatch.setattr(kernels.CausalAttention, "apply", lambda *a: calls.append(1) or original(*a))
-    ours = _bf16_losses(tiny_model_dir, train, tmp_path / "kernel")
+    ours, _ = lora_losses("kernel", precision="bf16")
     assert calls, "the bf16 CPU run did not use the kernel"
     monkeypatch.setattr(pa, "_own_kernel_applies", lambda query: False)
     calls.clear()
-    torchs = _bf16_losses(tiny_model_dir, train, tmp_path / "torch")
+    torchs, _ = lora_losses("torch", precision="bf16")
     assert not calls
     assert len(ours) == len(torchs) == 8
     assert ours[-1] < ours[0]  # it learns, so equal curves are not two flat lines

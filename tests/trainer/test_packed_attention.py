@@ -7,18 +7,16 @@ training run loads on CPU, and leave the loss curve of a training run where it w
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kubetune_trainer import FinetuningConfig, ModelFinetuner
+from kubetune_trainer import FinetuningConfig
 from kubetune_trainer.data import IGNORE_INDEX, make_collator
 from kubetune_trainer.methods import model_load_kwargs
 from kubetune_trainer.packed_attention import PACKED_SDPA, packing_attention, register
-from kubetune_trainer.quickstart import make_task_records
 from kubetune_trainer.tiny_model import build_tokenizer
 
 
@@ -142,37 +140,10 @@ def test_short_bf16_sequences_take_the_math_kernel_with_the_same_result(tokenize
         torch.testing.assert_close(ours(**padded).logits, ref(**padded).logits, atol=0.05, rtol=0.02)
 
 
-def _losses(tiny_model_dir: Path, train: Path, out: Path, **kw) -> tuple[list[float], ModelFinetuner]:
-    ft = ModelFinetuner(
-        FinetuningConfig(
-            model_name=str(tiny_model_dir),
-            output_dir=str(out),
-            train_file=str(train),
-            method="lora",
-            max_steps=8,
-            per_device_train_batch_size=8,
-            learning_rate=3e-3,
-            logging_steps=1,
-            group_by_length=False,  # the same random batches with and without packing
-            progress_bar=False,
-            resume="never",
-            seed=0,
-            precision="fp32",
-            **kw,
-        )
-    )
-    ft.load_model()
-    ft.train()
-    losses = [h["loss"] for h in ft.trainer.state.log_history if "loss" in h]
-    ft.close()
-    return losses, ft
-
-
-def test_packing_keeps_the_loss_curve(tiny_model_dir: Path, tmp_path: Path):
-    train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in make_task_records(64, seed=3)))
-    padded, _ = _losses(tiny_model_dir, train, tmp_path / "padded", packing=False)
-    packed, ft = _losses(tiny_model_dir, train, tmp_path / "packed", packing=True)
+def test_packing_keeps_the_loss_curve(lora_losses):
+    # group_by_length off: the same random batches with and without packing
+    padded, _ = lora_losses("padded", packing=False, group_by_length=False)
+    packed, ft = lora_losses("packed", packing=True, group_by_length=False)
     assert ft.model.config._attn_implementation == PACKED_SDPA
     assert len(packed) == len(padded) == 8
     assert padded[-1] < padded[0]  # it learns, so equal curves are not two flat lines
