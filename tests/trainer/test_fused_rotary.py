@@ -111,3 +111,28 @@ def test_other_dtypes_keep_transformers_code(tiny_model_dir: Path, restore_rotar
             RotaryFunction.apply = original  # type: ignore[method-assign]
     assert calls == []
     assert torch.equal(after, before)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "case", ["plain", "other_head_dim", "other_length", "unsqueeze_2", "cos_grad", "fp32", "odd_dim"]
+)
+def test_inputs_the_op_does_not_cover_keep_transformers_code(case: str) -> None:
+    q, k, cos, sin = _inputs(2, 6, 4, 2, 8, 1)
+    dim = 1
+    if case == "plain":
+        assert fused_rotary._kernel_applies(q, k, cos, sin, dim)
+        return
+    if case == "other_head_dim":
+        k = torch.randn(2, 2, 6, 4).bfloat16()
+    elif case == "other_length":
+        cos, sin = cos[:, :5], sin[:, :5]
+    elif case == "unsqueeze_2":
+        dim = 2
+    elif case == "cos_grad":
+        cos = cos.float().requires_grad_().bfloat16()
+    elif case == "fp32":
+        q, k = q.float(), k.float()
+    elif case == "odd_dim":
+        q, k, cos, sin = (t[..., :7] for t in (q, k, cos, sin))
+    assert not fused_rotary._kernel_applies(q, k, cos, sin, dim)

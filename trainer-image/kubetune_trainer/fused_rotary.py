@@ -55,7 +55,9 @@ def _kernel_applies(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
         return False
     if cos.requires_grad or sin.requires_grad or q.shape[-1] % 2 or cos.shape[-1] != q.shape[-1]:
         return False
-    if cos.shape[1] != q.shape[2] or cos.shape[0] not in (1, q.shape[0]) or k.shape[2] != q.shape[2]:
+    if cos.shape[1] != q.shape[2] or cos.shape[0] not in (1, q.shape[0]):
+        return False
+    if (k.shape[0], k.shape[2], k.shape[3]) != (q.shape[0], q.shape[2], q.shape[3]):
         return False
     from kubetune_trainer.kernels import loaded
 
