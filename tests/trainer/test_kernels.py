@@ -123,6 +123,11 @@ def test_the_library_name_follows_the_source_and_torch(tmp_path: Path, monkeypat
     source.write_text(source.read_text() + "\n// changed\n")
     monkeypatch.setattr(kernels, "SOURCES", [source, *kernels.SOURCES[1:]])
     assert kernels.library_name() != before
+    monkeypatch.undo()
+    header = tmp_path / "h.h"  # a header the sources include counts too
+    header.write_text(kernels.HEADERS[0].read_text() + "\n// changed\n")
+    monkeypatch.setattr(kernels, "HEADERS", [header])
+    assert kernels.library_name() != before
 
 
 @needs_kernel

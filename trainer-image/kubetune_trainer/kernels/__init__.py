@@ -36,6 +36,8 @@ SOURCES = [
     Path(__file__).with_name(name)
     for name in ("causal_attention_backward.cpp", "rms_norm.cpp", "swiglu.cpp", "rotary.cpp")
 ]
+#: Included by the sources: part of the library's hash, not compiled on their own.
+HEADERS = [Path(__file__).with_name("bf16_vec.h")]
 #: The instruction sets the source is compiled for (the AVX-512 vector code beside the AMX calls), and
 #: OpenMP: without it ATen's ``parallel_for`` (a header template) runs every kernel on one thread.
 CFLAGS = ["-O3", "-fopenmp", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
@@ -50,7 +52,7 @@ ENV_DIR = "KUBETUNE_KERNELS_DIR"
 def library_name() -> str:
     """Versioned by the source and torch: a changed kernel or torch never loads a stale build."""
     digest = hashlib.sha256(
-        b"".join(p.read_bytes() for p in SOURCES) + " ".join(CFLAGS + LDFLAGS).encode()
+        b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(CFLAGS + LDFLAGS).encode()
     ).hexdigest()[:12]
     torch_version = torch.__version__.replace("+", "_").replace(".", "_")
     return f"kubetune_kernels_{torch_version}_{digest}"
@@ -116,6 +118,11 @@ def loaded() -> bool:
         log.warning("kubetune's CPU kernels could not be built (%s); using torch's", exc)
         return False
     return True
+
+
+def applies(*tensors: torch.Tensor) -> bool:
+    """Whether kubetune's bf16 CPU kernels can take these tensors: all bf16 on the CPU, library loaded."""
+    return all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors) and loaded()
 
 
 def causal_attention_backward_op() -> Any | None:

@@ -14,20 +14,11 @@
 
 #include <cmath>
 
+#include "bf16_vec.h"
+
 namespace {
 
-using bf16 = at::BFloat16;
-
-inline __m512 load_bf16(const bf16* p, __mmask16 lanes) {
-  return _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(lanes, p));
-}
-inline __m512 round_bf16(__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }
-inline void store_bf16(bf16* p, __mmask16 lanes, __m512 v) {
-  _mm256_mask_storeu_epi16(p, lanes, (__m256i)_mm512_cvtneps_pbh(v));
-}
-inline __mmask16 lanes_at(int64_t i, int64_t n) {
-  return static_cast<__mmask16>(i + 16 <= n ? 0xFFFF : (1u << (n - i)) - 1);
-}
+using namespace kubetune::bf16_vec;
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,

@@ -14,20 +14,12 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "bf16_vec.h"
+
 namespace {
 
-using bf16 = at::BFloat16;
+using namespace kubetune::bf16_vec;
 
-inline __m512 load_bf16(const bf16* p, __mmask16 lanes) {
-  return _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(lanes, p));
-}
-inline __m512 round_bf16(__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }
-inline void store_bf16(bf16* p, __mmask16 lanes, __m512 v) {
-  _mm256_mask_storeu_epi16(p, lanes, (__m256i)_mm512_cvtneps_pbh(v));
-}
-inline __mmask16 lanes_at(int64_t i, int64_t n) {
-  return static_cast<__mmask16>(i + 16 <= n ? 0xFFFF : (1u << (n - i)) - 1);
-}
 inline __m512 round_mul(__m512 a, __m512 b) { return round_bf16(_mm512_mul_ps(a, b)); }
 
 // backward is the same pass with sin's sign moved to the other half: forward computes

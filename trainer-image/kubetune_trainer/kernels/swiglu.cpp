@@ -12,21 +12,13 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "bf16_vec.h"
+
 namespace {
 
-using bf16 = at::BFloat16;
+using namespace kubetune::bf16_vec;
 using Vec = at::vec::Vectorized<float>;
 
-inline __m512 load_bf16(const bf16* p, __mmask16 lanes) {
-  return _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(lanes, p));
-}
-inline __m512 round_bf16(__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }
-inline void store_bf16(bf16* p, __mmask16 lanes, __m512 v) {
-  _mm256_mask_storeu_epi16(p, lanes, (__m256i)_mm512_cvtneps_pbh(v));
-}
-inline __mmask16 lanes_at(int64_t i, int64_t n) {
-  return static_cast<__mmask16>(i + 16 <= n ? 0xFFFF : (1u << (n - i)) - 1);
-}
 // 1 + exp(-g): torch's silu divides g by it, its backward takes the sigmoid as 1 over it.
 inline __m512 one_plus_exp_neg(__m512 g) {
   return _mm512_add_ps(_mm512_set1_ps(1.0f), Vec(_mm512_sub_ps(_mm512_setzero_ps(), g)).exp());
