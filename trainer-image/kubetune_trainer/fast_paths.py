@@ -83,6 +83,16 @@ def drop_padding_mask(inputs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in inputs.items() if k != "attention_mask"}
 
 
+def same_code(a: types.CodeType | None, b: types.CodeType | None) -> bool:
+    """Whether two code objects are the same function body (bytecode, constants and names): how the
+    fused modules recognise transformers' own code in a model's classes and their copies."""
+    return (
+        a is not None
+        and b is not None
+        and (a.co_code, a.co_consts, a.co_names) == (b.co_code, b.co_consts, b.co_names)
+    )
+
+
 def route_forward(
     model: torch.nn.Module,
     applies: Callable[[torch.nn.Module], bool],

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from kubetune_trainer.fast_paths import route_forward
+from kubetune_trainer.fast_paths import route_forward, same_code
+from kubetune_trainer.kernels import applies as kernels_apply
 
 _FUSED = "_kubetune_fused_mlp"
 
@@ -40,13 +41,7 @@ class SwiGLUFunction(torch.autograd.Function):
 
 
 def _kernel_applies(gate: torch.Tensor, up: torch.Tensor) -> bool:
-    if not (
-        gate.device.type == "cpu" and gate.dtype == up.dtype == torch.bfloat16 and gate.shape == up.shape
-    ):
-        return False
-    from kubetune_trainer.kernels import loaded
-
-    return loaded()
+    return gate.shape == up.shape and kernels_apply(gate, up)
 
 
 def _llama_mlp_code() -> types.CodeType | None:
@@ -69,18 +64,10 @@ def _is_silu(act: Any) -> bool:
 
 def fusable(module: torch.nn.Module) -> bool:
     """Whether ``module.forward`` is transformers' Llama MLP code, with a SiLU activation."""
-    code = _llama_mlp_code()
     own = getattr(getattr(type(module), "forward", None), "__code__", None)
-    if code is None or own is None:
-        return False
     if not all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return False
-    return (
-        _is_silu(module.act_fn)
-        and own.co_code == code.co_code
-        and own.co_consts == code.co_consts
-        and own.co_names == code.co_names
-    )
+    return _is_silu(module.act_fn) and same_code(own, _llama_mlp_code())
 
 
 def _fused_forward(self: Any, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from kubetune_trainer.fast_paths import route_forward
+from kubetune_trainer.fast_paths import route_forward, same_code
+from kubetune_trainer.kernels import applies as kernels_apply
 
 _FUSED = "_kubetune_fused_norm"
 
@@ -65,11 +66,7 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def _kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16):
-        return False
-    from kubetune_trainer.kernels import loaded
-
-    return loaded()
+    return kernels_apply(x, weight)
 
 
 def _llama_norm_code() -> types.CodeType | None:
@@ -82,18 +79,10 @@ def _llama_norm_code() -> types.CodeType | None:
 
 def fusable(module: torch.nn.Module) -> bool:
     """Whether ``module.forward`` is transformers' Llama RMSNorm code, with its attributes."""
-    code = _llama_norm_code()
-    forward = getattr(type(module), "forward", None)
-    own = getattr(forward, "__code__", None)
-    if code is None or own is None or not hasattr(module, "variance_epsilon"):
+    own = getattr(getattr(type(module), "forward", None), "__code__", None)
+    if not hasattr(module, "variance_epsilon"):
         return False
-    weight = getattr(module, "weight", None)
-    return (
-        isinstance(weight, torch.Tensor)
-        and own.co_code == code.co_code
-        and own.co_consts == code.co_consts
-        and own.co_names == code.co_names
-    )
+    return isinstance(getattr(module, "weight", None), torch.Tensor) and same_code(own, _llama_norm_code())
 
 
 def _fused_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 
+from kubetune_trainer.fast_paths import same_code
+from kubetune_trainer.kernels import applies as kernels_apply
+
 _FUSED = "_kubetune_fused_rotary"
 
 
@@ -48,10 +51,7 @@ class RotaryFunction(torch.autograd.Function):
 
 
 def _kernel_applies(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> bool:
-    tensors = (q, k, cos, sin)
     if dim != 1 or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or cos.shape != sin.shape:
-        return False
-    if any(t.device.type != "cpu" or t.dtype != torch.bfloat16 for t in tensors):
         return False
     if cos.requires_grad or sin.requires_grad or q.shape[-1] % 2 or cos.shape[-1] != q.shape[-1]:
         return False
@@ -59,9 +59,7 @@ def _kernel_applies(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
         return False
     if (k.shape[0], k.shape[2], k.shape[3]) != (q.shape[0], q.shape[2], q.shape[3]):
         return False
-    from kubetune_trainer.kernels import loaded
-
-    return loaded()
+    return kernels_apply(q, k, cos, sin)
 
 
 def _code(function: Any) -> types.CodeType | None:
@@ -75,14 +73,6 @@ def _code(function: Any) -> types.CodeType | None:
     return _code(closure[code.co_freevars.index("func")].cell_contents)
 
 
-def _same_code(a: types.CodeType | None, b: types.CodeType | None) -> bool:
-    return (
-        a is not None
-        and b is not None
-        and (a.co_code, a.co_consts, a.co_names) == (b.co_code, b.co_consts, b.co_names)
-    )
-
-
 def fusable(modeling: types.ModuleType) -> bool:
     """Whether a modeling file's ``apply_rotary_pos_emb`` and ``rotate_half`` are Llama's code."""
     try:
@@ -94,7 +84,7 @@ def fusable(modeling: types.ModuleType) -> bool:
     reference = getattr(
         llama.apply_rotary_pos_emb, _FUSED, llama.apply_rotary_pos_emb
     )  # Llama's own, fused or not
-    return _same_code(_code(own), _code(reference)) and _same_code(
+    return same_code(_code(own), _code(reference)) and same_code(
         _code(getattr(modeling, "rotate_half", None)), _code(llama.rotate_half)
     )
 
