@@ -124,14 +124,7 @@ def measure_norm(rows: int, hidden: int, repeats: int) -> dict[str, Any]:
         return run
 
     med = _alternating({"kubetune": step(True), "tensor": step(False)}, repeats)
-    ours, theirs = med["kubetune"], med["tensor"]
-    return {
-        "rows": rows,
-        "hidden": hidden,
-        "tensor_ms": theirs * 1e3,
-        "kubetune_ms": ours * 1e3,
-        "ratio": ours / theirs,
-    }
+    return {"rows": rows, "hidden": hidden, **_ms_and_ratio(med, baseline="tensor")}
 
 
 def measure_swiglu(rows: int, width: int, repeats: int) -> dict[str, Any]:
@@ -185,12 +178,31 @@ def measure_rotary(batch: int, tokens: int, heads: int, head_dim: int, repeats: 
     return {"tokens": batch * tokens, "heads": heads, "head_dim": head_dim, **_ms_and_ratio(med)}
 
 
-def _ms_and_ratio(med: dict[str, float]) -> dict[str, float]:
+def _ms_and_ratio(med: dict[str, float], baseline: str = "torch") -> dict[str, float]:
     return {
-        "torch_ms": med["torch"] * 1e3,
+        f"{baseline}_ms": med[baseline] * 1e3,
         "kubetune_ms": med["kubetune"] * 1e3,
-        "ratio": med["kubetune"] / med["torch"],
+        "ratio": med["kubetune"] / med[baseline],
     }
+
+
+def _section(
+    title: str,
+    column: str,
+    values: list[int],
+    measure: Callable[[int], dict[str, Any]],
+    baseline: str = "torch",
+) -> list[dict[str, Any]]:
+    """One element-wise kernel against its baseline at each value: a table printed as it runs."""
+    print(f"\n{title}\n{column:>6} {baseline + ' ms':>9} {'kubetune ms':>11} {'ratio':>6}")
+    results = []
+    for value in values:
+        r = measure(value)
+        results.append(r)
+        print(
+            f"{value:>6} {r[baseline + '_ms']:>9.2f} {r['kubetune_ms']:>11.2f} {r['ratio']:>6.2f}", flush=True
+        )
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,31 +245,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['tokens']:>6} {r['heads']:>5} {r['head_dim']:>4} {r['torch_ms']:>9.1f} {r['kubetune_ms']:>11.1f} "
                   f"{r['ratio']:>6.2f} {r['kubetune_tflops']:>7.3f} {r['torch_error']:>9.1e} {r['kubetune_error']:>9.1e}",
                   flush=True)  # fmt: skip
-    print(
-        f"\nRMSNorm forward + backward, bf16, 4000 rows\n{'hidden':>6} {'tensor ms':>9} {'kubetune ms':>11} {'ratio':>6}"
+    norms = _section(
+        "RMSNorm forward + backward, bf16, 4000 rows",
+        "hidden",
+        args.norm_hidden,
+        lambda hidden: measure_norm(4000, hidden, args.repeats),
+        baseline="tensor",
     )
-    norms = []
-    for hidden in args.norm_hidden:
-        r = measure_norm(4000, hidden, args.repeats)
-        norms.append(r)
-        print(f"{hidden:>6} {r['tensor_ms']:>9.2f} {r['kubetune_ms']:>11.2f} {r['ratio']:>6.2f}", flush=True)
-    print(
-        f"\nSwiGLU forward + backward, bf16, 4000 rows\n{'width':>6} {'torch ms':>9} {'kubetune ms':>11} {'ratio':>6}"
+    swiglus = _section(
+        "SwiGLU forward + backward, bf16, 4000 rows",
+        "width",
+        args.mlp_widths,
+        lambda width: measure_swiglu(4000, width, args.repeats),
     )
-    swiglus = []
-    for width in args.mlp_widths:
-        r = measure_swiglu(4000, width, args.repeats)
-        swiglus.append(r)
-        print(f"{width:>6} {r['torch_ms']:>9.2f} {r['kubetune_ms']:>11.2f} {r['ratio']:>6.2f}", flush=True)
-    print(
-        f"\nRotary embedding forward + backward, bf16, 8 x 500 tokens, head dim 64, half as many KV heads\n"
-        f"{'heads':>6} {'torch ms':>9} {'kubetune ms':>11} {'ratio':>6}"
+    rotaries = _section(
+        "Rotary embedding forward + backward, bf16, 8 x 500 tokens, head dim 64, half as many KV heads",
+        "heads",
+        args.rotary_heads,
+        lambda heads: measure_rotary(8, 500, heads, 64, args.repeats),
     )
-    rotaries = []
-    for heads in args.rotary_heads:
-        r = measure_rotary(8, 500, heads, 64, args.repeats)
-        rotaries.append(r)
-        print(f"{heads:>6} {r['torch_ms']:>9.2f} {r['kubetune_ms']:>11.2f} {r['ratio']:>6.2f}", flush=True)
     if args.json:
         out = {
             "torch": torch.__version__,
