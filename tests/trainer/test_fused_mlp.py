@@ -16,6 +16,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
 from kubetune_trainer import kernels
 from kubetune_trainer.fused_mlp import SwiGLUFunction, fusable, fuse_swiglu_mlps
+from tests.trainer.model_pairs import grad_pairs, step
 
 needs_kernels = pytest.mark.skipif(
     not kernels.cpu_has_required_flags(), reason="kubetune's kernels need AVX-512 BF16 and AMX"
@@ -56,27 +57,21 @@ def test_bit_identical_to_torch(shape: tuple[int, ...]) -> None:
 
 
 @needs_kernels
-def test_a_bf16_model_trains_bit_identically(tiny_model_dir: Path) -> None:
+def test_a_bf16_model_trains_bit_identically(tiny_model_dir: Path, monkeypatch) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     fused = copy.deepcopy(model)
     assert fuse_swiglu_mlps(fused) == model.config.num_hidden_layers
     assert fuse_swiglu_mlps(fused) == 0  # idempotent
     calls = []
     original = SwiGLUFunction.apply
-    SwiGLUFunction.apply = lambda *a: calls.append(1) or original(*a)  # type: ignore[method-assign]
-    try:
-        ids = torch.randint(3, 500, (2, 24))
-        losses = []
-        for m in (model, fused):
-            out = m(input_ids=ids, labels=ids)
-            out.loss.backward()
-            losses.append(out.loss)
-    finally:
-        SwiGLUFunction.apply = original  # type: ignore[method-assign]
+    monkeypatch.setattr(SwiGLUFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    ids = torch.randint(3, 500, (2, 24))
+    theirs = step(model, ids)
+    assert calls == []
+    assert torch.equal(step(fused, ids), theirs)
     assert len(calls) == model.config.num_hidden_layers  # the fused model did take the kernel
-    assert torch.equal(losses[1], losses[0])
-    for (name, p), (_, q) in zip(model.named_parameters(), fused.named_parameters(), strict=True):
-        assert torch.equal(q.grad, p.grad), name
+    for name, theirs_grad, ours_grad in grad_pairs(model, fused):
+        assert torch.equal(ours_grad, theirs_grad), name
 
 
 def test_fp32_keeps_torch_code(tiny_model_dir: Path) -> None:

@@ -15,6 +15,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from kubetune_trainer import fused_norm as fn
 from kubetune_trainer import kernels
 from kubetune_trainer.fused_norm import RMSNormFunction, fusable, fuse_rms_norms
+from tests.trainer.model_pairs import grad_pairs, step
 
 
 def _within_one_bf16_step(ours: torch.Tensor, theirs: torch.Tensor) -> None:
@@ -59,14 +60,9 @@ def test_a_model_trains_the_same(tiny_model_dir: Path) -> None:
     assert fuse_rms_norms(fused) > 0
     assert fuse_rms_norms(fused) == 0  # idempotent
     ids = torch.randint(3, 500, (2, 24))
-    losses = []
-    for m in (model, fused):
-        out = m(input_ids=ids, labels=ids)
-        out.loss.backward()
-        losses.append(out.loss)
-    torch.testing.assert_close(losses[1], losses[0])
-    for (name, p), (_, q) in zip(model.named_parameters(), fused.named_parameters(), strict=True):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(step(fused, ids), step(model, ids))
+    for name, theirs, ours in grad_pairs(model, fused):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.skipif(

@@ -14,6 +14,7 @@ from transformers.models.qwen2 import modeling_qwen2
 
 from kubetune_trainer import fused_rotary, kernels
 from kubetune_trainer.fused_rotary import RotaryFunction, fusable, fuse_rotary
+from tests.trainer.model_pairs import grad_pairs, step
 
 needs_kernels = pytest.mark.skipif(
     not kernels.cpu_has_required_flags(), reason="kubetune's kernels need AVX-512 BF16 and AMX"
@@ -74,41 +75,32 @@ def test_only_llama_code_is_fused() -> None:
 
 
 @needs_kernels
-def test_a_bf16_model_trains_bit_identically(tiny_model_dir: Path, restore_rotary) -> None:
+def test_a_bf16_model_trains_bit_identically(tiny_model_dir: Path, restore_rotary, monkeypatch) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     fused = copy.deepcopy(model)
     ids = torch.randint(3, 500, (2, 24))
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
+    theirs = step(model, ids)
     assert fuse_rotary(fused) == 1  # modeling_llama
     assert fuse_rotary(fused) == 0  # idempotent
     calls = []
     original = RotaryFunction.apply
-    RotaryFunction.apply = lambda *a: calls.append(1) or original(*a)  # type: ignore[method-assign]
-    try:
-        out_fused = fused(input_ids=ids, labels=ids)
-        out_fused.loss.backward()
-    finally:
-        RotaryFunction.apply = original  # type: ignore[method-assign]
+    monkeypatch.setattr(RotaryFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    assert torch.equal(step(fused, ids), theirs)
     assert len(calls) == model.config.num_hidden_layers  # every layer took the kernel
-    assert torch.equal(out_fused.loss, out.loss)
-    for (name, p), (_, q) in zip(model.named_parameters(), fused.named_parameters(), strict=True):
-        assert torch.equal(q.grad, p.grad), name
+    for name, theirs_grad, ours_grad in grad_pairs(model, fused):
+        assert torch.equal(ours_grad, theirs_grad), name
 
 
-def test_other_dtypes_keep_transformers_code(tiny_model_dir: Path, restore_rotary) -> None:
+def test_other_dtypes_keep_transformers_code(tiny_model_dir: Path, restore_rotary, monkeypatch) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     ids = torch.randint(3, 500, (2, 24))
+    calls = []
+    original = RotaryFunction.apply
+    monkeypatch.setattr(RotaryFunction, "apply", lambda *a: calls.append(1) or original(*a))
     with torch.no_grad():
         before = model(input_ids=ids).logits
         fuse_rotary(model)
-        calls = []
-        original = RotaryFunction.apply
-        RotaryFunction.apply = lambda *a: calls.append(1) or original(*a)  # type: ignore[method-assign]
-        try:
-            after = model(input_ids=ids).logits
-        finally:
-            RotaryFunction.apply = original  # type: ignore[method-assign]
+        after = model(input_ids=ids).logits
     assert calls == []
     assert torch.equal(after, before)
 
